@@ -1,0 +1,11 @@
+# mmdet's two-stage Deformable DETR with box refinement, every deformable attention computed
+# by mmdet_detrx's MSDeformAttn. Loads mmdet's
+# deformable-detr-refine-twostage_r50_16xb2-50e_coco checkpoint strictly.
+_base_ = 'mmdet::deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py'
+
+custom_imports = dict(imports=['mmdet_detrx'], allow_failed_imports=False)
+
+model = dict(
+    type='DeformableDETRX',
+    encoder=dict(layer_cfg=dict(self_attn_cfg=dict(type='MSDeformAttn'))),
+    decoder=dict(layer_cfg=dict(cross_attn_cfg=dict(type='MSDeformAttn'))))

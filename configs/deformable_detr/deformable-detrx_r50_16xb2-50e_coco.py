@@ -1,0 +1,11 @@
+# mmdet's Deformable DETR with every deformable attention (encoder self-attention, decoder
+# cross-attention) computed by mmdet_detrx's MSDeformAttn. Same parameters as upstream, so
+# mmdet's deformable-detr_r50_16xb2-50e_coco checkpoint loads strictly.
+_base_ = 'mmdet::deformable_detr/deformable-detr_r50_16xb2-50e_coco.py'
+
+custom_imports = dict(imports=['mmdet_detrx'], allow_failed_imports=False)
+
+model = dict(
+    type='DeformableDETRX',
+    encoder=dict(layer_cfg=dict(self_attn_cfg=dict(type='MSDeformAttn'))),
+    decoder=dict(layer_cfg=dict(cross_attn_cfg=dict(type='MSDeformAttn'))))

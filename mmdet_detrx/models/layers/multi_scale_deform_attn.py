@@ -1,0 +1,130 @@
+"""Multi-scale deformable attention on our native op, a drop-in for mmcv's.
+
+Deformable DETR: Deformable Transformers for End-to-End Object Detection (Zhu et al., ICLR 2021,
+https://arxiv.org/abs/2010.04159), Eq. 3: each query looks at ``num_points`` sampled locations
+around its reference point on each of ``num_levels`` feature maps, per head, and mixes the
+bilinearly sampled values with softmax-normalised weights predicted from the query.
+
+``MSDeformAttn`` subclasses ``mmcv.ops.MultiScaleDeformableAttention``: same constructor
+arguments, forward signature and parameter names (``sampling_offsets``, ``attention_weights``,
+``value_proj``, ``output_proj``), so mmdet's Deformable DETR / DINO checkpoints load strictly.
+Only the forward differs: it always calls ``mmdet_detrx.ops.ms_deform_attn`` (our native kernel on
+CPU and CUDA) where mmcv falls back to a ``grid_sample`` loop on CPU.
+
+Shapes (``batch_first=True``; otherwise query/value/output are ``(N, B, C)``):
+    query ``(B, Q, embed_dims)``, value ``(B, V, embed_dims)`` with ``V = sum(H_l * W_l)``,
+    reference_points ``(B, Q, num_levels, 2)`` as normalised (x, y) or ``(B, Q, num_levels, 4)``
+    as normalised (cx, cy, w, h), spatial_shapes ``(num_levels, 2)`` as (H_l, W_l),
+    level_start_index ``(num_levels,)``, key_padding_mask ``(B, V)`` (True = padding);
+    output ``(B, Q, embed_dims)``.
+"""
+from typing import Optional, Tuple
+
+import torch
+from mmcv.ops import MultiScaleDeformableAttention
+from mmdet.registry import MODELS
+from torch import Tensor
+
+from mmdet_detrx.ops import ms_deform_attn
+
+__all__ = ['MSDeformAttn']
+
+
+@MODELS.register_module()
+class MSDeformAttn(MultiScaleDeformableAttention):
+    """mmcv's ``MultiScaleDeformableAttention`` computed by ``mmdet_detrx.ops.ms_deform_attn``.
+
+    Args: see ``mmcv.ops.MultiScaleDeformableAttention`` (``embed_dims``, ``num_heads``,
+    ``num_levels``, ``num_points``, ``im2col_step``, ``dropout``, ``batch_first``, ``norm_cfg``,
+    ``init_cfg``, ``value_proj_ratio``).
+
+    Under autocast (or with half-precision inputs) the sampling itself runs in float32: sampling
+    locations in bf16 are off by up to ~0.4% of the map, a pixel or more on large levels.
+    """
+
+    def sampling_points(self, query: Tensor, reference_points: Tensor,
+                        spatial_shapes: Tensor) -> Tuple[Tensor, Tensor]:
+        """Where each query samples and with which weight.
+
+        Args:
+            query: ``(B, Q, embed_dims)``, batch first, positional embedding already added.
+            reference_points: ``(B, Q, num_levels, 2 | 4)``, normalised to [0, 1].
+            spatial_shapes: ``(num_levels, 2)`` as (H_l, W_l).
+
+        Returns:
+            sampling_locations ``(B, Q, heads, levels, points, 2)`` as normalised (x, y), and
+            attention_weights ``(B, Q, heads, levels, points)`` summing to 1 per (query, head).
+        """
+        batch_size, num_queries, _ = query.shape
+        offsets = self.sampling_offsets(query).view(
+            batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2)
+        weights = self.attention_weights(query).view(
+            batch_size, num_queries, self.num_heads, self.num_levels * self.num_points)
+        weights = weights.softmax(-1).view(  # softmax over all levels and points of a head
+            batch_size, num_queries, self.num_heads, self.num_levels, self.num_points)
+
+        # reference_points[:, :, None, :, None] is (B, Q, 1, levels, 1, 2|4)
+        reference_points = reference_points[:, :, None, :, None]
+        if reference_points.shape[-1] == 2:
+            # Offsets are in pixels of each level: normalise by (W_l, H_l).
+            # (levels, 2) as (W, H); in the reference points' dtype so autocast keeps fp32 here.
+            offset_normalizer = spatial_shapes.flip(-1).to(reference_points.dtype)
+            locations = reference_points + offsets / offset_normalizer[:, None, :]
+        elif reference_points.shape[-1] == 4:
+            # Offsets are relative to the reference box: half its size spread over the points.
+            centers, sizes = reference_points[..., :2], reference_points[..., 2:]
+            locations = centers + offsets / self.num_points * sizes * 0.5
+        else:
+            raise ValueError('reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got '
+                             f'shape {tuple(reference_points.shape)}')
+        return locations, weights
+
+    def forward(self,
+                query: Tensor,
+                key: Optional[Tensor] = None,
+                value: Optional[Tensor] = None,
+                identity: Optional[Tensor] = None,
+                query_pos: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None,
+                reference_points: Optional[Tensor] = None,
+                spatial_shapes: Optional[Tensor] = None,
+                level_start_index: Optional[Tensor] = None,
+                **kwargs) -> Tensor:
+        """Same call as ``MultiScaleDeformableAttention.forward``; ``key`` is unused (as there)."""
+        if reference_points is None or spatial_shapes is None or level_start_index is None:
+            raise ValueError('MSDeformAttn needs reference_points, spatial_shapes and '
+                             'level_start_index')
+        value = query if value is None else value
+        identity = query if identity is None else identity
+        if query_pos is not None:
+            query = query + query_pos
+        if not self.batch_first:
+            query, value = query.transpose(0, 1), value.transpose(0, 1)  # (B, N, C)
+
+        batch_size, num_values, _ = value.shape
+        num_sampled = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+        if num_sampled != num_values:
+            raise ValueError(f'spatial_shapes cover {num_sampled} positions but value has '
+                             f'{num_values}')
+
+        value = self.value_proj(value)
+        if key_padding_mask is not None:
+            value = value.masked_fill(key_padding_mask[..., None], 0.0)
+        value = value.view(batch_size, num_values, self.num_heads, -1)  # (B, V, heads, C)
+
+        locations, weights = self.sampling_points(query, reference_points, spatial_shapes)
+
+        # One dtype for the kernel; float32 whenever anything arrived in reduced precision.
+        output_dtype = value.dtype
+        op_dtype = torch.promote_types(torch.promote_types(value.dtype, locations.dtype),
+                                       weights.dtype)
+        if op_dtype != torch.float64:
+            op_dtype = torch.float32
+        output = ms_deform_attn(value.to(op_dtype), spatial_shapes, level_start_index,
+                                locations.to(op_dtype), weights.to(op_dtype),
+                                self.im2col_step)  # (B, Q, heads * C)
+        output = self.output_proj(output.to(output_dtype))
+
+        if not self.batch_first:
+            output = output.transpose(0, 1)  # (Q, B, C)
+        return self.dropout(output) + identity
