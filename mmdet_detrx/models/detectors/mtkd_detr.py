@@ -1,0 +1,193 @@
+"""MTKD: Multi-Task Knowledge Distillation of an ACT encoder from exact attention.
+
+Zheng et al., "End-to-End Object Detection with Adaptive Clustering Transformer", BMVC 2021.
+The backbone (and neck) runs once; its features go through the transformer twice, with the same
+weights:
+
+* the **act** branch, where the encoder's ``AdaptiveClusteringAttention`` approximates attention
+  by clustering the queries;
+* the **full** branch, the same modules switched to exact attention (``act_exact_mode``), i.e.
+  the original DETR.
+
+::
+
+    loss = act_loss_weight  * L(GT, Y_act)
+         + full_loss_weight * L(GT, Y_full)
+         + sum over decoder layers l of loss_kd(B_act[l], B_full[l])
+
+``B`` are the sigmoid box outputs ``(cx, cy, w, h)`` of every decoder layer, (L, B, Q, 4) per
+branch. Both branches share the object queries, so query ``q`` of one corresponds to query ``q``
+of the other: no teacher-student matching. Only boxes are distilled: the regression branch is
+the one sensitive to ACT's approximation (the paper's choice).
+
+Defaults, and why:
+
+* ``act_loss_weight = full_loss_weight = 1``: the paper's unweighted sum. The full branch keeps
+  its GT loss so the shared weights stay a good exact-attention DETR (the teacher) while they
+  adapt to ACT.
+* ``loss_kd = L2DistillLoss(loss_weight=1)``: the paper's L2 on boxes, squared distance per box
+  averaged over boxes, one term per decoder layer (like mmdet's ``d{i}.loss_bbox``).
+* ``detach_full = True``: the KD term moves the ACT branch towards the full one, never the
+  reverse; otherwise the KD gradient through the full branch would pull the teacher's boxes
+  towards the approximate ones. The shared weights still receive the KD gradient (through the
+  ACT branch) and both GT gradients.
+* ``test_branch = 'act'``: the deployed model is the ACT one; ``'full'`` evaluates exact
+  attention with the same weights and ``'both'`` returns both (ACT in ``pred_instances``, full
+  in ``full_pred_instances``) for :class:`BranchCocoMetric`.
+
+Parameter names are DETR's, so mmdet's DETR checkpoints load strictly.
+"""
+import contextlib
+from typing import Dict, List, Tuple
+
+import torch
+from mmdet.evaluation import CocoMetric
+from mmdet.registry import METRICS, MODELS
+from mmdet.structures import SampleList
+from torch import Tensor
+
+from mmdet_detrx.distill.recorders import ModuleOutputRecorder
+from mmdet_detrx.models.layers.adaptive_clustering_attention import (AdaptiveClusteringAttention,
+                                                                     act_exact_mode)
+from .registry_attention import DETRX
+
+__all__ = ['MTKDDETR', 'BranchCocoMetric']
+
+_TEST_BRANCHES = ('act', 'full', 'both')
+
+
+@MODELS.register_module()
+class MTKDDETR(DETRX):
+    """DETR with an ACT encoder trained by MTKD against its own exact-attention branch.
+
+    Args:
+        act_loss_weight (float): weight of the ACT branch's GT losses.
+        full_loss_weight (float): weight of the full-attention branch's GT losses.
+        loss_kd (dict): config of the box distillation loss (a ``*DistillLoss``).
+        detach_full (bool): stop the KD gradient through the full branch.
+        test_branch (str): ``'act'``, ``'full'`` or ``'both'``, the branch(es) ``predict``
+            runs.
+        *args, **kwargs: those of :class:`DETRX` (mmdet's DETR).
+    """
+
+    def __init__(self,
+                 *args,
+                 act_loss_weight: float = 1.0,
+                 full_loss_weight: float = 1.0,
+                 loss_kd: dict = dict(type='L2DistillLoss', loss_weight=1.0),
+                 detach_full: bool = True,
+                 test_branch: str = 'act',
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, value in (('act_loss_weight', act_loss_weight),
+                            ('full_loss_weight', full_loss_weight)):
+            if not value >= 0:
+                raise ValueError(f'{name} must be >= 0, got {value}')
+        if not any(isinstance(m, AdaptiveClusteringAttention) for m in self.modules()):
+            raise ValueError(
+                'MTKDDETR needs AdaptiveClusteringAttention in the model (e.g. '
+                "encoder.layer_cfg.self_attn_cfg.type='AdaptiveClusteringAttention'); without "
+                'it both branches are the same exact DETR')
+        self.act_loss_weight = float(act_loss_weight)
+        self.full_loss_weight = float(full_loss_weight)
+        self.loss_kd = MODELS.build(loss_kd)
+        self.detach_full = bool(detach_full)
+        self.test_branch = test_branch
+
+    @property
+    def test_branch(self) -> str:
+        return self._test_branch
+
+    @test_branch.setter
+    def test_branch(self, value: str) -> None:
+        if value not in _TEST_BRANCHES:
+            raise ValueError(f'test_branch must be one of {_TEST_BRANCHES}, got {value!r}')
+        self._test_branch = value
+
+    def branch(self, name: str) -> contextlib.AbstractContextManager:
+        """Context in which the transformer runs as branch ``name`` ('act' or 'full')."""
+        if name not in ('act', 'full'):
+            raise ValueError(f"branch must be 'act' or 'full', got {name!r}")
+        return act_exact_mode(self, enabled=name == 'full')
+
+    def loss(self, batch_inputs: Tensor, batch_data_samples: SampleList) -> Dict[str, Tensor]:
+        img_feats = self.extract_feat(batch_inputs)
+        losses, boxes = {}, {}
+        for name, weight in (('act', self.act_loss_weight), ('full', self.full_loss_weight)):
+            with self.branch(name), \
+                    ModuleOutputRecorder('bbox_head', index=1).register(self) as recorder:
+                head_inputs = self.forward_transformer(img_feats, batch_data_samples)
+                branch_losses = self.bbox_head.loss(
+                    **head_inputs, batch_data_samples=batch_data_samples)
+                boxes[name] = recorder.last  # (L, B, Q, 4)
+            losses.update({f'{name}.{key}': _scale(value, weight)
+                           for key, value in branch_losses.items()})
+        full_boxes = boxes['full'].detach() if self.detach_full else boxes['full']
+        losses.update(self.loss_distill(boxes['act'], full_boxes))
+        return losses
+
+    def loss_distill(self, act_boxes: Tensor, full_boxes: Tensor) -> Dict[str, Tensor]:
+        """KD terms over decoder layers: ``d{i}.loss_kd`` for layer i, ``loss_kd`` for the last."""
+        num_layers = act_boxes.shape[0]
+        return {('loss_kd' if layer == num_layers - 1 else f'd{layer}.loss_kd'):
+                self.loss_kd(act_boxes[layer], full_boxes[layer])
+                for layer in range(num_layers)}
+
+    def predict(self,
+                batch_inputs: Tensor,
+                batch_data_samples: SampleList,
+                rescale: bool = True) -> SampleList:
+        img_feats = self.extract_feat(batch_inputs)
+        names = ('act', 'full') if self.test_branch == 'both' else (self.test_branch, )
+        results = {}
+        for name in names:
+            with self.branch(name):
+                head_inputs = self.forward_transformer(img_feats, batch_data_samples)
+            results[name] = self.bbox_head.predict(
+                **head_inputs, rescale=rescale, batch_data_samples=batch_data_samples)
+        batch_data_samples = self.add_pred_to_datasample(batch_data_samples, results[names[0]])
+        if self.test_branch == 'both':
+            for data_sample, full_result in zip(batch_data_samples, results['full']):
+                data_sample.full_pred_instances = full_result
+        return batch_data_samples
+
+    def _forward(self, batch_inputs: Tensor,
+                 batch_data_samples: SampleList = None) -> Tuple[List[Tensor]]:
+        name = 'act' if self.test_branch == 'both' else self.test_branch
+        with self.branch(name):
+            return super()._forward(batch_inputs, batch_data_samples)
+
+
+def _scale(value, weight: float):
+    if isinstance(value, torch.Tensor):
+        return value * weight
+    return [v * weight for v in value]
+
+
+@METRICS.register_module()
+class BranchCocoMetric(CocoMetric):
+    """:class:`CocoMetric` over another prediction field than ``pred_instances``.
+
+    With ``MTKDDETR(test_branch='both')`` a plain ``CocoMetric(prefix='act')`` scores the ACT
+    branch and ``BranchCocoMetric(pred_key='full_pred_instances', prefix='full')`` the
+    full-attention one, from the same forward pass.
+
+    Args:
+        pred_key (str): data-sample field holding the predictions to score.
+        **kwargs: those of :class:`CocoMetric`.
+    """
+
+    def __init__(self, pred_key: str = 'full_pred_instances', **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(pred_key, str):
+            raise TypeError(f'pred_key must be a str, got {type(pred_key).__name__}')
+        self.pred_key = pred_key
+
+    def process(self, data_batch: dict, data_samples: List[dict]) -> None:
+        renamed = []
+        for data_sample in data_samples:
+            if self.pred_key not in data_sample:
+                raise KeyError(f'data sample has no {self.pred_key!r} field (pred_key); with '
+                               "MTKDDETR set model.test_branch='both'")
+            renamed.append({**data_sample, 'pred_instances': data_sample[self.pred_key]})
+        super().process(data_batch, renamed)
