@@ -1,0 +1,68 @@
+# mmdet-detrx: one-command install, demo and tests on a fresh machine.
+#   make install   create .venv with torch, mmcv (built from source), mmdet and this package
+#   make demo      install, then train + evaluate a small DETR on the embedded dataset (CPU)
+#   make test      install, build the extension, run the test suite
+# Override TORCH_SPEC for another platform, e.g. `make install TORCH_SPEC="torch==2.4.1"`.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+MMCV_SPEC   ?= mmcv==2.1.0
+MMENGINE_SPEC ?= mmengine>=0.10.4,<0.11
+MMDET_SPEC  ?= mmdet==3.3.0
+PYTEST_ARGS ?=
+NPROC       ?= $(shell nproc 2>/dev/null || echo 2)
+
+PY  := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Constraining torch keeps every later resolution (mmdet, mmengine, ours) from pulling a
+# different, CUDA-sized torch from the registry.
+CONSTRAINTS := $(VENV)/constraints.txt
+STAMP_DEPS  := $(VENV)/.deps-installed
+STAMP_PKG   := $(VENV)/.detrx-installed
+
+.PHONY: install deps build demo test test-all benchmark clean cuda-check
+
+install: $(STAMP_PKG)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+
+$(STAMP_DEPS): $(PY) Makefile
+	echo "$(TORCH_SPEC)" > $(CONSTRAINTS)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	# mmcv 2.1's setup.py imports pkg_resources (gone from setuptools>=81); building without
+	# isolation makes it compile against the torch above instead of fetching another one.
+	$(PIP) install -q "setuptools>=77,<81" wheel ninja "numpy" packaging
+	MMCV_WITH_OPS=1 MAX_JOBS=$(NPROC) $(PIP) install -c $(CONSTRAINTS) --no-build-isolation "$(MMCV_SPEC)"
+	$(PIP) install -q -c $(CONSTRAINTS) "$(MMENGINE_SPEC)" "$(MMDET_SPEC)" scipy pycocotools \
+		matplotlib pytest pytest-timeout hypothesis
+	touch $(STAMP_DEPS)
+
+$(STAMP_PKG): $(STAMP_DEPS) setup.py $(wildcard ops/*.h ops/*/*.cpp ops/*/*.h ops/*.cpp)
+	MAX_JOBS=$(NPROC) $(PIP) install -c $(CONSTRAINTS) --no-build-isolation --no-deps -e .
+	$(PY) -c "import mmdet_detrx.ops as o; assert o.native_available(), 'native extension failed to load'"
+	touch $(STAMP_PKG)
+
+build: install
+
+demo: install
+	$(PY) tools/demo.py
+
+test: install
+	@if command -v nvcc >/dev/null 2>&1; then $(MAKE) --no-print-directory cuda-check; fi
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest tests -q --runslow $(PYTEST_ARGS)
+
+# Compile-checks the torch-free CUDA device kernels with nvcc (no GPU, no CUDA torch needed).
+cuda-check:
+	$(PY) tools/check_cuda_kernels.py
+
+benchmark: install
+	$(PY) tools/analysis/benchmark_msda.py
+
+clean:
+	rm -rf build *.egg-info mmdet_detrx/*.so

@@ -1,0 +1,16 @@
+"""mmdet-detrx: DETR-era components for MMDetection 3.x.
+
+Importing the package (``custom_imports=dict(imports=['mmdet_detrx'])``) registers every
+model, dataset and hook into MMDetection's registries (scope ``mmdet``).
+
+``mmdet_detrx.ops`` needs only torch, so the native op layer stays usable (and testable) on a
+machine without mmcv/mmdet; there the registries are simply not populated.
+"""
+from importlib.util import find_spec
+
+from .version import __version__
+
+if find_spec('mmdet') is not None:
+    from . import datasets, distill, engine, models  # noqa: F401  (registration)
+
+__all__ = ['__version__']

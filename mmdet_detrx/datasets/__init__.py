@@ -1,0 +1,1 @@
+from .synthetic_shapes import *  # noqa: F401,F403

@@ -1,0 +1,207 @@
+"""The embedded default dataset: synthetic shapes in COCO format, generated on first use.
+
+Images hold 1-``max_objects`` filled circles, squares and triangles of random colour, from small
+(a few pixels) to large (most of the image), drawn in order so later shapes occlude earlier ones,
+over varied backgrounds (flat, gradient, noise, stripes, checkerboard). Boxes, areas and RLE masks
+describe the *visible* part of each shape (COCO's convention); shapes left mostly hidden are
+dropped. Everything is a function of ``seed``: the same spec always gives the same files.
+
+Layout written under ``data_root``::
+
+    annotations/{train,val}.json   COCO instances (bbox + RLE segmentation)
+    {train,val}/000000.png ...     images (sizes vary within ``image_size``)
+    spec.json                      the generation parameters
+
+The dataset then loads through mmdet's ``CocoDataset`` unchanged and scores with ``CocoMetric``.
+"""
+import fcntl
+import json
+import os
+import os.path as osp
+import shutil
+import tempfile
+from typing import Dict, List, Tuple
+
+import cv2
+import numpy as np
+from mmdet.datasets import CocoDataset
+from mmdet.registry import DATASETS
+from pycocotools import mask as mask_utils
+
+__all__ = ['SyntheticShapesDataset', 'generate_synthetic_shapes', 'SHAPE_CLASSES']
+
+SHAPE_CLASSES = ('circle', 'square', 'triangle')
+DEFAULT_SPEC = dict(seed=0, num_train=600, num_val=100, image_size=(160, 160), max_objects=6,
+                    min_visible=0.35)
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    kind = rng.integers(5)
+    c0, c1 = rng.integers(0, 256, size=(2, 3))
+    if kind == 0:  # flat
+        img = np.broadcast_to(c0, (h, w, 3))
+    elif kind == 1:  # linear gradient along a random direction
+        theta = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:h, 0:w]
+        t = (np.cos(theta) * xx / w + np.sin(theta) * yy / h)
+        t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
+        img = c0 + t[..., None] * (c1 - c0)
+    elif kind == 2:  # coloured noise
+        img = c0 + rng.normal(0, 40, size=(h, w, 3))
+    elif kind == 3:  # stripes
+        period = int(rng.integers(4, 24))
+        stripes = ((np.arange(w) // period) % 2).astype(bool)
+        img = np.where(stripes[None, :, None], c0, c1) * np.ones((h, 1, 1))
+    else:  # checkerboard
+        period = int(rng.integers(6, 30))
+        yy, xx = np.mgrid[0:h, 0:w]
+        board = ((yy // period + xx // period) % 2).astype(bool)
+        img = np.where(board[..., None], c0, c1)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _shape_mask(rng: np.random.Generator, label: int, h: int, w: int) -> np.ndarray:
+    """Full (unoccluded) mask of one shape; sizes span small to large on a log scale."""
+    size = float(np.exp(rng.uniform(np.log(8), np.log(0.7 * min(h, w)))))
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    mask = np.zeros((h, w), np.uint8)
+    if SHAPE_CLASSES[label] == 'circle':
+        cv2.circle(mask, (int(cx), int(cy)), max(int(size / 2), 2), 1, thickness=-1)
+    elif SHAPE_CLASSES[label] == 'square':
+        rect = ((cx, cy), (size, size), float(rng.uniform(0, 90)))
+        cv2.fillPoly(mask, [cv2.boxPoints(rect).astype(np.int32)], 1)
+    else:  # triangle: equilateral, randomly rotated
+        angles = rng.uniform(0, 2 * np.pi) + np.array([0, 2, 4]) * np.pi / 3
+        pts = np.stack([cx + size / 2 * np.cos(angles), cy + size / 2 * np.sin(angles)], 1)
+        cv2.fillPoly(mask, [pts.astype(np.int32)], 1)
+    return mask
+
+
+def _render(rng: np.random.Generator, spec: dict) -> Tuple[np.ndarray, List[dict]]:
+    max_w, max_h = spec['image_size']
+    w = int(rng.integers(int(0.75 * max_w), max_w + 1))
+    h = int(rng.integers(int(0.75 * max_h), max_h + 1))
+    img = _background(rng, h, w).copy()
+    shapes = []
+    for _ in range(int(rng.integers(1, spec['max_objects'] + 1))):
+        label = int(rng.integers(len(SHAPE_CLASSES)))
+        mask = _shape_mask(rng, label, h, w)
+        if mask.sum() < 16:  # centred off-image: nothing to draw
+            continue
+        img[mask.astype(bool)] = rng.integers(0, 256, size=3)
+        shapes.append((label, mask))
+    # Visible part of each shape = its mask minus every shape drawn above it.
+    objects, covered = [], np.zeros((h, w), bool)
+    for label, mask in reversed(shapes):
+        full = mask.astype(bool)
+        visible = full & ~covered
+        covered |= full
+        if visible.sum() < max(spec['min_visible'] * full.sum(), 9):
+            continue
+        objects.append(dict(label=label, mask=visible))
+    return img, objects[::-1]
+
+
+def _coco_split(rng: np.random.Generator, spec: dict, num_images: int, out_dir: str,
+                img_dir: str) -> dict:
+    images, annotations = [], []
+    for image_id in range(num_images):
+        img, objects = _render(rng, spec)
+        file_name = f'{image_id:06d}.png'
+        cv2.imwrite(osp.join(out_dir, img_dir, file_name), img)
+        images.append(dict(id=image_id, file_name=file_name, height=img.shape[0],
+                           width=img.shape[1]))
+        for obj in objects:
+            rle = mask_utils.encode(np.asfortranarray(obj['mask'].astype(np.uint8)))
+            x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+            rle['counts'] = rle['counts'].decode('ascii')
+            annotations.append(dict(id=len(annotations) + 1, image_id=image_id,
+                                    category_id=obj['label'] + 1, bbox=[x, y, bw, bh],
+                                    area=float(obj['mask'].sum()), segmentation=rle,
+                                    iscrowd=0))
+    categories = [dict(id=i + 1, name=name, supercategory='shape')
+                  for i, name in enumerate(SHAPE_CLASSES)]
+    return dict(images=images, annotations=annotations, categories=categories,
+                info=dict(description='mmdet-detrx synthetic shapes', seed=spec['seed']))
+
+
+def _normalise_spec(spec: dict) -> dict:
+    spec = {**DEFAULT_SPEC, **spec}
+    spec['image_size'] = [int(v) for v in spec['image_size']]
+    for key in ('num_train', 'num_val', 'max_objects'):
+        if int(spec[key]) < 1:
+            raise ValueError(f'{key} must be >= 1, got {spec[key]}')
+    if min(spec['image_size']) < 32:
+        raise ValueError(f"image_size must be at least 32x32, got {spec['image_size']}")
+    return spec
+
+
+def generate_synthetic_shapes(data_root: str, **spec) -> dict:
+    """Write the dataset into ``data_root`` unless it already holds this spec; return the spec.
+
+    Safe for concurrent callers (DDP ranks): generation runs under a file lock into a temporary
+    folder renamed into place, so ``data_root`` is either complete or absent, never half-written.
+    """
+    spec = _normalise_spec(spec)
+    data_root = osp.abspath(data_root)
+    spec_file = osp.join(data_root, 'spec.json')
+    parent = osp.dirname(data_root)
+    os.makedirs(parent, exist_ok=True)
+    # Lock the parent folder itself: no lock file is left behind.
+    lock = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if osp.exists(spec_file):
+            with open(spec_file) as f:
+                existing = json.load(f)
+            if existing != spec:
+                raise ValueError(
+                    f'{data_root} holds synthetic shapes generated with {existing}, not the '
+                    f'requested {spec}; choose another data_root or delete that folder')
+            return spec
+        if osp.exists(data_root) and os.listdir(data_root):
+            raise FileExistsError(f'{data_root} exists and is not a synthetic-shapes dataset '
+                                  '(no spec.json); choose another data_root')
+        tmp = tempfile.mkdtemp(prefix='.synthetic-shapes-', dir=parent)
+        try:
+            rng = np.random.default_rng(spec['seed'])
+            os.makedirs(osp.join(tmp, 'annotations'))
+            for split in ('train', 'val'):
+                os.makedirs(osp.join(tmp, split))
+                coco = _coco_split(rng, spec, spec[f'num_{split}'], tmp, split)
+                with open(osp.join(tmp, 'annotations', f'{split}.json'), 'w') as f:
+                    json.dump(coco, f)
+            with open(osp.join(tmp, 'spec.json'), 'w') as f:
+                json.dump(spec, f)
+            if osp.exists(data_root):
+                os.rmdir(data_root)  # empty, checked above
+            os.rename(tmp, data_root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        os.close(lock)  # also releases the lock
+    return spec
+
+
+@DATASETS.register_module()
+class SyntheticShapesDataset(CocoDataset):
+    """COCO-format synthetic shapes, generated into ``data_root`` on first use.
+
+    Args:
+        spec (dict): generation parameters (``seed``, ``num_train``, ``num_val``,
+            ``image_size`` (max W, H), ``max_objects``, ``min_visible``); defaults in
+            ``DEFAULT_SPEC``. Every dataset sharing a data_root must use the same spec.
+        **kwargs: ``CocoDataset`` arguments (``data_root``, ``ann_file``, ``data_prefix``,
+            ``pipeline``, ...), e.g. ``ann_file='annotations/val.json'``,
+            ``data_prefix=dict(img='val/')``.
+    """
+
+    METAINFO = dict(classes=SHAPE_CLASSES,
+                    palette=[(220, 20, 60), (0, 128, 255), (60, 180, 75)])
+
+    def __init__(self, *args, spec: Dict = None, data_root: str = 'data/synthetic_shapes',
+                 **kwargs):
+        self.spec = generate_synthetic_shapes(data_root, **(spec or {}))
+        super().__init__(*args, data_root=data_root, **kwargs)
+

@@ -1,0 +1,2 @@
+from .losses import *  # noqa: F401,F403
+from .recorders import *  # noqa: F401,F403

@@ -1,0 +1,1 @@
+from .distillation_hook import *  # noqa: F401,F403

@@ -1,0 +1,1 @@
+from .botnet import *  # noqa: F401,F403

@@ -1,0 +1,93 @@
+"""Let mmdet's DETR-family detectors take their attention modules from the registry.
+
+mmdet 3.x's transformer layers construct ``MultiheadAttention`` / ``MultiScaleDeformableAttention``
+by class, so ``self_attn_cfg=dict(type=...)`` is rejected upstream. The detectors here accept a
+``type`` in ``encoder.layer_cfg`` / ``decoder.layer_cfg`` (``self_attn_cfg``, ``cross_attn_cfg``):
+upstream builds its layers from the same config minus the extra keys, then each such attention is
+replaced by ``MODELS.build(cfg)``. Parameter names stay upstream's, so checkpoints load strictly.
+
+A registered attention must subclass the mmcv attention it replaces (``MultiheadAttention`` or
+``MultiScaleDeformableAttention``): that is what keeps it a drop-in, and it tells which of the
+config keys upstream understands.
+"""
+import copy
+import inspect
+from typing import Dict, Optional, Tuple
+
+from mmdet.models.detectors import DETR, DINO, DeformableDETR
+from mmdet.registry import MODELS
+from mmengine.config import ConfigDict
+
+__all__ = ['RegistryAttentionMixin', 'DETRX', 'DeformableDETRX', 'DINOX']
+
+_ATTENTION_CFG_KEYS = ('self_attn_cfg', 'cross_attn_cfg')
+
+
+def _upstream_keys(attn_type) -> set:
+    """Constructor arguments of the mmcv class that ``attn_type`` derives from."""
+    cls = MODELS.get(attn_type) if isinstance(attn_type, str) else attn_type
+    if cls is None:
+        raise KeyError(f'attention type {attn_type!r} is not registered in MODELS; is '
+                       "custom_imports=dict(imports=['mmdet_detrx']) in the config?")
+    for base in cls.__mro__:
+        if base.__module__.startswith('mmcv.'):
+            return set(inspect.signature(base.__init__).parameters) - {'self', 'kwargs'}
+    raise TypeError(f'attention type {cls.__name__} must subclass the mmcv attention it '
+                    'replaces (MultiheadAttention or MultiScaleDeformableAttention)')
+
+
+def _split_attention_types(coder_cfg: Optional[dict]) -> Tuple[Optional[dict], Dict[str, dict]]:
+    """Return (cfg upstream can build, {attn_cfg_key: full registry cfg})."""
+    if coder_cfg is None:
+        return None, {}
+    coder_cfg = copy.deepcopy(dict(coder_cfg))
+    layer_cfg = coder_cfg.get('layer_cfg')
+    if layer_cfg is None:
+        return coder_cfg, {}
+    layer_cfg = dict(layer_cfg)
+    swaps = {}
+    for key in _ATTENTION_CFG_KEYS:
+        attn_cfg = layer_cfg.get(key)
+        if attn_cfg is None or 'type' not in attn_cfg:
+            continue
+        attn_cfg = dict(attn_cfg)
+        keep = _upstream_keys(attn_cfg['type'])
+        swaps[key] = attn_cfg
+        layer_cfg[key] = {k: v for k, v in attn_cfg.items() if k in keep}
+    coder_cfg['layer_cfg'] = layer_cfg
+    return coder_cfg, swaps
+
+
+def _swap_attentions(coder, swaps: Dict[str, dict]) -> None:
+    for layer in coder.layers:
+        for key, full_cfg in swaps.items():
+            # Upstream may have completed its copy of the config (e.g. batch_first=True).
+            cfg = ConfigDict({**getattr(layer, key), **full_cfg})
+            setattr(layer, key[:-len('_cfg')], MODELS.build(cfg))
+            setattr(layer, key, cfg)
+
+
+class RegistryAttentionMixin:
+    """Put before an mmdet DETR-family detector in the bases to make its attentions swappable."""
+
+    def __init__(self, *args, encoder=None, decoder=None, **kwargs):
+        encoder, encoder_swaps = _split_attention_types(encoder)
+        decoder, decoder_swaps = _split_attention_types(decoder)
+        super().__init__(*args, encoder=encoder, decoder=decoder, **kwargs)
+        _swap_attentions(self.encoder, encoder_swaps)
+        _swap_attentions(self.decoder, decoder_swaps)
+
+
+@MODELS.register_module()
+class DETRX(RegistryAttentionMixin, DETR):
+    """mmdet's DETR whose encoder/decoder attentions may be any registered type (e.g. ACT)."""
+
+
+@MODELS.register_module()
+class DeformableDETRX(RegistryAttentionMixin, DeformableDETR):
+    """mmdet's Deformable DETR whose attentions may be any registered type."""
+
+
+@MODELS.register_module()
+class DINOX(RegistryAttentionMixin, DINO):
+    """mmdet's DINO whose attentions may be any registered type."""

@@ -1,0 +1,63 @@
+"""Start-up checks and settings shared by ``tools/train.py`` and ``tools/test.py``."""
+import os
+import os.path as osp
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from mmengine.config import Config
+
+# Datasets that create their own files on first use.
+_SELF_GENERATING = {'SyntheticShapesDataset'}
+
+
+def _dataset_cfgs(dataset_cfg: dict):
+    """Yield leaf dataset configs (unwrapping RepeatDataset / ConcatDataset wrappers)."""
+    if 'datasets' in dataset_cfg:
+        for sub in dataset_cfg['datasets']:
+            yield from _dataset_cfgs(sub)
+    elif 'dataset' in dataset_cfg:
+        yield from _dataset_cfgs(dataset_cfg['dataset'])
+    else:
+        yield dataset_cfg
+
+
+def check_dataset_files(cfg: Config, loaders: Iterable[str]) -> None:
+    """Fail early, saying where the data must be, if a dataloader's annotation file is missing.
+
+    Without this, a COCO config on a machine without COCO dies deep inside pycocotools.
+    """
+    for loader in loaders:
+        loader_cfg = cfg.get(loader)
+        if not loader_cfg:
+            continue
+        for dataset_cfg in _dataset_cfgs(loader_cfg['dataset']):
+            if dataset_cfg.get('type') in _SELF_GENERATING or not dataset_cfg.get('ann_file'):
+                continue
+            data_root = dataset_cfg.get('data_root') or ''
+            ann_file = osp.join(data_root, dataset_cfg['ann_file'])
+            if not osp.exists(ann_file):
+                raise FileNotFoundError(
+                    f'{loader}: annotation file {ann_file!r} not found. Put the dataset under '
+                    f'{data_root or "the configured data_root"!r} (for COCO 2017: '
+                    'annotations/instances_{train,val}2017.json, train2017/, val2017/), or '
+                    f'point the config at it with --cfg-options {loader}.dataset.data_root=PATH')
+
+
+def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
+    """Make mmengine's DDP work on CPU-only machines (gloo, no CUDA device ids).
+
+    mmengine's ``init_dist`` calls ``torch.cuda.set_device`` and its DDP wrapper passes
+    ``device_ids``; both are GPU-only. When no GPU is present we start the gloo process group
+    ourselves (mmengine then skips its own init) and wrap the model without device ids.
+    """
+    if launcher == 'none' or torch.cuda.is_available() or dist.is_initialized():
+        return
+    if launcher != 'pytorch':
+        raise RuntimeError(f'launcher={launcher!r} on a machine without GPUs: use '
+                           '--launcher pytorch (torchrun) for CPU data-parallel runs')
+    dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),
+                            world_size=int(os.environ['WORLD_SIZE']))
+    wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
+    wrapper.setdefault('device_ids', None)
+    cfg.model_wrapper_cfg = wrapper

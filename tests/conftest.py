@@ -1,0 +1,25 @@
+import os
+
+import pytest
+
+# Tests are written for a 2-core CI machine; keep torch from oversubscribing it.
+os.environ.setdefault('OMP_NUM_THREADS', '2')
+
+
+def pytest_addoption(parser):
+    parser.addoption('--runslow', action='store_true', default=False,
+                     help='also run tests marked @pytest.mark.slow')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: long-running test, run with --runslow')
+    config.addinivalue_line('markers', 'cuda: needs a CUDA device')
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption('--runslow'):
+        return
+    skip_slow = pytest.mark.skip(reason='slow: run with --runslow (make test-all)')
+    for item in items:
+        if 'slow' in item.keywords:
+            item.add_marker(skip_slow)

@@ -1,0 +1,92 @@
+import hashlib
+import json
+import os
+import os.path as osp
+
+import numpy as np
+import pytest
+from mmdet.registry import DATASETS
+from pycocotools.coco import COCO
+
+import mmdet_detrx  # noqa: F401
+from mmdet_detrx.datasets import SHAPE_CLASSES, generate_synthetic_shapes
+
+SPEC = dict(seed=3, num_train=12, num_val=4, image_size=(96, 80), max_objects=5)
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            with open(osp.join(dirpath, name), 'rb') as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()
+
+
+def test_deterministic_from_seed(tmp_path):
+    a, b, c = tmp_path / 'a', tmp_path / 'b', tmp_path / 'c'
+    generate_synthetic_shapes(str(a), **SPEC)
+    generate_synthetic_shapes(str(b), **SPEC)
+    generate_synthetic_shapes(str(c), **{**SPEC, 'seed': 4})
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+def test_valid_coco_with_boxes_inside_images(tmp_path):
+    root = tmp_path / 'shapes'
+    generate_synthetic_shapes(str(root), **{**SPEC, 'num_train': 40})
+    coco = COCO(str(root / 'annotations' / 'train.json'))
+    assert [c['name'] for c in coco.loadCats(coco.getCatIds())] == list(SHAPE_CLASSES)
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert len(anns) > 40
+    areas = []
+    for ann in anns:
+        img = coco.loadImgs(ann['image_id'])[0]
+        assert osp.exists(root / 'train' / img['file_name'])
+        x, y, w, h = ann['bbox']
+        assert w > 0 and h > 0
+        assert x >= 0 and y >= 0 and x + w <= img['width'] and y + h <= img['height']
+        mask = coco.annToMask(ann)
+        assert mask.shape == (img['height'], img['width'])
+        assert mask.sum() == ann['area']
+        areas.append(ann['area'] / (img['width'] * img['height']))
+    # objects from small to large, every class present
+    assert min(areas) < 0.01 and max(areas) > 0.15
+    assert {a['category_id'] for a in anns} == {1, 2, 3}
+
+
+def test_regeneration_refuses_other_spec(tmp_path):
+    root = str(tmp_path / 'shapes')
+    generate_synthetic_shapes(root, **SPEC)
+    with pytest.raises(ValueError, match='spec'):
+        generate_synthetic_shapes(root, **{**SPEC, 'seed': 9})
+    bad = tmp_path / 'not_shapes'
+    bad.mkdir()
+    (bad / 'something.txt').write_text('x')
+    with pytest.raises(FileExistsError, match='not_shapes'):
+        generate_synthetic_shapes(str(bad), **SPEC)
+    with pytest.raises(ValueError, match='num_train'):
+        generate_synthetic_shapes(str(tmp_path / 'x'), num_train=0)
+    # nothing half-written is left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['not_shapes', 'shapes']
+
+
+def test_registered_dataset_loads_through_coco_pipeline(tmp_path):
+    root = str(tmp_path / 'shapes') + '/'
+    dataset = DATASETS.build(
+        dict(type='SyntheticShapesDataset', data_root=root, spec=SPEC,
+             ann_file='annotations/val.json', data_prefix=dict(img='val/'), test_mode=True,
+             pipeline=[dict(type='LoadImageFromFile'),
+                       dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+                       dict(type='PackDetInputs')]))
+    assert len(dataset) == SPEC['num_val']
+    sample = dataset[0]
+    inputs, data_sample = sample['inputs'], sample['data_samples']
+    h, w = inputs.shape[1:]
+    assert h <= 80 and w <= 96
+    boxes = data_sample.gt_instances.bboxes.tensor
+    assert len(boxes) == len(data_sample.gt_instances.masks) > 0
+    assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+    with open(osp.join(root, 'spec.json')) as f:
+        assert json.load(f)['seed'] == SPEC['seed']
+    assert np.asarray(dataset.metainfo['classes']).tolist() == list(SHAPE_CLASSES)
