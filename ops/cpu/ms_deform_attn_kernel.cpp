@@ -1,0 +1,312 @@
+// CPU kernels of multi-scale deformable attention (Deformable DETR, arXiv:2010.04159, Eq. 3).
+//
+//   output[b, q, head, :] = sum_{level, point} A[b, q, head, level, point] *
+//                           bilinear(value[b, level, :, head, :], loc[b, q, head, level, point])
+//
+// Forward: parallel over (batch, query); each task owns its output rows.
+// Backward: parallel over (batch, head, level); a task loops over all queries and points in a
+// fixed order and is the only writer of its slice grad_value[b, level tokens, head, :] and of the
+// location / attention gradients of its (b, :, head, level, :) entries. No atomics, no races: the
+// result is bitwise identical for any thread count.
+// Half and bfloat16 inputs accumulate in float (at::opmath_type); grad_value is accumulated in a
+// float buffer and rounded once at the end. im2col_step is a CUDA chunking knob: the CPU kernel
+// validates it and otherwise ignores it.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "ms_deform_attn.h"
+#include "ms_deform_attn_sampling.h"
+
+namespace detrx {
+namespace {
+
+using msda::BilinearCorners;
+
+struct Level {
+  int64_t H, W, start;
+};
+
+std::vector<Level> read_levels(const at::Tensor& spatial_shapes,
+                               const at::Tensor& level_start_index) {
+  const at::Tensor shapes = spatial_shapes.contiguous();
+  const at::Tensor starts = level_start_index.contiguous();
+  const int64_t* shape_data = shapes.const_data_ptr<int64_t>();
+  const int64_t* start_data = starts.const_data_ptr<int64_t>();
+  std::vector<Level> levels(shapes.size(0));
+  for (size_t level = 0; level < levels.size(); ++level) {
+    levels[level] = {shape_data[2 * level], shape_data[2 * level + 1], start_data[level]};
+  }
+  return levels;
+}
+
+// Items per at::parallel_for chunk: about 32k multiply-adds (ATen's own grain), so that tiny
+// problems stay on one thread.
+int64_t grain_size(int64_t cost_per_item) {
+  constexpr int64_t kGrainCost = 32768;
+  return std::max<int64_t>(1, kGrainCost / std::max<int64_t>(1, cost_per_item));
+}
+
+// acc[c] += sum_i w[i] * v_i[c]. Corners outside the map point at a row of zeros with w = 0, so
+// the loop has no branch and vectorises over channels.
+template <typename scalar_t, typename acc_t>
+inline void accumulate_corners(acc_t* __restrict acc, const scalar_t* __restrict v0,
+                               const scalar_t* __restrict v1, const scalar_t* __restrict v2,
+                               const scalar_t* __restrict v3, const acc_t (&w)[4], int64_t C) {
+  const acc_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  for (int64_t c = 0; c < C; ++c) {
+    acc[c] += w0 * static_cast<acc_t>(v0[c]) + w1 * static_cast<acc_t>(v1[c]) +
+              w2 * static_cast<acc_t>(v2[c]) + w3 * static_cast<acc_t>(v3[c]);
+  }
+}
+
+// One pass over the channels of a sampling point in the backward:
+//   dot[i] = <grad_out, v_i>        (for the location and attention gradients)
+//   gv_i  += aw[i] * grad_out       (the value gradient, aw = attention weight * bilinear weight)
+// The dot products use kLanes independent partial sums (summed in a fixed order at the end) so
+// the compiler can vectorise them without reassociating floating-point additions.
+template <typename scalar_t, typename acc_t>
+inline void corner_dots_and_scatter(const acc_t* __restrict grad_out,
+                                    const scalar_t* __restrict v0, const scalar_t* __restrict v1,
+                                    const scalar_t* __restrict v2, const scalar_t* __restrict v3,
+                                    acc_t* __restrict gv0, acc_t* __restrict gv1,
+                                    acc_t* __restrict gv2, acc_t* __restrict gv3,
+                                    const acc_t (&aw)[4], int64_t C, acc_t (&dot)[4]) {
+  constexpr int kLanes = 8;
+  acc_t d0[kLanes] = {}, d1[kLanes] = {}, d2[kLanes] = {}, d3[kLanes] = {};
+  const acc_t aw0 = aw[0], aw1 = aw[1], aw2 = aw[2], aw3 = aw[3];
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t g = grad_out[c + j];
+      d0[j] += g * static_cast<acc_t>(v0[c + j]);
+      d1[j] += g * static_cast<acc_t>(v1[c + j]);
+      d2[j] += g * static_cast<acc_t>(v2[c + j]);
+      d3[j] += g * static_cast<acc_t>(v3[c + j]);
+      gv0[c + j] += aw0 * g;
+      gv1[c + j] += aw1 * g;
+      gv2[c + j] += aw2 * g;
+      gv3[c + j] += aw3 * g;
+    }
+  }
+  for (; c < C; ++c) {
+    const acc_t g = grad_out[c];
+    d0[0] += g * static_cast<acc_t>(v0[c]);
+    d1[0] += g * static_cast<acc_t>(v1[c]);
+    d2[0] += g * static_cast<acc_t>(v2[c]);
+    d3[0] += g * static_cast<acc_t>(v3[c]);
+    gv0[c] += aw0 * g;
+    gv1[c] += aw1 * g;
+    gv2[c] += aw2 * g;
+    gv3[c] += aw3 * g;
+  }
+  dot[0] = dot[1] = dot[2] = dot[3] = acc_t(0);
+  for (int j = 0; j < kLanes; ++j) {
+    dot[0] += d0[j];
+    dot[1] += d1[j];
+    dot[2] += d2[j];
+    dot[3] += d3[j];
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* value, const std::vector<Level>& levels,
+                    const scalar_t* sampling_locations, const scalar_t* attention_weights,
+                    scalar_t* output, int64_t B, int64_t S, int64_t heads, int64_t C, int64_t Q,
+                    int64_t P) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t L = static_cast<int64_t>(levels.size());
+  const int64_t token_stride = heads * C;  // distance between two tokens of one (batch, head)
+  const int64_t cost = heads * L * P * (4 * C + 32);
+
+  at::parallel_for(0, B * Q, grain_size(cost), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C);
+    const std::vector<scalar_t> zero_row(C, scalar_t(0));
+    for (int64_t batch_query = begin; batch_query < end; ++batch_query) {
+      const int64_t batch = batch_query / Q, query = batch_query % Q;
+      for (int64_t head = 0; head < heads; ++head) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        const int64_t attn_base =
+            msda::attention_weight_index(batch, query, head, 0, 0, Q, heads, L, P);
+        for (int64_t level = 0; level < L; ++level) {
+          const Level lv = levels[level];
+          const scalar_t* value_level =
+              value + msda::value_index(batch, lv.start, head, 0, S, heads, C);
+          for (int64_t point = 0; point < P; ++point) {
+            const int64_t attn_idx = attn_base + level * P + point;
+            const acc_t x = msda::normalized_to_pixel(
+                static_cast<acc_t>(sampling_locations[2 * attn_idx]), lv.W);
+            const acc_t y = msda::normalized_to_pixel(
+                static_cast<acc_t>(sampling_locations[2 * attn_idx + 1]), lv.H);
+            BilinearCorners<acc_t> corners;
+            if (!msda::bilinear_corners(x, y, lv.H, lv.W, corners)) continue;
+            const acc_t attention = static_cast<acc_t>(attention_weights[attn_idx]);
+            const scalar_t* v[4];
+            acc_t w[4];
+            for (int i = 0; i < 4; ++i) {
+              v[i] = corners.inside[i] ? value_level + corners.offset[i] * token_stride
+                                       : zero_row.data();
+              w[i] = attention * corners.weight[i];
+            }
+            accumulate_corners(acc.data(), v[0], v[1], v[2], v[3], w, C);
+          }
+        }
+        scalar_t* out = output + batch_query * heads * C + head * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* value, const std::vector<Level>& levels,
+                     const scalar_t* sampling_locations, const scalar_t* attention_weights,
+                     const scalar_t* grad_output, at::opmath_type<scalar_t>* grad_value,
+                     scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights,
+                     int64_t B, int64_t S, int64_t heads, int64_t C, int64_t Q, int64_t P) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t L = static_cast<int64_t>(levels.size());
+  const int64_t token_stride = heads * C;
+  const int64_t cost = Q * P * (8 * C + 64);
+
+  at::parallel_for(0, B * heads * L, grain_size(cost), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> grad_out(C);
+    std::vector<acc_t> scratch(4 * C);  // value-gradient sink of out-of-map corners
+    const std::vector<scalar_t> zero_row(C, scalar_t(0));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t batch = task / (heads * L);
+      const int64_t head = (task / L) % heads;
+      const int64_t level = task % L;
+      const Level lv = levels[level];
+      const int64_t level_offset = msda::value_index(batch, lv.start, head, 0, S, heads, C);
+      const scalar_t* value_level = value + level_offset;
+      acc_t* grad_value_level = grad_value + level_offset;
+
+      for (int64_t query = 0; query < Q; ++query) {
+        const scalar_t* g = grad_output + (batch * Q + query) * heads * C + head * C;
+        for (int64_t c = 0; c < C; ++c) grad_out[c] = static_cast<acc_t>(g[c]);
+        const int64_t attn_base =
+            msda::attention_weight_index(batch, query, head, level, 0, Q, heads, L, P);
+        for (int64_t point = 0; point < P; ++point) {
+          const int64_t attn_idx = attn_base + point;
+          const acc_t x = msda::normalized_to_pixel(
+              static_cast<acc_t>(sampling_locations[2 * attn_idx]), lv.W);
+          const acc_t y = msda::normalized_to_pixel(
+              static_cast<acc_t>(sampling_locations[2 * attn_idx + 1]), lv.H);
+          BilinearCorners<acc_t> corners;
+          if (!msda::bilinear_corners(x, y, lv.H, lv.W, corners)) {
+            grad_attention_weights[attn_idx] = scalar_t(0);
+            grad_sampling_locations[2 * attn_idx] = scalar_t(0);
+            grad_sampling_locations[2 * attn_idx + 1] = scalar_t(0);
+            continue;
+          }
+          const acc_t attention = static_cast<acc_t>(attention_weights[attn_idx]);
+          const scalar_t* v[4];
+          acc_t* gv[4];
+          acc_t aw[4];
+          for (int i = 0; i < 4; ++i) {
+            const int64_t offset = corners.offset[i] * token_stride;
+            v[i] = corners.inside[i] ? value_level + offset : zero_row.data();
+            gv[i] = corners.inside[i] ? grad_value_level + offset : scratch.data() + i * C;
+            aw[i] = attention * corners.weight[i];
+          }
+          acc_t dot[4];
+          corner_dots_and_scatter(grad_out.data(), v[0], v[1], v[2], v[3], gv[0], gv[1], gv[2],
+                                  gv[3], aw, C, dot);
+          acc_t sample = 0, dsample_dx = 0, dsample_dy = 0;
+          for (int i = 0; i < 4; ++i) {
+            sample += corners.weight[i] * dot[i];
+            dsample_dx += corners.dweight_dx[i] * dot[i];
+            dsample_dy += corners.dweight_dy[i] * dot[i];
+          }
+          grad_attention_weights[attn_idx] = static_cast<scalar_t>(sample);
+          // d x_pixel / d x_normalised = W and likewise H for y.
+          grad_sampling_locations[2 * attn_idx] =
+              static_cast<scalar_t>(attention * static_cast<acc_t>(lv.W) * dsample_dx);
+          grad_sampling_locations[2 * attn_idx + 1] =
+              static_cast<scalar_t>(attention * static_cast<acc_t>(lv.H) * dsample_dy);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& level_start_index,
+                                      const at::Tensor& sampling_locations,
+                                      const at::Tensor& attention_weights, int64_t im2col_step) {
+  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights, im2col_step);
+  const int64_t B = value.size(0), S = value.size(1), heads = value.size(2), C = value.size(3);
+  const int64_t Q = sampling_locations.size(1), P = sampling_locations.size(4);
+  at::Tensor output = at::empty({B, Q, heads * C}, value.options());
+  if (output.numel() == 0) return output;
+
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor locations_c = sampling_locations.contiguous();
+  const at::Tensor weights_c = attention_weights.contiguous();
+  const std::vector<Level> levels = read_levels(spatial_shapes, level_start_index);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+        forward_kernel<scalar_t>(value_c.const_data_ptr<scalar_t>(), levels,
+                                 locations_c.const_data_ptr<scalar_t>(),
+                                 weights_c.const_data_ptr<scalar_t>(),
+                                 output.mutable_data_ptr<scalar_t>(), B, S, heads, C, Q, P);
+      });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights, const at::Tensor& grad_output, int64_t im2col_step) {
+  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights, im2col_step);
+  check_ms_deform_attn_grad_output(value, sampling_locations, grad_output);
+  const int64_t B = value.size(0), S = value.size(1), heads = value.size(2), C = value.size(3);
+  const int64_t Q = sampling_locations.size(1), P = sampling_locations.size(4);
+
+  const auto acc_dtype = at::toOpMathType(value.scalar_type());
+  at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(acc_dtype));
+  at::Tensor grad_sampling_locations = at::empty(sampling_locations.sizes(),
+                                                 sampling_locations.options());
+  at::Tensor grad_attention_weights = at::empty(attention_weights.sizes(),
+                                                attention_weights.options());
+  if (attention_weights.numel() > 0) {
+    const at::Tensor value_c = value.contiguous();
+    const at::Tensor locations_c = sampling_locations.contiguous();
+    const at::Tensor weights_c = attention_weights.contiguous();
+    const at::Tensor grad_output_c = grad_output.contiguous();
+    const std::vector<Level> levels = read_levels(spatial_shapes, level_start_index);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+          backward_kernel<scalar_t>(
+              value_c.const_data_ptr<scalar_t>(), levels, locations_c.const_data_ptr<scalar_t>(),
+              weights_c.const_data_ptr<scalar_t>(), grad_output_c.const_data_ptr<scalar_t>(),
+              grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+              grad_sampling_locations.mutable_data_ptr<scalar_t>(),
+              grad_attention_weights.mutable_data_ptr<scalar_t>(), B, S, heads, C, Q, P);
+        });
+  }
+  if (grad_value.scalar_type() != value.scalar_type()) {
+    grad_value = grad_value.to(value.scalar_type());
+  }
+  return {grad_value, grad_sampling_locations, grad_attention_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(detrx, CPU, m) {
+  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cpu);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+}
+
+}  // namespace detrx
