@@ -1,0 +1,143 @@
+import os.path as osp
+
+import pytest
+import torch
+from mmdet.models.backbones import ResNet
+from mmdet.registry import MODELS
+from mmengine.config import Config
+
+import mmdet_detrx  # noqa: F401
+from mmdet_detrx.models.backbones.botnet import BoTBlock, BoTNet
+from mmdet_detrx.models.layers.bottleneck_attention import BottleneckAttention
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registered_and_parameter_count():
+    bot50 = MODELS.build(dict(type='BoTNet', depth=50))
+    r50 = ResNet(depth=50)
+    # Paper: 20.8M vs 25.5M with the 2.05M-parameter 1000-class fc; without it 18.8M vs 23.5M.
+    assert abs(num_params(r50) - 23.5e6) / 23.5e6 < 0.01
+    assert abs(num_params(bot50) - 18.8e6) / 18.8e6 < 0.03
+    blocks = [m for m in bot50.modules() if isinstance(m, BoTBlock)]
+    assert len(blocks) == 3 and all(b in bot50.layer4.modules() for b in blocks)
+    assert not any(isinstance(m, BoTBlock) for m in bot50.layer3.modules())
+
+
+@pytest.mark.parametrize('size', [(800, 1216), (608, 1000), (513, 771)])
+def test_output_shapes_equal_resnet(size):
+    bot50, r50 = BoTNet(depth=50).eval(), ResNet(depth=50).eval()
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        bot_outs, res_outs = bot50(x), r50(x)
+    assert [o.shape for o in bot_outs] == [o.shape for o in res_outs]
+    assert bot_outs[-1].shape[1] == 2048
+
+
+def test_s1_keeps_c5_at_stride_16():
+    bot = BoTNet(depth=50, s1=True, out_indices=(2, 3)).eval()
+    with torch.no_grad():
+        c4, c5 = bot(torch.randn(1, 3, 224, 320))
+    assert c4.shape[-2:] == c5.shape[-2:] == (224 // 16, 320 // 16)
+    assert c5.shape[1] == 2048
+    assert bot.layer4[0].pool.__class__ is torch.nn.Identity
+
+
+@pytest.mark.parametrize('pos_embed', ['relative', 'absolute', 'none'])
+def test_c4_and_c5_stages_any_size(pos_embed):
+    bot = BoTNet(depth=50, bot_stages=(2, 3), pos_embed=pos_embed, max_size=8, num_heads=8)
+    assert all(isinstance(b, BoTBlock) for b in [*bot.layer3, *bot.layer4])
+    assert bot.layer3[0].mhsa.num_heads == 8 and bot.layer3[0].mhsa.pos_embed == pos_embed
+    bot.init_weights()
+    bot.eval()
+    for size in [(97, 161), (320, 288)]:  # c4 up to 20x18 > max_size: clipped offsets
+        with torch.no_grad():
+            outs = bot(torch.randn(1, 3, *size))
+        assert outs[-1].shape[-2:] == ((size[0] + 31) // 32, (size[1] + 31) // 32)
+        assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_resnet_checkpoint_loads_every_kept_layer(tmp_path):
+    torch.manual_seed(0)
+    r50 = ResNet(depth=50)
+    r50.init_weights()
+    resnet_state = r50.state_dict()
+    # torchvision checkpoints share mmdet's names and add the classifier.
+    checkpoint = {**resnet_state, 'fc.weight': torch.randn(1000, 2048), 'fc.bias': torch.zeros(1000)}
+    path = str(tmp_path / 'resnet50.pth')
+    torch.save(checkpoint, path)
+
+    bot50 = BoTNet(depth=50, init_cfg=dict(type='Pretrained', checkpoint=path))
+    bot50.init_weights()
+    bot_state = bot50.state_dict()
+    new_keys, dropped_keys = bot50.resnet_key_diff()
+
+    assert set(new_keys) == set(bot_state) - set(resnet_state)
+    assert set(dropped_keys) == set(resnet_state) - set(bot_state)
+    assert set(new_keys) == {f'layer4.{i}.mhsa.{name}' for i in range(3)
+                             for name in ('qkv.weight', 'pos_h', 'pos_w')}
+    assert set(dropped_keys) == {f'layer4.{i}.conv2.weight' for i in range(3)}
+    for key in set(bot_state) & set(resnet_state):
+        assert torch.equal(bot_state[key], resnet_state[key]), key
+    # The new attention tensors are initialised, not left at zero.
+    for key in new_keys:
+        assert bot_state[key].std() > 0, key
+
+
+def test_frozen_stages_and_norm_eval():
+    bot = BoTNet(depth=50, frozen_stages=1, norm_eval=True)
+    bot.train()
+    assert not any(p.requires_grad for p in bot.layer1.parameters())
+    assert all(p.requires_grad for p in bot.layer4.parameters())
+    assert not bot.layer4[0].bn2.training  # norm_eval keeps BN statistics frozen
+
+
+def test_with_cp_gives_same_gradients():
+    torch.manual_seed(0)
+    kwargs = dict(depth=50, base_channels=16, num_stages=4, out_indices=(3, ), norm_eval=False,
+                  norm_cfg=dict(type='GN', num_groups=4))
+    plain, checkpointed = BoTNet(**kwargs), BoTNet(with_cp=True, **kwargs)
+    plain.init_weights()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 96, 64)
+    for model in (plain, checkpointed):
+        model(x)[0].square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_bfloat16_autocast():
+    bot = BoTNet(depth=50, base_channels=16, out_indices=(3, )).eval()
+    x = torch.randn(1, 3, 160, 224)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = bot(x)[0]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('kwargs, argument', [
+    (dict(depth=34), 'depth'),
+    (dict(depth=200), 'depth'),
+    (dict(depth=50, num_heads=3), 'num_heads'),
+    (dict(depth=50, bot_stages=(4, )), 'bot_stages'),
+    (dict(depth=50, bot_stages=(-1, )), 'bot_stages'),
+    (dict(depth=50, num_stages=3, bot_stages=(3, ), out_indices=(0, 1, 2),
+          strides=(1, 2, 2), dilations=(1, 1, 1)), 'bot_stages'),
+    (dict(depth=50, pos_embed='learned'), 'pos_embed'),
+    (dict(depth=50, dcn=dict(type='DCNv2', deform_groups=1),
+          stage_with_dcn=(False, False, False, True)), 'dcn'),
+])
+def test_rejects_bad_arguments(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        BoTNet(**kwargs)
+
+
+def test_attention_is_the_only_new_module():
+    bot = BoTNet(depth=50)
+    attn = [m for m in bot.modules() if isinstance(m, BottleneckAttention)]
+    assert len(attn) == 3
+    assert all(m.num_heads == 4 and m.pos_embed == 'relative' for m in attn)
+    assert bot.layer4[0].mhsa.embed_dims == 512
