@@ -1,0 +1,126 @@
+"""Our Deformable DETR / DINO configs give mmdet's detectors, computed by MSDeformAttn.
+
+Each of our configs is built next to the mmdet config it derives from, shrunk the same way
+(ResNet-18, two encoder/decoder layers, few queries, small images) so a CPU run takes seconds.
+With the same weights (strict loads both ways) predictions and losses must agree.
+"""
+import copy
+import os.path as osp
+
+import mmdet
+import pytest
+import torch
+from mmcv.ops import MultiScaleDeformableAttention
+from mmdet.registry import MODELS
+from mmdet.testing import demo_mm_inputs
+from mmengine.config import Config
+
+from mmdet_detrx.models.layers import MSDeformAttn
+
+REPO_CONFIGS = osp.join(osp.dirname(__file__), '..', '..', '..', 'configs')
+MMDET_CONFIGS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
+
+CASES = {
+    'deformable-detr': ('deformable_detr/deformable-detrx_r50_16xb2-50e_coco.py',
+                        'deformable_detr/deformable-detr_r50_16xb2-50e_coco.py'),
+    'deformable-detr-refine-twostage': (
+        'deformable_detr/deformable-detrx-refine-twostage_r50_16xb2-50e_coco.py',
+        'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py'),
+    'dino': ('dino/dinox-4scale_r50_8xb2-12e_coco.py', 'dino/dino-4scale_r50_8xb2-12e_coco.py'),
+}
+NUM_LAYERS = 2
+
+
+def _small_model_cfg(path):
+    cfg = Config.fromfile(path).model
+    cfg.backbone.update(depth=18, init_cfg=None)  # out_indices (1, 2, 3) as upstream
+    cfg.neck.in_channels = [128, 256, 512]
+    cfg.encoder.num_layers = NUM_LAYERS
+    cfg.decoder.num_layers = NUM_LAYERS
+    cfg.num_queries = 30
+    if 'dn_cfg' in cfg:
+        cfg.dn_cfg.group_cfg.num_dn_queries = 20
+    return cfg
+
+
+def _build_pair(case):
+    ours_cfg, mmdet_cfg = CASES[case]
+    ours = MODELS.build(_small_model_cfg(osp.join(REPO_CONFIGS, ours_cfg)))
+    ref = MODELS.build(_small_model_cfg(osp.join(MMDET_CONFIGS, mmdet_cfg)))
+    # Every parameter random (mmcv zero-initialises the sampling offsets and attention
+    # weights, which would leave the sampling positions untested); no dropout.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in ours.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.02)
+    for model in (ours, ref):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+def _batch(model, training):
+    torch.manual_seed(1)
+    data = demo_mm_inputs(batch_size=2, image_shapes=[(3, 72, 96), (3, 64, 80)],
+                          num_items=[3, 2], num_classes=80)
+    data = model.data_preprocessor(data, training)  # pads the batch: masks are exercised
+    return data['inputs'], data['data_samples']
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_every_deformable_attention_is_ours(case):
+    ours, ref = _build_pair(case)
+    attns = [m for m in ours.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    assert len(attns) == 2 * NUM_LAYERS  # encoder self-attention + decoder cross-attention
+    assert all(isinstance(m, MSDeformAttn) for m in attns)
+    assert not any(isinstance(m, MSDeformAttn) for m in ref.modules())
+    assert type(ours).__name__ == type(ref).__name__ + 'X'
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_predictions_match_mmdet(case):
+    ours, ref = _build_pair(case)
+    ours.eval()
+    ref.eval()
+    inputs, samples = _batch(ref, training=False)
+    with torch.no_grad():
+        raw_ours = ours(inputs, copy.deepcopy(samples), mode='tensor')
+        raw_ref = ref(inputs, copy.deepcopy(samples), mode='tensor')
+        torch.testing.assert_close(raw_ours, raw_ref, atol=1e-4, rtol=1e-4)
+
+        preds_ours = ours.predict(inputs, copy.deepcopy(samples))
+        preds_ref = ref.predict(inputs, copy.deepcopy(samples))
+    for pred_ours, pred_ref in zip(preds_ours, preds_ref):
+        a, b = pred_ours.pred_instances, pred_ref.pred_instances
+        assert len(a) == len(b) > 0
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
+        # Near-tied scores may swap places: match each detection to one with the same label,
+        # score and box instead of comparing row by row.
+        same = ((a.labels[:, None] == b.labels[None]) &
+                ((a.scores[:, None] - b.scores[None]).abs() <= 1e-4) &
+                ((a.bboxes[:, None] - b.bboxes[None]).abs().amax(-1) <= 1e-4))
+        assert same.any(1).all() and same.any(0).all()
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_losses_match_mmdet(case):
+    ours, ref = _build_pair(case)
+    ours.train()
+    ref.train()
+    inputs, samples = _batch(ref, training=True)
+    losses = []
+    for model in (ours, ref):
+        torch.manual_seed(2)  # DINO's denoising queries are random: same draw for both
+        losses.append(model.loss(inputs, copy.deepcopy(samples)))
+    assert losses[0].keys() == losses[1].keys()
+    for name in losses[0]:
+        torch.testing.assert_close(losses[0][name], losses[1][name], atol=1e-4, rtol=1e-4,
+                                   msg=lambda m, name=name: f'{name}: {m}')
+    total = sum(v for k, v in losses[0].items() if 'loss' in k)
+    total.backward()
+    offsets = [m.sampling_offsets.weight.grad for m in ours.modules()
+               if isinstance(m, MSDeformAttn)]
+    assert all(g is not None and g.abs().sum() > 0 for g in offsets)
