@@ -1,0 +1,289 @@
+"""Multi-scale deformable attention core (Deformable DETR, Zhu et al., ICLR 2021,
+arXiv:2010.04159, Eq. 3).
+
+For every query ``q`` and head ``m`` the op sums, over levels ``l`` and points ``k``, the
+attention weight ``A[q, m, l, k]`` times the value of level ``l`` bilinearly sampled at the
+normalised location ``p[q, m, l, k] = (x, y)`` (``grid_sample`` semantics: bilinear, zero padding,
+``align_corners=False``).
+
+Shapes (``L`` levels of sizes ``H_l x W_l``, ``S = sum_l H_l * W_l`` value tokens)::
+
+    value               (B, S, heads, C)
+    spatial_shapes      (L, 2)   int64, rows (H_l, W_l)
+    level_start_index   (L,)     int64, exclusive cumsum of H_l * W_l
+    sampling_locations  (B, Q, heads, L, P, 2)   normalised (x, y)
+    attention_weights   (B, Q, heads, L, P)
+    output              (B, Q, heads * C)
+
+``ms_deform_attn`` is a drop-in for mmcv's ``MultiScaleDeformableAttnFunction.apply``. It calls
+the native op ``torch.ops.detrx.ms_deform_attn_forward`` (C++ on CPU, CUDA on GPU, built into
+``mmdet_detrx._C``), which is registered with ``torch.library`` (fake kernel, autograd, autocast)
+so ``torch.compile(fullgraph=True)`` and ``torch.export`` see a single op. The native backward is
+first-order only: double backward raises. ``ms_deform_attn_pytorch`` is the ``grid_sample``
+reference: the test oracle, the fallback where no native kernel exists (with a one-time warning)
+and the ONNX-exportable path (selected by ``use_pytorch_ms_deform_attn()``, by the environment
+variable ``MMDET_DETRX_MSDA_PYTORCH=1``, or automatically inside ``torch.onnx.export``).
+"""
+import contextlib
+import os
+import warnings
+from typing import Iterator, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    'ms_deform_attn', 'ms_deform_attn_pytorch', 'native_available',
+    'use_pytorch_ms_deform_attn'
+]
+
+try:
+    from .. import _C  # noqa: F401  (loading the library registers torch.ops.detrx.*)
+    _NATIVE_IMPORT_ERROR = None
+except ImportError as error:  # extension not built (e.g. MMDET_DETRX_NO_EXT=1)
+    _C = None
+    _NATIVE_IMPORT_ERROR = error
+
+_FORWARD_OP = 'detrx::ms_deform_attn_forward'
+_BACKWARD_OP = 'detrx::ms_deform_attn_backward'
+_PYTORCH_ENV = 'MMDET_DETRX_MSDA_PYTORCH'
+_force_pytorch = False
+_warned_fallback = set()
+
+
+def native_available() -> bool:
+    """Whether the native extension ``mmdet_detrx._C`` loaded and registered the op."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD_OP, 'CPU')
+
+
+@contextlib.contextmanager
+def use_pytorch_ms_deform_attn(enabled: bool = True) -> Iterator[None]:
+    """Make :func:`ms_deform_attn` use the ``grid_sample`` implementation inside the block.
+
+    Meant for ONNX export and debugging: the PyTorch path is made of standard ops only.
+    """
+    global _force_pytorch
+    previous, _force_pytorch = _force_pytorch, enabled
+    try:
+        yield
+    finally:
+        _force_pytorch = previous
+
+
+def _pytorch_requested() -> bool:
+    return (_force_pytorch or os.environ.get(_PYTORCH_ENV, '0') == '1'
+            or torch.onnx.is_in_onnx_export())
+
+
+@torch.compiler.assume_constant_result
+def _has_native_kernel(device_type: str) -> bool:
+    if _C is None:
+        return False
+    dispatch_key = 'Meta' if device_type == 'meta' else device_type.upper()
+    return torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD_OP, dispatch_key)
+
+
+def _warn_fallback(device_type: str) -> None:
+    if device_type in _warned_fallback:
+        return
+    _warned_fallback.add(device_type)
+    reason = (f'the extension mmdet_detrx._C is not available ({_NATIVE_IMPORT_ERROR})'
+              if _C is None else f'it has no {device_type} kernel')
+    warnings.warn(f'ms_deform_attn: using the slower PyTorch implementation on {device_type} '
+                  f'because {reason}.')
+
+
+def _is_tracing(spatial_shapes: torch.Tensor) -> bool:
+    """True when tensor values cannot (or must not) be read: compile, export, jit, fake."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()
+            or isinstance(spatial_shapes, torch._subclasses.FakeTensor)
+            or spatial_shapes.device.type == 'meta')
+
+
+def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights, im2col_step) -> None:
+    names = ('value', 'spatial_shapes', 'level_start_index', 'sampling_locations',
+             'attention_weights')
+    tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    for name, tensor in zip(names, tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f'ms_deform_attn: {name} must be a torch.Tensor, '
+                            f'got {type(tensor).__name__}')
+    if isinstance(im2col_step, bool) or not isinstance(im2col_step, int):
+        raise TypeError(f'ms_deform_attn: im2col_step must be an int, got {im2col_step!r}')
+    if im2col_step <= 0:
+        raise ValueError(f'ms_deform_attn: im2col_step must be positive, got {im2col_step}')
+
+    expected_ranks = (('value', 4, '(B, S, heads, C)'), ('spatial_shapes', 2, '(L, 2)'),
+                      ('level_start_index', 1, '(L,)'),
+                      ('sampling_locations', 6, '(B, Q, heads, L, P, 2)'),
+                      ('attention_weights', 5, '(B, Q, heads, L, P)'))
+    for tensor, (name, rank, shape) in zip(tensors, expected_ranks):
+        if tensor.dim() != rank:
+            raise ValueError(f'ms_deform_attn: {name} must have shape {shape}, '
+                             f'got {tuple(tensor.shape)}')
+
+    for name, tensor in zip(names[1:], tensors[1:]):
+        if tensor.device != value.device:
+            raise ValueError(f"ms_deform_attn: {name} must be on value's device {value.device}, "
+                             f'got {tensor.device}')
+    if not value.is_floating_point():
+        raise TypeError(f'ms_deform_attn: value must be a floating tensor, got {value.dtype}')
+    for name, tensor in (('sampling_locations', sampling_locations),
+                         ('attention_weights', attention_weights)):
+        if tensor.dtype != value.dtype:
+            raise TypeError(f"ms_deform_attn: {name} must have value's dtype {value.dtype}, "
+                            f'got {tensor.dtype}')
+    for name, tensor in (('spatial_shapes', spatial_shapes),
+                         ('level_start_index', level_start_index)):
+        if tensor.dtype != torch.int64:
+            raise TypeError(f'ms_deform_attn: {name} must be int64, got {tensor.dtype}')
+
+    B, S, heads, _ = value.shape
+    L = spatial_shapes.shape[0]
+    if spatial_shapes.shape[1] != 2 or L == 0:
+        raise ValueError('ms_deform_attn: spatial_shapes must have shape (L, 2) with L >= 1, '
+                         f'got {tuple(spatial_shapes.shape)}')
+    if level_start_index.shape[0] != L:
+        raise ValueError(f'ms_deform_attn: level_start_index must have {L} entries (one per '
+                         f'level of spatial_shapes), got {level_start_index.shape[0]}')
+    locations_shape = tuple(sampling_locations.shape)
+    if (locations_shape[0] != B or locations_shape[2] != heads or locations_shape[3] != L
+            or locations_shape[5] != 2):
+        raise ValueError(f'ms_deform_attn: sampling_locations must have shape (B={B}, Q, '
+                         f'heads={heads}, L={L}, P, 2), got {locations_shape}')
+    if tuple(attention_weights.shape) != locations_shape[:5]:
+        raise ValueError(f'ms_deform_attn: attention_weights must have shape '
+                         f'{locations_shape[:5]} (B, Q, heads, L, P), '
+                         f'got {tuple(attention_weights.shape)}')
+
+    # Value checks on CPU index tensors only: on a GPU they would cost a device sync here, and
+    # the native op's own check (check_ms_deform_attn_inputs) repeats them anyway.
+    if spatial_shapes.device.type != 'cpu' or _is_tracing(spatial_shapes):
+        return
+    if bool((spatial_shapes <= 0).any()):
+        raise ValueError(f'ms_deform_attn: spatial_shapes must be positive, '
+                         f'got {spatial_shapes.tolist()}')
+    sizes = spatial_shapes.prod(1)
+    if int(sizes.sum()) != S:
+        raise ValueError(f'ms_deform_attn: sum of H * W over spatial_shapes ({int(sizes.sum())})'
+                         f' must equal value.shape[1] (S={S})')
+    expected_starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    if not torch.equal(level_start_index, expected_starts):
+        raise ValueError('ms_deform_attn: level_start_index must be the exclusive cumsum of '
+                         f'H * W, {expected_starts.tolist()}, got {level_start_index.tolist()}')
+
+
+def ms_deform_attn(value: torch.Tensor,
+                   spatial_shapes: torch.Tensor,
+                   level_start_index: torch.Tensor,
+                   sampling_locations: torch.Tensor,
+                   attention_weights: torch.Tensor,
+                   im2col_step: int = 64) -> torch.Tensor:
+    """Multi-scale deformable attention, differentiable in value, sampling_locations and
+    attention_weights. Returns ``(B, Q, heads * C)`` in value's dtype.
+
+    ``im2col_step`` only chunks the batch on devices whose kernel uses it; any batch size works.
+    Under autocast all floating inputs are computed in float32 (as mmcv does): bilinear sampling
+    at low precision would misplace locations by up to a pixel on large maps.
+    """
+    if torch.is_autocast_enabled(value.device.type):
+        value, sampling_locations, attention_weights = (
+            t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (value, sampling_locations, attention_weights))
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights, im2col_step)
+    device_type = value.device.type
+    if _pytorch_requested() or not _has_native_kernel(device_type):
+        if not _pytorch_requested():
+            _warn_fallback(device_type)
+        return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations,
+                                      attention_weights)
+    return torch.ops.detrx.ms_deform_attn_forward(value, spatial_shapes, level_start_index,
+                                                  sampling_locations, attention_weights,
+                                                  im2col_step)
+
+
+def ms_deform_attn_pytorch(value: torch.Tensor,
+                           spatial_shapes: Union[torch.Tensor, Sequence[Sequence[int]]],
+                           sampling_locations: torch.Tensor,
+                           attention_weights: torch.Tensor) -> torch.Tensor:
+    """Reference implementation with ``F.grid_sample`` (standard ops only, ONNX-exportable).
+
+    ``spatial_shapes`` may also be a list of ``(H, W)`` pairs. Shapes as in the module docstring.
+    """
+    B, _, heads, C = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    shapes = [(int(H), int(W)) for H, W in spatial_shapes]
+    value_per_level = value.split([H * W for H, W in shapes], dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample expects [-1, 1]
+    sampled = []
+    for level, (H, W) in enumerate(shapes):
+        # (B, H*W, heads, C) -> (B*heads, C, H, W)
+        value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(B * heads, C, H, W)
+        # (B, Q, heads, P, 2) -> (B*heads, Q, P, 2)
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        # (B*heads, C, Q, P)
+        sampled.append(F.grid_sample(value_l, grid_l, mode='bilinear', padding_mode='zeros',
+                                     align_corners=False))
+    # (B, Q, heads, L, P) -> (B*heads, 1, Q, L*P)
+    weights = attention_weights.transpose(1, 2).reshape(B * heads, 1, Q, L * P)
+    # (B*heads, C, Q, L*P) -> (B*heads, C, Q)
+    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+    # (B*heads, C, Q) -> (B, Q, heads*C)
+    return output.view(B, heads * C, Q).transpose(1, 2).contiguous()
+
+
+# --- torch.library registrations of the native op -------------------------------------------
+
+def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights, im2col_step):
+    B, _, heads, C = value.shape
+    return value.new_empty((B, sampling_locations.shape[1], heads * C))
+
+
+def _backward_fake(value, spatial_shapes, level_start_index, sampling_locations,
+                   attention_weights, grad_output, im2col_step):
+    return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, step = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations,
+                          attention_weights)
+    ctx.im2col_step = step
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
+        ctx.saved_tensors)
+    grad_value, grad_sampling_locations, grad_attention_weights = (
+        torch.ops.detrx.ms_deform_attn_backward(value, spatial_shapes, level_start_index,
+                                                sampling_locations, attention_weights,
+                                                grad_output.contiguous(), ctx.im2col_step))
+    return grad_value, None, None, grad_sampling_locations, grad_attention_weights, None
+
+
+def _double_backward(ctx, *grads):
+    raise RuntimeError('ms_deform_attn: double backward is not supported by the native op; '
+                       'use ms_deform_attn_pytorch (or use_pytorch_ms_deform_attn()) for '
+                       'higher-order gradients')
+
+
+def _backward_setup_context(ctx, inputs, output):
+    pass
+
+
+if _C is not None:
+    torch.library.register_fake(_FORWARD_OP)(_forward_fake)
+    torch.library.register_fake(_BACKWARD_OP)(_backward_fake)
+    torch.library.register_autograd(_FORWARD_OP, _backward, setup_context=_setup_context)
+    torch.library.register_autograd(_BACKWARD_OP, _double_backward,
+                                    setup_context=_backward_setup_context)
+    for _device_type in ('cpu', 'cuda'):
+        torch.library.register_autocast(_FORWARD_OP, _device_type, torch.float32)
+        torch.library.register_autocast(_BACKWARD_OP, _device_type, torch.float32)
