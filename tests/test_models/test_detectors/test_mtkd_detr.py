@@ -1,0 +1,177 @@
+"""MTKDDETR: ACT and full branches with shared weights, box KD between them.
+
+Models are mmdet's DETR config shrunk (ResNet-18, 2+2 layers of width 32, 10 queries, no
+dropout) so that each test runs in a second or two on a CPU.
+"""
+import os.path as osp
+
+import mmdet
+import pytest
+import torch
+from mmcv.cnn.bricks.transformer import MultiheadAttention
+from mmdet.registry import MODELS
+from mmdet.testing import demo_mm_inputs
+from mmengine.config import Config
+from mmengine.runner import load_checkpoint
+
+from mmdet_detrx.models.detectors import MTKDDETR
+from mmdet_detrx.models.layers import AdaptiveClusteringAttention
+
+MMDET_CONFIGS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
+DIMS = 32
+
+
+def tiny_detr_cfg(model_type='MTKDDETR', act=True, num_queries=10, **extra):
+    cfg = Config.fromfile(osp.join(MMDET_CONFIGS, 'detr/detr_r50_8xb2-150e_coco.py')).model
+    cfg.update(type=model_type, num_queries=num_queries, **extra)
+    cfg.backbone.update(depth=18, init_cfg=None)
+    cfg.neck.update(in_channels=[512], out_channels=DIMS)
+    for coder in (cfg.encoder, cfg.decoder):
+        coder.num_layers = 2
+        for key in ('self_attn_cfg', 'cross_attn_cfg'):
+            if key in coder.layer_cfg:
+                coder.layer_cfg[key].update(embed_dims=DIMS, num_heads=4, dropout=0.0)
+        coder.layer_cfg.ffn_cfg.update(embed_dims=DIMS, feedforward_channels=64, ffn_drop=0.0)
+    cfg.positional_encoding.num_feats = DIMS // 2
+    cfg.bbox_head.update(embed_dims=DIMS, num_classes=3)
+    if act:
+        # Narrow buckets: several clusters per image, so ACT differs from exact attention
+        # without collapsing to one prototype.
+        cfg.encoder.layer_cfg.self_attn_cfg.update(
+            type='AdaptiveClusteringAttention', num_hashes=4, bucket_width=0.5)
+    return cfg
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg)
+    model.init_weights()
+    return model
+
+
+def batch(model, training=True):
+    torch.manual_seed(1)
+    data = demo_mm_inputs(batch_size=2, image_shapes=[(3, 128, 96), (3, 96, 160)],
+                          num_items=[3, 2], num_classes=3)
+    data = model.data_preprocessor(data, training)  # pads: masks are exercised
+    return data['inputs'], data['data_samples']
+
+
+@pytest.fixture(scope='module')
+def model():
+    return build(tiny_detr_cfg())
+
+
+def test_loss_keys_and_weights(model):
+    inputs, samples = batch(model)
+    losses = model.loss(inputs, samples)
+    for branch in ('act', 'full'):
+        for key in ('loss_cls', 'loss_bbox', 'loss_iou', 'd0.loss_cls'):
+            assert f'{branch}.{key}' in losses
+    assert set(k for k in losses if 'kd' in k) == {'d0.loss_kd', 'loss_kd'}
+    assert all('loss' in k for k in losses)  # mmengine sums exactly these
+    assert losses['loss_kd'] > 0  # ACT really approximates here
+
+    model.act_loss_weight, model.full_loss_weight = 0.5, 2.0
+    try:
+        scaled = model.loss(inputs, samples)
+    finally:
+        model.act_loss_weight = model.full_loss_weight = 1.0
+    torch.testing.assert_close(scaled['act.loss_cls'], 0.5 * losses['act.loss_cls'])
+    torch.testing.assert_close(scaled['full.loss_bbox'], 2.0 * losses['full.loss_bbox'])
+    torch.testing.assert_close(scaled['loss_kd'], losses['loss_kd'])
+
+
+def test_kd_is_zero_when_branches_agree(model, monkeypatch):
+    """Exact limit: with ACT computing exact attention, the branches are the same network."""
+    monkeypatch.setattr(AdaptiveClusteringAttention, 'forward', MultiheadAttention.forward)
+    inputs, samples = batch(model)
+    losses = model.loss(inputs, samples)
+    assert losses['loss_kd'].item() == 0.0 and losses['d0.loss_kd'].item() == 0.0
+    for key in ('loss_cls', 'loss_bbox', 'loss_iou'):
+        assert torch.equal(losses[f'act.{key}'], losses[f'full.{key}'])
+
+
+def test_gradients_reach_shared_weights_from_both_branches(model):
+    inputs, samples = batch(model)
+    losses = model.loss(inputs, samples)
+    shared = {
+        'backbone': model.backbone.layer4[0].conv1.weight,
+        'encoder': model.encoder.layers[0].self_attn.attn.in_proj_weight,
+        'decoder': model.decoder.layers[-1].cross_attn.attn.in_proj_weight,
+        'queries': model.query_embedding.weight,
+    }
+    groups = {
+        'act': sum(v for k, v in losses.items() if k.startswith('act.')),
+        'full': sum(v for k, v in losses.items() if k.startswith('full.')),
+        'kd': sum(v for k, v in losses.items() if 'loss_kd' in k),
+    }
+    for group, total in groups.items():
+        grads = torch.autograd.grad(total, list(shared.values()), retain_graph=True,
+                                    allow_unused=True)
+        for (name, _), grad in zip(shared.items(), grads):
+            assert grad is not None and grad.abs().sum() > 0, f'{group} -> {name}'
+
+
+@pytest.mark.parametrize('detach_full', [True, False])
+def test_detach_full_stops_kd_gradient_through_full_branch(model, detach_full, monkeypatch):
+    seen = {}
+    original = model.loss_kd.forward
+
+    def spy(student, teacher):
+        seen.setdefault('student', student.requires_grad)
+        seen.setdefault('teacher', teacher.requires_grad)
+        return original(student, teacher)
+
+    monkeypatch.setattr(model.loss_kd, 'forward', spy)
+    monkeypatch.setattr(model, 'detach_full', detach_full)
+    model.loss(*batch(model))
+    assert seen == {'student': True, 'teacher': not detach_full}
+
+
+def test_predict_branches(model):
+    model.eval()
+    try:
+        inputs, samples = batch(model, training=False)
+        results = {}
+        for branch in ('act', 'full', 'both'):
+            model.test_branch = branch
+            with torch.no_grad():
+                results[branch] = model.predict(inputs, [s.clone() for s in samples])
+    finally:
+        model.test_branch = 'act'
+        model.train()
+    both = results['both'][0]
+    torch.testing.assert_close(both.pred_instances.bboxes, results['act'][0].pred_instances.bboxes)
+    torch.testing.assert_close(both.full_pred_instances.bboxes,
+                               results['full'][0].pred_instances.bboxes)
+    assert not torch.allclose(results['act'][0].pred_instances.bboxes,
+                              results['full'][0].pred_instances.bboxes)
+    assert 'full_pred_instances' not in results['act'][0]
+    # The ACT modules are back to clustering after the full branch.
+    assert not any(m.use_exact for m in model.modules()
+                   if isinstance(m, AdaptiveClusteringAttention))
+
+
+def test_strict_load_of_plain_detr_checkpoint(tmp_path):
+    detr = build(tiny_detr_cfg('DETR', act=False), seed=3).eval()
+    path = str(tmp_path / 'detr.pth')
+    torch.save({'state_dict': detr.state_dict(), 'meta': {}}, path)
+    mtkd = build(tiny_detr_cfg(test_branch='full'), seed=4).eval()
+    load_checkpoint(mtkd, path, map_location='cpu', strict=True)
+    inputs, samples = batch(detr, training=False)
+    with torch.no_grad():
+        expected = detr._forward(inputs, samples)
+        got = mtkd._forward(inputs, samples)  # full branch = the DETR it was loaded from
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match='AdaptiveClusteringAttention'):
+        MODELS.build(tiny_detr_cfg(act=False))
+    with pytest.raises(ValueError, match='test_branch'):
+        MODELS.build(tiny_detr_cfg(test_branch='exact'))
+    with pytest.raises(ValueError, match='act_loss_weight'):
+        MODELS.build(tiny_detr_cfg(act_loss_weight=-1.0))
+    assert isinstance(MODELS.build(tiny_detr_cfg()), MTKDDETR)
