@@ -198,7 +198,10 @@ class AdaptiveClusteringAttention(MultiheadAttention):
     Attributes:
         use_exact (bool): When True, forward is exactly mmcv's ``MultiheadAttention.forward``
             (full softmax attention with the same weights). Default: False.
-        last_num_clusters (Tensor | None): (B, heads) real clusters of the last ACT forward.
+        last_num_clusters (Tensor | None): (B, heads) real clusters of the last ACT forward
+            (None after an exact forward).
+        last_num_queries, last_num_keys (Tensor | None): (B,) real tokens of the last forward;
+            :meth:`last_flops` turns them into a cost.
     """
 
     def __init__(self,
@@ -238,6 +241,8 @@ class AdaptiveClusteringAttention(MultiheadAttention):
         self.record_clusters = record_clusters
         self.last_num_clusters: Optional[Tensor] = None
         self.last_cluster_ids: Optional[Tensor] = None
+        self.last_num_queries: Optional[Tensor] = None
+        self.last_num_keys: Optional[Tensor] = None
 
     @property
     def num_hashes(self) -> int:
@@ -262,7 +267,10 @@ class AdaptiveClusteringAttention(MultiheadAttention):
         ``attn_mask`` is not supported by clustering and must be None. In self-attention
         (as many queries as keys) ``key_padding_mask`` marks the padded queries too.
         """
+        self._record_sizes(query, key, key_padding_mask)
         if self.use_exact:
+            self.last_num_clusters = None
+            self.last_cluster_ids = None
             return super().forward(query, key, value, identity, query_pos, key_pos, attn_mask,
                                    key_padding_mask, **kwargs)
         if attn_mask is not None:
@@ -315,6 +323,39 @@ class AdaptiveClusteringAttention(MultiheadAttention):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return identity + self.dropout_layer(self.proj_drop(out))
+
+    def _record_sizes(self, query: Tensor, key: Optional[Tensor],
+                      key_padding_mask: Optional[Tensor]) -> None:
+        token_dim = 1 if self.batch_first else 0
+        num_queries = query.shape[token_dim]
+        num_keys = num_queries if key is None else key.shape[token_dim]
+        batch = query.shape[1 - token_dim]
+        self.last_num_queries = torch.full((batch, ), num_queries, device=query.device)
+        self.last_num_keys = self.last_num_queries.clone() if num_keys == num_queries else \
+            torch.full((batch, ), num_keys, device=query.device)
+        if key_padding_mask is not None and key_padding_mask.shape == (batch, num_keys):
+            self.last_num_keys = (~key_padding_mask.bool()).sum(dim=1)
+            if num_keys == num_queries:
+                self.last_num_queries = self.last_num_keys
+
+    def last_flops(self) -> Tensor:
+        """Multiply-accumulates of the last forward, per image (B,), counting real tokens only.
+
+        Both modes: ``4 N E^2`` for the q/k/v/out projections. Exact attention: ``2 N S E``
+        (q.k and attention.v over all pairs, the N^2 terms). ACT: ``N L E`` (hashing, L rounds
+        per head), ``N E`` (prototype means) and ``2 S d sum_h C_h`` (each head's C_h
+        prototypes against the S keys).
+        """
+        if self.last_num_queries is None:
+            raise RuntimeError('last_flops() needs a forward first')
+        n = self.last_num_queries.double()
+        s = self.last_num_keys.double()
+        e = float(self.embed_dims)
+        flops = 4 * n * e * e
+        if self.last_num_clusters is None:  # exact attention
+            return flops + 2 * n * s * e
+        clusters = self.last_num_clusters.double().sum(dim=1)  # (B,) summed over heads
+        return flops + n * self.num_hashes * e + n * e + 2 * s * self.head_dims * clusters
 
     def extra_repr(self) -> str:
         return f'use_exact={self.use_exact}, record_clusters={self.record_clusters}'

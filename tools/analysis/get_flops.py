@@ -1,0 +1,165 @@
+"""FLOPs of a detector whose encoder attention may be ACT, counted on real images.
+
+    python tools/analysis/get_flops.py CONFIG [CKPT] [--num-images N] [--shape H W]
+        [--cfg-options ...] [--out-json FILE]
+
+mmdet's ``tools/analysis_tools/get_flops.py`` role: images come from the config's val dataloader
+(batch size 1); the model is counted with mmengine's ``FlopAnalyzer`` (one multiply-accumulate =
+one FLOP, mmdet's convention). ACT's cost depends on the image, so the encoder's
+``AdaptiveClusteringAttention`` layers are counted from the clusters each layer actually found
+(:meth:`AdaptiveClusteringAttention.last_flops`) instead of by the analyzer, which traces the
+exact path: ``total = analyzer(model with exact attention) - analyzer(ACT layers) + ACT layers``.
+Exact attention is counted with its N^2 terms. ``--shape H W`` resizes each image to H x W.
+
+Reports the mean clusters per layer (over images and heads), mean tokens, the encoder attention
+GFLOPs (exact and ACT) and the total GFLOPs (exact and ACT).
+"""
+import argparse
+import json
+from functools import partial
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mmengine.analysis import FlopAnalyzer
+from mmengine.config import Config, DictAction
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import init_default_scope
+from mmengine.runner import Runner, load_checkpoint
+
+from mmdet_detrx.models.layers import AdaptiveClusteringAttention, act_exact_mode
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', nargs='?', default=None,
+                        help='checkpoint (clusters depend on the weights; random if omitted)')
+    parser.add_argument('--num-images', type=int, default=20,
+                        help='images of the val set to average over (default 20)')
+    parser.add_argument('--shape', type=int, nargs=2, default=None, metavar=('H', 'W'),
+                        help='resize every image to H x W')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, as in tools/test.py')
+    parser.add_argument('--out-json', default=None, help='also write the report here')
+    parser.add_argument('--device', default='cpu')
+    return parser.parse_args(argv)
+
+
+def act_layers(model) -> Dict[str, AdaptiveClusteringAttention]:
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, AdaptiveClusteringAttention)}
+
+
+def build_model_and_loader(config, checkpoint=None, cfg_options=None, device='cpu'):
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    from mmdet.registry import MODELS
+    cfg.model.pop('init_cfg', None)
+    if cfg.model.get('backbone', {}).get('init_cfg') is not None:
+        cfg.model.backbone.init_cfg = None  # no pretrained download: the checkpoint has it all
+    model = MODELS.build(cfg.model)
+    if checkpoint:
+        load_checkpoint(model, checkpoint, map_location='cpu')
+    model = revert_sync_batchnorm(model).to(device).eval()
+    loader_cfg = cfg.val_dataloader.copy()
+    loader_cfg.update(batch_size=1, num_workers=0, persistent_workers=False)
+    loader_cfg.pop('batch_sampler', None)
+    return cfg, model, Runner.build_dataloader(loader_cfg)
+
+
+def preprocess(model, data_batch, shape=None):
+    data = model.data_preprocessor(data_batch, False)
+    if shape is not None:
+        data['inputs'] = F.interpolate(data['inputs'], size=tuple(shape), mode='bilinear',
+                                       align_corners=False)
+        for sample in data['data_samples']:
+            sample.set_metainfo(dict(batch_input_shape=tuple(shape), img_shape=tuple(shape),
+                                     pad_shape=tuple(shape)))
+    return data
+
+
+@torch.no_grad()
+def count_image(model, data) -> Dict:
+    """FLOPs of one preprocessed image, with exact and with ACT encoder attention."""
+    layers = act_layers(model)
+    forward = model.forward
+    model.forward = partial(forward, data_samples=data['data_samples'], mode='tensor')
+    try:
+        with act_exact_mode(model):
+            analyzer = FlopAnalyzer(model, inputs=(data['inputs'], ))
+            analyzer.unsupported_ops_warnings(False)
+            analyzer.uncalled_modules_warnings(False)
+            analyzer_total = analyzer.total()
+            by_module = analyzer.by_module()
+            model(data['inputs'])
+            exact = {name: float(m.last_flops().sum()) for name, m in layers.items()}
+        model(data['inputs'])
+        act = {name: float(m.last_flops().sum()) for name, m in layers.items()}
+        clusters = {name: m.last_num_clusters.float().mean().item() for name, m in layers.items()}
+        tokens = {name: m.last_num_queries.float().mean().item() for name, m in layers.items()}
+    finally:
+        model.forward = forward
+    rest = analyzer_total - sum(by_module.get(name, 0) for name in layers)
+    return dict(rest=rest, exact=exact, act=act, clusters=clusters, tokens=tokens)
+
+
+def summarize(records: List[Dict], params: int) -> Dict:
+    names = list(records[0]['act'])
+    giga = 1e9
+    layers = []
+    for name in names:
+        layers.append(dict(
+            layer=name,
+            tokens=float(np.mean([r['tokens'][name] for r in records])),
+            clusters=float(np.mean([r['clusters'][name] for r in records])),
+            exact_gflops=float(np.mean([r['exact'][name] for r in records])) / giga,
+            act_gflops=float(np.mean([r['act'][name] for r in records])) / giga))
+    rest = float(np.mean([r['rest'] for r in records])) / giga
+    encoder_exact = sum(layer['exact_gflops'] for layer in layers)
+    encoder_act = sum(layer['act_gflops'] for layer in layers)
+    return dict(num_images=len(records), params_m=params / 1e6, layers=layers,
+                encoder_attention_gflops=dict(exact=encoder_exact, act=encoder_act),
+                total_gflops=dict(exact=rest + encoder_exact, act=rest + encoder_act))
+
+
+def format_report(report: Dict) -> str:
+    lines = [f"images: {report['num_images']}, params: {report['params_m']:.2f} M",
+             '| layer | tokens | mean clusters/head | exact GFLOPs | ACT GFLOPs |',
+             '|---|---|---|---|---|']
+    for layer in report['layers']:
+        lines.append(f"| {layer['layer']} | {layer['tokens']:.0f} | {layer['clusters']:.1f} | "
+                     f"{layer['exact_gflops']:.4f} | {layer['act_gflops']:.4f} |")
+    enc, total = report['encoder_attention_gflops'], report['total_gflops']
+    lines.append(f"encoder attention GFLOPs: exact {enc['exact']:.4f}, ACT {enc['act']:.4f}")
+    lines.append(f"total GFLOPs: exact {total['exact']:.3f}, ACT {total['act']:.3f}")
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _, model, loader = build_model_and_loader(args.config, args.checkpoint, args.cfg_options,
+                                              args.device)
+    if not act_layers(model):
+        raise ValueError(f'{args.config} has no AdaptiveClusteringAttention layer')
+    records = []
+    for index, data_batch in enumerate(loader):
+        if index == args.num_images:
+            break
+        records.append(count_image(model, preprocess(model, data_batch, args.shape)))
+    if not records:
+        raise ValueError('the val dataloader yielded no image')
+    params = sum(p.numel() for p in model.parameters())
+    report = summarize(records, params)
+    print(format_report(report))
+    if args.out_json:
+        with open(args.out_json, 'w') as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == '__main__':
+    main()
