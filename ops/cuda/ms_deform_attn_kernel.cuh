@@ -180,9 +180,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int L = shape.num_levels, P = shape.num_points;
   const int lane = group_lane(group_size).lane;
   const int64_t num_groups = shape.batch * Q * heads;
-  const int64_t groups_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / group_size;
+  const int group_shift = __ffs(group_size) - 1;  // log2(G): G is a power of two
+  const int64_t groups_per_grid = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> group_shift;
 
-  for (int64_t group = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / group_size;
+  for (int64_t group = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> group_shift;
        group < num_groups; group += groups_per_grid) {
     const int64_t head = group % heads;
     const int64_t query = (group / heads) % Q;
@@ -250,9 +251,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBackwardMinBlocks<scalar_t>
   const int L = shape.num_levels, P = shape.num_points;
   const GroupLane gl = group_lane(group_size);
   const int64_t num_groups = shape.batch * Q * heads;
-  const int64_t groups_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / group_size;
+  const int group_shift = __ffs(group_size) - 1;  // log2(G): G is a power of two
+  const int64_t groups_per_grid = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> group_shift;
 
-  for (int64_t group = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / group_size;
+  for (int64_t group = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> group_shift;
        group < num_groups; group += groups_per_grid) {
     const int64_t head = group % heads;
     const int64_t query = (group / heads) % Q;
