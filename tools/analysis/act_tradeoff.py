@@ -1,0 +1,198 @@
+"""ACT's accuracy/cost trade-off on a trained DETR, the paper's Table 1 in miniature.
+
+    python tools/analysis/act_tradeoff.py CONFIG CKPT [--num-hashes 16 20 24 32]
+        [--out-dir DIR] [--cfg-options ...]
+
+CONFIG is a DETR config whose encoder self-attention is ``AdaptiveClusteringAttention`` (e.g.
+``configs/act/act-detr_r18-dc5_1xb8-3000i_synthetic-shapes.py``); CKPT is a checkpoint of the
+plain DETR (it loads strictly, no retraining). For each number of hash rounds L (same bucket
+width and seed as the config) and for exact attention, the config's test loop runs over its
+test set and reports:
+
+* AP (CocoMetric bbox mAP, and AP50);
+* encoder attention GFLOPs per image, from the clusters actually found
+  (:meth:`AdaptiveClusteringAttention.last_flops`; exact attention counts its N^2 terms);
+* mean clusters per head and layer;
+* wall time of the whole test loop and of the encoder alone, per image.
+
+Writes ``act_tradeoff.md``, ``act_tradeoff.csv`` and ``act_tradeoff.png`` (AP vs encoder GFLOPs
+and vs wall time) to ``--out-dir``.
+"""
+import argparse
+import csv
+import os
+import os.path as osp
+import time
+from typing import Dict, List, Optional
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from mmdet_detrx.models.layers import E2LSH, AdaptiveClusteringAttention  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('config', help='DETR config with ACT encoder attention')
+    parser.add_argument('checkpoint', help='checkpoint of the (plain or ACT) DETR')
+    parser.add_argument('--num-hashes', type=int, nargs='+', default=[16, 20, 24, 32],
+                        help='hash rounds L to sweep (default 16 20 24 32)')
+    parser.add_argument('--out-dir', default='work_dirs/act_tradeoff')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, as in tools/test.py')
+    return parser.parse_args(argv)
+
+
+class EncoderMeter:
+    """Accumulates ACT-layer FLOPs, clusters and encoder time over a test loop."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, AdaptiveClusteringAttention)]
+        if not self.layers:
+            raise ValueError('the model has no AdaptiveClusteringAttention layer')
+        self.handles = [m.register_forward_hook(self._after_layer) for m in self.layers]
+        encoder = getattr(model, 'encoder', None)
+        if encoder is not None:
+            self.handles.append(encoder.register_forward_pre_hook(self._before_encoder))
+            self.handles.append(encoder.register_forward_hook(self._after_encoder))
+        self.reset()
+
+    def reset(self) -> None:
+        self.flops = 0.0
+        self.images = 0
+        self.cluster_sum = 0.0
+        self.cluster_count = 0
+        self.encoder_seconds = 0.0
+        self._start = None
+
+    def _before_encoder(self, module, args):
+        self._start = time.perf_counter()
+
+    def _after_encoder(self, module, args, output):
+        self.encoder_seconds += time.perf_counter() - self._start
+
+    def _after_layer(self, module, args, output):
+        flops = module.last_flops()
+        self.flops += float(flops.sum())
+        if module is self.layers[0]:
+            self.images += flops.numel()
+        if module.last_num_clusters is not None:
+            self.cluster_sum += float(module.last_num_clusters.float().sum())
+            self.cluster_count += module.last_num_clusters.numel()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def set_num_hashes(model: torch.nn.Module, num_hashes: Optional[int]) -> None:
+    """``None``: exact attention; else ACT with ``num_hashes`` rounds (same r and seed)."""
+    for module in model.modules():
+        if isinstance(module, AdaptiveClusteringAttention):
+            module.use_exact = num_hashes is None
+            if num_hashes is not None and module.num_hashes != num_hashes:
+                lsh = module.lsh
+                module.lsh = E2LSH(lsh.dim, num_hashes, lsh.bucket_width,
+                                   lsh.seed).to(lsh.projections.device)
+
+
+def ap_keys(metrics: Dict) -> Dict:
+    ap = next((v for k, v in metrics.items() if k.endswith('bbox_mAP')), float('nan'))
+    ap50 = next((v for k, v in metrics.items() if k.endswith('bbox_mAP_50')), float('nan'))
+    return dict(AP=100 * ap, AP50=100 * ap50)
+
+
+def run_sweep(runner: Runner, settings: List[Optional[int]]) -> List[Dict]:
+    model = runner.model
+    meter = EncoderMeter(model)
+    rows = []
+    try:
+        for num_hashes in settings:
+            set_num_hashes(model, num_hashes)
+            meter.reset()
+            start = time.perf_counter()
+            metrics = runner.test_loop.run()
+            seconds = time.perf_counter() - start
+            images = max(meter.images, 1)
+            rows.append(dict(
+                attention='exact' if num_hashes is None else f'ACT L={num_hashes}',
+                **ap_keys(metrics),
+                encoder_gflops=meter.flops / images / 1e9,
+                clusters=(meter.cluster_sum / meter.cluster_count
+                          if meter.cluster_count else float('nan')),
+                ms_per_image=1e3 * seconds / images,
+                encoder_ms_per_image=1e3 * meter.encoder_seconds / images))
+    finally:
+        meter.remove()
+        for module in model.modules():
+            if isinstance(module, AdaptiveClusteringAttention):
+                module.use_exact = False
+    return rows
+
+
+def to_markdown(rows: List[Dict]) -> str:
+    lines = ['| attention | AP | AP50 | encoder attn GFLOPs | clusters/head | ms/image '
+             '| encoder ms/image |', '|---|---|---|---|---|---|---|']
+    for r in rows:
+        clusters = '-' if r['clusters'] != r['clusters'] else f"{r['clusters']:.1f}"
+        lines.append(f"| {r['attention']} | {r['AP']:.1f} | {r['AP50']:.1f} | "
+                     f"{r['encoder_gflops']:.4f} | {clusters} | {r['ms_per_image']:.1f} | "
+                     f"{r['encoder_ms_per_image']:.1f} |")
+    return '\n'.join(lines)
+
+
+def plot(rows: List[Dict], path: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for ax, key, label in [(axes[0], 'encoder_gflops', 'encoder attention GFLOPs / image'),
+                           (axes[1], 'ms_per_image', 'test wall time (ms / image)')]:
+        for r in rows:
+            marker = 's' if r['attention'] == 'exact' else 'o'
+            ax.scatter(r[key], r['AP'], marker=marker, s=50)
+            ax.annotate(r['attention'], (r[key], r['AP']), textcoords='offset points',
+                        xytext=(4, 4), fontsize=8)
+        act_rows = [r for r in rows if r['attention'] != 'exact']
+        ax.plot([r[key] for r in act_rows], [r['AP'] for r in act_rows], alpha=0.5)
+        ax.set_xlabel(label)
+        ax.set_ylabel('AP')
+        ax.grid(True, alpha=0.3)
+    fig.suptitle('ACT: AP vs cost')
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.load_from = args.checkpoint
+    cfg.work_dir = osp.join(args.out_dir, 'runner')
+    cfg.setdefault('env_cfg', {})['cudnn_benchmark'] = False
+    if cfg.model.get('backbone', {}).get('init_cfg') is not None:
+        cfg.model.backbone.init_cfg = None  # all weights come from the checkpoint
+    runner = Runner.from_cfg(cfg)
+    runner._test_loop = runner.build_test_loop(runner._test_loop)
+    runner.load_or_resume()
+
+    rows = run_sweep(runner, [None] + sorted(args.num_hashes))
+    table = to_markdown(rows)
+    print(table)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(osp.join(args.out_dir, 'act_tradeoff.md'), 'w') as f:
+        f.write(table + '\n')
+    with open(osp.join(args.out_dir, 'act_tradeoff.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, osp.join(args.out_dir, 'act_tradeoff.png'))
+    return rows
+
+
+if __name__ == '__main__':
+    main()
