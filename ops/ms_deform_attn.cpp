@@ -87,12 +87,16 @@ void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spat
     const int64_t H = shape_data[2 * level], W = shape_data[2 * level + 1];
     TORCH_CHECK(H > 0 && W > 0, "ms_deform_attn: spatial_shapes must be positive, got (", H,
                 ", ", W, ") at level ", level);
-    TORCH_CHECK(start_data[level] == total, "ms_deform_attn: level_start_index[", level,
-                "] must be ", total, " (exclusive cumsum of H * W), got ", start_data[level]);
     total += H * W;
   }
   TORCH_CHECK(total == S, "ms_deform_attn: sum of H * W over spatial_shapes (", total,
               ") must equal value.size(1) (S=", S, ")");
+  int64_t start = 0;
+  for (int64_t level = 0; level < L; ++level) {
+    TORCH_CHECK(start_data[level] == start, "ms_deform_attn: level_start_index[", level,
+                "] must be ", start, " (exclusive cumsum of H * W), got ", start_data[level]);
+    start += shape_data[2 * level] * shape_data[2 * level + 1];
+  }
 }
 
 void check_ms_deform_attn_grad_output(const at::Tensor& value,

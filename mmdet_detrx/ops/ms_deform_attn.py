@@ -101,6 +101,13 @@ def _is_tracing(spatial_shapes: torch.Tensor) -> bool:
             or spatial_shapes.device.type == 'meta')
 
 
+def _autocast_enabled(value) -> bool:
+    if not isinstance(value, torch.Tensor):
+        return False
+    device_type = value.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                   attention_weights, im2col_step) -> None:
     names = ('value', 'spatial_shapes', 'level_start_index', 'sampling_locations',
@@ -188,7 +195,7 @@ def ms_deform_attn(value: torch.Tensor,
     Under autocast all floating inputs are computed in float32 (as mmcv does): bilinear sampling
     at low precision would misplace locations by up to a pixel on large maps.
     """
-    if torch.is_autocast_enabled(value.device.type):
+    if _autocast_enabled(value):
         value, sampling_locations, attention_weights = (
             t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for t in (value, sampling_locations, attention_weights))

@@ -1,0 +1,408 @@
+"""Native multi-scale deformable attention (``torch.ops.detrx``) vs the grid_sample reference.
+
+The same tests run on every device with a native kernel (CPU always, CUDA when present).
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmdet_detrx.ops import (ms_deform_attn, ms_deform_attn_pytorch, native_available,
+                             use_pytorch_ms_deform_attn)
+
+pytestmark = pytest.mark.skipif(not native_available(),
+                                reason='mmdet_detrx._C is not built')
+
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() and native_available()
+                     and torch._C._dispatch_has_kernel_for_dispatch_key(
+                         'detrx::ms_deform_attn_forward', 'CUDA') else [])
+
+
+def make_inputs(spatial_shapes=((6, 7), (3, 4), (1, 2)), batch=2, queries=5, heads=2,
+                channels=8, points=3, dtype=torch.float64, device='cpu', low=-0.1, high=1.1,
+                requires_grad=False, seed=0):
+    """Random op inputs; locations uniform in [low, high] (outside [0, 1] on purpose)."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(spatial_shapes, dtype=torch.int64).reshape(-1, 2)
+    sizes = shapes.prod(1)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    levels = shapes.shape[0]
+    value = torch.randn(batch, int(sizes.sum()), heads, channels, generator=generator,
+                        dtype=torch.float64)
+    locations = low + (high - low) * torch.rand(batch, queries, heads, levels, points, 2,
+                                                generator=generator, dtype=torch.float64)
+    weights = torch.rand(batch, queries, heads, levels, points, generator=generator,
+                         dtype=torch.float64)
+    value, locations, weights = (t.to(device, dtype).requires_grad_(requires_grad)
+                                 for t in (value, locations, weights))
+    return value, shapes.to(device), starts.to(device), locations, weights
+
+
+def run_both(value, shapes, starts, locations, weights, im2col_step=64):
+    """Native and reference outputs plus gradients w.r.t. (value, locations, weights)."""
+    results = []
+    for use_reference in (False, True):
+        inputs = [t.detach().requires_grad_() for t in (value, locations, weights)]
+        if use_reference:
+            out = ms_deform_attn_pytorch(inputs[0], shapes, inputs[1], inputs[2])
+        else:
+            out = ms_deform_attn(inputs[0], shapes, starts, inputs[1], inputs[2], im2col_step)
+        grad_output = torch.linspace(-1, 1, out.numel(), dtype=out.dtype,
+                                     device=out.device).reshape(out.shape)
+        grads = torch.autograd.grad(out, inputs, grad_output, allow_unused=True)
+        results.append((out.detach(), grads))
+    return results
+
+
+def assert_matches_reference(inputs, atol, rtol=0, im2col_step=64):
+    (out, grads), (ref_out, ref_grads) = run_both(*inputs, im2col_step=im2col_step)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    for name, grad, ref_grad in zip(('value', 'sampling_locations', 'attention_weights'), grads,
+                                    ref_grads):
+        torch.testing.assert_close(grad, ref_grad, atol=atol, rtol=rtol,
+                                   msg=lambda m, name=name: f'grad of {name}: {m}')
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype,atol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_forward_backward_match_reference(device, dtype, atol):
+    assert_matches_reference(make_inputs(dtype=dtype, device=device), atol=atol)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('channels', [30, 32, 64, 71, 1025])
+def test_gradcheck(device, channels):
+    if channels > 100:  # keep the finite-difference Jacobian small
+        kwargs = dict(spatial_shapes=((2, 3), ), batch=1, queries=1, heads=1, points=2)
+    else:
+        kwargs = dict(spatial_shapes=((3, 4), (1, 2)), batch=1, queries=2, heads=2, points=2)
+    value, shapes, starts, locations, weights = make_inputs(
+        channels=channels, device=device, requires_grad=True, **kwargs)
+
+    def op(value, locations, weights):
+        return ms_deform_attn(value, shapes, starts, locations, weights)
+
+    assert torch.autograd.gradcheck(op, (value, locations, weights), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_matches_float32(device, dtype):
+    # Same rounded inputs in both runs: only the kernel arithmetic differs (fp32 accumulation).
+    inputs = make_inputs(channels=40, points=4, dtype=dtype, device=device, low=0, high=1)
+    value, shapes, starts, locations, weights = inputs
+    (out, grads), _ = run_both(*inputs)
+    (out32, grads32), _ = run_both(value.float(), shapes, starts, locations.float(),
+                                   weights.float())
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    tol = dict(atol=5e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-2, rtol=5e-3)
+    torch.testing.assert_close(out.float(), out32, **tol)
+    # grad_value and grad_attention_weights are sums of products: fp32 accumulation keeps them
+    # close; location gradients scale with W, H so compare them relative to their magnitude.
+    torch.testing.assert_close(grads[0].float(), grads32[0], **tol)
+    torch.testing.assert_close(grads[2].float(), grads32[2], **tol)
+    scale = grads32[1].abs().max()
+    assert (grads[1].float() - grads32[1]).abs().max() <= 2e-2 * scale
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_batch_not_divisible_by_im2col_step(device):
+    inputs = make_inputs(batch=3, device=device)
+    assert_matches_reference(inputs, atol=1e-10, im2col_step=2)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_points_outside_the_map(device):
+    # Partly and fully outside: zero padding, exactly like grid_sample.
+    inputs = make_inputs(device=device, low=-1.5, high=2.5, points=8)
+    assert_matches_reference(inputs, atol=1e-10)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_fully_outside_points_give_zero(device):
+    value, shapes, starts, locations, weights = make_inputs(device=device, low=2, high=3,
+                                                            requires_grad=True)
+    out = ms_deform_attn(value, shapes, starts, locations, weights)
+    out.sum().backward()
+    assert torch.count_nonzero(out) == 0
+    for tensor in (value, locations, weights):
+        assert torch.count_nonzero(tensor.grad) == 0
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_single_pixel_level(device):
+    inputs = make_inputs(spatial_shapes=((1, 1), (2, 3)), device=device, low=-0.6, high=1.6)
+    assert_matches_reference(inputs, atol=1e-10)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_zero_attention_weights(device):
+    value, shapes, starts, locations, weights = make_inputs(device=device)
+    weights = torch.zeros_like(weights)
+    assert_matches_reference((value, shapes, starts, locations, weights), atol=1e-10)
+    (out, (grad_value, grad_locations, grad_weights)), _ = run_both(value, shapes, starts,
+                                                                    locations, weights)
+    assert torch.count_nonzero(out) == 0
+    assert torch.count_nonzero(grad_value) == 0 and torch.count_nonzero(grad_locations) == 0
+    assert torch.count_nonzero(grad_weights) > 0  # still d out / d weight = sampled value
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('batch,queries', [(0, 5), (2, 0)])
+def test_empty_inputs(device, batch, queries):
+    value, shapes, starts, locations, weights = make_inputs(batch=batch, queries=queries,
+                                                            device=device, requires_grad=True)
+    out = ms_deform_attn(value, shapes, starts, locations, weights)
+    assert out.shape == (batch, queries, 2 * 8)
+    out.sum().backward()
+    assert value.grad.shape == value.shape and torch.count_nonzero(value.grad) == 0
+    assert locations.grad.shape == locations.shape
+    assert weights.grad.shape == weights.shape
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_non_contiguous_inputs(device):
+    value, shapes, starts, locations, weights = make_inputs(device=device)
+    # Same values, other memory layouts: a transposed copy and every-other-element views.
+    value_nc = value.transpose(1, 2).contiguous().transpose(1, 2)
+    locations_nc, weights_nc, shapes_nc = (torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
+                                           for t in (locations, weights, shapes))
+    assert not any(t.is_contiguous() for t in (value_nc, locations_nc, weights_nc, shapes_nc))
+    inputs = (value_nc, shapes_nc, starts, locations_nc, weights_nc)
+    assert_matches_reference(inputs, atol=1e-10)
+    (out, grads), _ = run_both(value, shapes, starts, locations, weights)
+    (out_nc, grads_nc), _ = run_both(*inputs)
+    assert torch.equal(out, out_nc)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_nc))
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_backward_is_deterministic(device):
+    # Many queries hitting the same few pixels: any racy accumulation would show.
+    inputs = make_inputs(spatial_shapes=((4, 4), (2, 2)), batch=2, queries=300, heads=4,
+                         channels=32, points=4, dtype=torch.float32, device=device)
+    _, first = run_both(*inputs)[0]
+    _, second = run_both(*inputs)[0]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    if device == 'cpu':  # and independent of the thread count
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            _, single = run_both(*inputs)[0]
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(a, b) for a, b in zip(first, single))
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_double_backward_raises(device):
+    value, shapes, starts, locations, weights = make_inputs(device=device, requires_grad=True)
+    out = ms_deform_attn(value, shapes, starts, locations, weights)
+    (grad_locations, ) = torch.autograd.grad(out.square().sum(), locations, create_graph=True)
+    with pytest.raises(RuntimeError, match='double backward'):
+        grad_locations.sum().backward()
+    # The PyTorch path supports it.
+    with use_pytorch_ms_deform_attn():
+        out = ms_deform_attn(value, shapes, starts, locations, weights)
+    (grad_locations, ) = torch.autograd.grad(out.square().sum(), locations, create_graph=True)
+    grad_locations.sum().backward()
+    assert value.grad is not None
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('use_pytorch', [False, True])
+def test_pytorch_switch_selects_implementation(use_pytorch, monkeypatch):
+    inputs = make_inputs(dtype=torch.float32)
+    with RecordOps() as recorder, use_pytorch_ms_deform_attn(use_pytorch):
+        out = ms_deform_attn(*inputs)
+    native_called = 'detrx.ms_deform_attn_forward.default' in recorder.ops
+    assert native_called != use_pytorch
+    assert any('grid_sampler' in op for op in recorder.ops) == use_pytorch
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(*inputs[:2], *inputs[3:]),
+                               atol=1e-5, rtol=0)
+    # The environment variable does the same.
+    monkeypatch.setenv('MMDET_DETRX_MSDA_PYTORCH', '1')
+    with RecordOps() as recorder:
+        ms_deform_attn(*inputs)
+    assert 'detrx.ms_deform_attn_forward.default' not in recorder.ops
+
+
+def test_meta_tensors_give_shapes():
+    value, shapes, starts, locations, weights = make_inputs(device='meta')
+    out = ms_deform_attn(value, shapes, starts, locations, weights)
+    assert out.device.type == 'meta' and out.shape == (2, 5, 16)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_opcheck(device):
+    inputs = make_inputs(dtype=torch.float32, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.detrx.ms_deform_attn_forward, (*inputs, 64))
+    value, shapes, starts, locations, weights = inputs
+    grad_output = torch.randn(2, 5, 16, device=device)
+    torch.library.opcheck(torch.ops.detrx.ms_deform_attn_backward,
+                          (value.detach(), shapes, starts, locations.detach(), weights.detach(),
+                           grad_output, 64))
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_torch_compile_fullgraph(device):
+    value, shapes, starts, locations, weights = make_inputs(dtype=torch.float32, device=device)
+
+    def layer(value, locations, weights):
+        return ms_deform_attn(value * 2, shapes, starts, locations.clamp(0, 1), weights).relu()
+
+    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
+    outs, grads = [], []
+    for fn in (layer, compiled):
+        inputs = [t.detach().requires_grad_() for t in (value, locations, weights)]
+        out = fn(*inputs)
+        grads.append(torch.autograd.grad(out.sum(), inputs))
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    value, shapes, starts, locations, weights = make_inputs(dtype=torch.float32)
+    fn = torch.compile(lambda v, l, w: ms_deform_attn(v, shapes, starts, l, w).tanh(),
+                       fullgraph=True)
+    torch.testing.assert_close(fn(value, locations, weights),
+                               ms_deform_attn(value, shapes, starts, locations, weights).tanh())
+
+
+def test_torch_export():
+
+    class Sampler(torch.nn.Module):
+
+        def forward(self, value, shapes, starts, locations, weights):
+            return ms_deform_attn(value, shapes, starts, locations, weights)
+
+    inputs = make_inputs(dtype=torch.float32)
+    exported = torch.export.export(Sampler(), inputs)
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == 'call_function']
+    assert targets == ['detrx.ms_deform_attn_forward.default']
+    torch.testing.assert_close(exported.module()(*inputs), Sampler()(*inputs))
+
+
+def test_autocast_bfloat16():
+    value, shapes, starts, locations, weights = make_inputs(dtype=torch.float32,
+                                                            requires_grad=True)
+    proj = torch.nn.Linear(8, 8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        projected = proj(value)  # bfloat16 under autocast
+        assert projected.dtype == torch.bfloat16
+        out = ms_deform_attn(projected, shapes, starts, locations, weights)
+    # Sampling runs in float32 (bfloat16 locations would be off by up to a pixel).
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert value.grad is not None and locations.grad is not None
+    expected = ms_deform_attn(projected.detach().float(), shapes, starts, locations.detach(),
+                              weights.detach())
+    torch.testing.assert_close(out.detach(), expected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_fuzz_against_reference(data):
+    levels = data.draw(st.integers(1, 3), label='levels')
+    spatial_shapes = [(data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6)))
+                      for _ in range(levels)]
+    inputs = make_inputs(
+        spatial_shapes=spatial_shapes,
+        batch=data.draw(st.integers(0, 2), label='batch'),
+        queries=data.draw(st.integers(0, 4), label='queries'),
+        heads=data.draw(st.integers(1, 3), label='heads'),
+        channels=data.draw(st.integers(1, 19), label='channels'),
+        points=data.draw(st.integers(1, 3), label='points'),
+        low=-0.5, high=1.5,
+        seed=data.draw(st.integers(0, 2**16), label='seed'))
+    assert_matches_reference(inputs, atol=1e-10,
+                             im2col_step=data.draw(st.integers(1, 3), label='im2col_step'))
+
+
+# --- bad input: the Python wrapper raises ValueError/TypeError, the raw op RuntimeError ---------
+
+def _bad_inputs(case, other_device='meta'):
+    value, shapes, starts, locations, weights = make_inputs(dtype=torch.float32)
+    if case == 'value_rank':
+        value = value.flatten(2)
+    elif case == 'locations_rank':
+        locations = locations[..., 0]
+    elif case == 'weights_shape':
+        weights = weights[:, :, :, :, :1]
+    elif case == 'shapes_sum':
+        shapes = shapes.clone()
+        shapes[0, 0] += 1
+    elif case == 'shapes_dtype':
+        shapes = shapes.int()
+    elif case == 'starts_negative':
+        starts = starts.clone()
+        starts[1] = -5
+    elif case == 'starts_oversize':
+        starts = starts.clone()
+        starts[2] = 10**6
+    elif case == 'locations_dtype':
+        locations = locations.double()
+    elif case == 'weights_dtype':
+        weights = weights.half()
+    elif case == 'value_device':
+        value = value.to(other_device)
+    return value, shapes, starts, locations, weights
+
+
+BAD_CASES = [  # (case, argument named in the message, Python exception type)
+    ('value_rank', 'value', ValueError),
+    ('locations_rank', 'sampling_locations', ValueError),
+    ('weights_shape', 'attention_weights', ValueError),
+    ('shapes_sum', 'spatial_shapes', ValueError),
+    ('shapes_dtype', 'spatial_shapes', TypeError),
+    ('starts_negative', 'level_start_index', ValueError),
+    ('starts_oversize', 'level_start_index', ValueError),
+    ('locations_dtype', 'sampling_locations', TypeError),
+    ('weights_dtype', 'attention_weights', TypeError),
+    ('value_device', 'spatial_shapes', ValueError),
+]
+
+
+@pytest.mark.parametrize('case,argument,error', BAD_CASES)
+def test_wrapper_rejects_bad_input(case, argument, error):
+    with pytest.raises(error, match=argument):
+        ms_deform_attn(*_bad_inputs(case))
+
+
+@pytest.mark.parametrize('case,argument,error', BAD_CASES)
+def test_native_op_rejects_bad_input(case, argument, error):
+    if case == 'value_device' and 'cuda' not in DEVICES:
+        pytest.skip('needs a second device with a native kernel (meta dispatches to the fake)')
+    inputs = _bad_inputs(case, other_device='cuda')
+    with pytest.raises(RuntimeError, match=argument):
+        torch.ops.detrx.ms_deform_attn_forward(*inputs, 64)
+    value, shapes, starts, locations, weights = inputs
+    grad_output = torch.zeros(locations.shape[0], locations.shape[1],
+                              value.shape[2] * value.shape[-1], device=value.device)
+    with pytest.raises(RuntimeError, match=argument):
+        torch.ops.detrx.ms_deform_attn_backward(*inputs, grad_output, 64)
+
+
+def test_bad_im2col_step_and_grad_output():
+    inputs = make_inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match='im2col_step'):
+        ms_deform_attn(*inputs, im2col_step=0)
+    with pytest.raises(RuntimeError, match='im2col_step'):
+        torch.ops.detrx.ms_deform_attn_forward(*inputs, 0)
+    with pytest.raises(RuntimeError, match='grad_output'):
+        torch.ops.detrx.ms_deform_attn_backward(*inputs, torch.zeros(2, 5, 15), 64)
