@@ -1,0 +1,100 @@
+"""tools/analysis/visualize_deform_points.py draws a tiny random Deformable DETR's sampling points."""
+import importlib.util
+import os.path as osp
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from mmdet.registry import MODELS
+from mmengine.config import Config
+
+from mmdet_detrx.datasets import SHAPE_CLASSES, generate_synthetic_shapes
+
+REPO = osp.join(osp.dirname(__file__), '..', '..')
+CONFIG = osp.join(REPO, 'configs', 'deformable_detr', 'deformable-detrx_r50_16xb2-50e_coco.py')
+NUM_QUERIES = 20
+
+
+def _load_tool():
+    path = osp.join(REPO, 'tools', 'analysis', 'visualize_deform_points.py')
+    spec = importlib.util.spec_from_file_location('visualize_deform_points', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _load_tool()
+
+
+@pytest.fixture(scope='module')
+def tiny_model(tmp_path_factory):
+    """(config path, checkpoint path, image path): random weights, ResNet-18, one layer each."""
+    root = tmp_path_factory.mktemp('deform_points')
+    cfg = Config.fromfile(CONFIG)
+    cfg.model.backbone.update(depth=18, init_cfg=None)
+    cfg.model.neck.in_channels = [128, 256, 512]
+    cfg.model.encoder.num_layers = 1
+    cfg.model.decoder.num_layers = 1
+    cfg.model.num_queries = NUM_QUERIES
+    cfg.model.bbox_head.num_classes = len(SHAPE_CLASSES)
+    cfg.test_dataloader.dataset.pipeline[1].scale = (160, 160)  # Resize; keeps the test quick
+    config_path = str(root / 'tiny_deformable_detrx.py')
+    cfg.dump(config_path)
+
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    with torch.no_grad():  # let the sampling offsets depend on the query
+        for attn in model.modules():
+            if hasattr(attn, 'sampling_offsets'):
+                attn.sampling_offsets.weight.normal_(0, 0.02)
+                attn.attention_weights.weight.normal_(0, 0.05)
+    checkpoint_path = str(root / 'tiny.pth')
+    torch.save(dict(state_dict=model.state_dict(),
+                    meta=dict(dataset_meta=dict(classes=SHAPE_CLASSES))), checkpoint_path)
+
+    data_root = root / 'shapes'
+    generate_synthetic_shapes(str(data_root), num_train=1, num_val=1, image_size=(96, 128))
+    image_path = str(data_root / 'val' / '000000.png')
+    return config_path, checkpoint_path, image_path
+
+
+def test_writes_one_panel_per_top_query(tiny_model, tmp_path):
+    config, checkpoint, image = tiny_model
+    written = tool.main([config, checkpoint, image, '--out-dir', str(tmp_path), '--queries', '3',
+                         '--score-thr', '0', '--panel-size', '200'])
+    assert written == [str(tmp_path / '000000_deform_points.png')]
+    png = cv2.imread(written[0])
+    h, w = cv2.imread(image).shape[:2]
+    scale = 200 / max(h, w)
+    assert png.shape[:2] == (round(h * scale), 3 * round(w * scale))  # three panels in a row
+    assert png.std() > 0
+
+
+def test_given_query_ids_and_folder_input(tiny_model, tmp_path):
+    config, checkpoint, image = tiny_model
+    model = tool.init_detector(config, checkpoint, device='cpu')
+    drawn = tool.visualize_image(model, image, str(tmp_path / 'a.png'), query_ids=[0, 7, 19],
+                                 panel_size=120)
+    assert drawn == [0, 7, 19]
+    assert osp.getsize(tmp_path / 'a.png') > 0
+    with pytest.raises(ValueError, match='query-ids'):
+        tool.visualize_image(model, image, str(tmp_path / 'b.png'), query_ids=[NUM_QUERIES])
+    assert tool.list_images(osp.dirname(image))[0] == image
+
+
+def test_recorder_captures_last_decoder_layer(tiny_model):
+    config, checkpoint, image = tiny_model
+    model = tool.init_detector(config, checkpoint, device='cpu')
+    recorder = tool.SamplingRecorder(model)
+    tool.inference_detector(model, image)
+    recorder.remove()
+    attn = model.decoder.layers[-1].cross_attn
+    locations, weights = recorder.records['sampling_locations'], recorder.records['attention_weights']
+    assert locations.shape == (1, NUM_QUERIES, attn.num_heads, attn.num_levels, attn.num_points, 2)
+    torch.testing.assert_close(weights.sum((-1, -2)), torch.ones(1, NUM_QUERIES, attn.num_heads))
+    assert recorder.records['cls_scores'].shape == (1, NUM_QUERIES, len(SHAPE_CLASSES))
+    assert not attn._forward_pre_hooks  # removed again
+    # With query-dependent offsets the points spread around the reference points.
+    assert np.ptp(locations[..., 0].numpy()) > 0
