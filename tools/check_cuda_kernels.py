@@ -1,6 +1,6 @@
-"""Compile-check the CUDA kernels of mmdet-detrx with nvcc, without a GPU.
+"""Compile-check (and CPU-emulate) the CUDA kernels of mmdet-detrx with nvcc, without a GPU.
 
-Two stages, each ``nvcc -c`` into a temporary directory (nothing is linked or run):
+Stages 1 and 2 are ``nvcc -c`` into a temporary directory (nothing is linked or run):
 
 1. ``kernels``: ``ops/cuda/check/ms_deform_attn_check.cu``, a torch-free translation unit that
    explicitly instantiates every multi-scale deformable attention kernel (forward and backward,
@@ -12,13 +12,19 @@ Two stages, each ``nvcc -c`` into a temporary directory (nothing is linked or ru
    needs the c10/ATen CUDA headers, which the CPU wheels ship as well; skipped when they are absent
    (or with ``--no-glue``). This stage takes about a minute.
 
+3. ``emulate``: ``ops/cuda/check/ms_deform_attn_emulate.cpp`` runs the unmodified kernel bodies
+   and launchers on CPU threads (shuffles, barriers and atomics emulated; see that file) for a
+   few problems in every dtype, and compares output and gradients with the grid_sample reference
+   ``mmdet_detrx.ops.ms_deform_attn_pytorch``. Needs torch and numpy; ``--no-emulate`` skips it.
+   This checks the kernels' arithmetic and indexing without a GPU, not their behaviour on one.
+
 Targets: ``--arch``, else ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``), else sm_80 and sm_90.
-Exit status 0 when everything compiled or nvcc is absent (a skip message is printed), 1 when a
+Exit status 0 when every stage passed or nvcc is absent (a skip message is printed), 1 when a
 compilation failed.
 
 Example::
 
-    python tools/check_cuda_kernels.py                      # sm_80 + sm_90, both stages
+    python tools/check_cuda_kernels.py                      # sm_80 + sm_90, all stages
     TORCH_CUDA_ARCH_LIST="8.6;8.9" python tools/check_cuda_kernels.py --no-glue -v
 """
 import argparse
@@ -35,6 +41,7 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 OPS_DIR = osp.join(ROOT, 'ops')
 KERNEL_TU = osp.join(OPS_DIR, 'cuda', 'check', 'ms_deform_attn_check.cu')
 GLUE_TU = osp.join(OPS_DIR, 'cuda', 'ms_deform_attn_kernel.cu')
+EMULATOR_SRC = osp.join(OPS_DIR, 'cuda', 'check', 'ms_deform_attn_emulate.cpp')
 DEFAULT_ARCHS = ('sm_80', 'sm_90')
 
 # The flags torch.utils.cpp_extension gives nvcc: the kernels must compile without the implicit
@@ -158,6 +165,158 @@ def check_glue(nvcc, arch, include_dirs, out_dir, verbose):
     return rc == 0
 
 
+def build_emulator(nvcc, out_dir, verbose=False):
+    """Compiles ms_deform_attn_emulate.cpp (host code only) and returns the executable's path."""
+    binary = osp.join(out_dir, 'ms_deform_attn_emulate')
+    cmd = [nvcc, '-std=c++17', '-O2', '-I', OPS_DIR, EMULATOR_SRC, '-o', binary]
+    rc, log, elapsed = run_nvcc(cmd, verbose)
+    if rc != 0:
+        raise RuntimeError(f'building the kernel emulator failed:\n{log}')
+    return binary
+
+
+# Names of the emulator's dtypes; numpy has no bfloat16, so inputs travel as float64 and the
+# emulator rounds them (round-to-nearest-even, as torch's .to(dtype) does).
+EMULATOR_DTYPES = ('float', 'double', 'half', 'bfloat16')
+
+
+def emulate(binary, work_dir, dtype, value, spatial_shapes, level_start_index,
+            sampling_locations, attention_weights, grad_output, num_sms=1, value_offset=0,
+            timeout=300):
+    """Runs forward and backward in the emulator. Array inputs are float64 / int64 numpy arrays
+    with the op's shapes; returns float64 arrays (output, grad_value, grad_sampling_locations,
+    grad_attention_weights), each holding values of `dtype`. `num_sms` sizes the grid (few SMs ->
+    the grid-stride loop runs several rounds); `value_offset` elements misalign value."""
+    import numpy as np
+    if dtype not in EMULATOR_DTYPES:
+        raise ValueError(f'dtype must be one of {EMULATOR_DTYPES}, got {dtype!r}')
+    B, S, heads, C = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    os.makedirs(work_dir, exist_ok=True)
+    with open(osp.join(work_dir, 'meta.txt'), 'w') as f:
+        f.write(f'{dtype} {B} {S} {heads} {C} {Q} {L} {P} {num_sms} {value_offset}\n')
+    arrays = dict(spatial_shapes=(spatial_shapes, np.int64),
+                  level_start_index=(level_start_index, np.int64), value=(value, np.float64),
+                  sampling_locations=(sampling_locations, np.float64),
+                  attention_weights=(attention_weights, np.float64),
+                  grad_output=(grad_output, np.float64))
+    for name, (array, np_dtype) in arrays.items():
+        np.ascontiguousarray(array, dtype=np_dtype).tofile(osp.join(work_dir, f'{name}.bin'))
+    proc = subprocess.run([binary, work_dir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f'kernel emulation failed ({proc.returncode}): {proc.stdout}')
+    shapes = dict(output=(B, Q, heads * C), grad_value=value.shape,
+                  grad_sampling_locations=sampling_locations.shape,
+                  grad_attention_weights=attention_weights.shape)
+    return tuple(
+        np.fromfile(osp.join(work_dir, f'{name}.bin'), dtype=np.float64).reshape(shape)
+        for name, shape in shapes.items())
+
+
+def emulation_problem(batch=2, heads=2, channels=8, shapes=((13, 17), (7, 9), (4, 5), (1, 1)),
+                      queries=11, points=3, seed=0):
+    """Random float64 inputs (numpy); ~15% of the locations fall (partly) off the maps."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    spatial_shapes = np.array(shapes, dtype=np.int64)
+    sizes = spatial_shapes.prod(1)
+    level_start_index = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    L = len(shapes)
+    value = rng.standard_normal((batch, int(sizes.sum()), heads, channels))
+    locations = rng.random((batch, queries, heads, L, points, 2)) * 1.3 - 0.15
+    weights = rng.random((batch, queries, heads, L, points))
+    weights /= weights.sum((-2, -1), keepdims=True)
+    grad_output = rng.standard_normal((batch, queries, heads * channels))
+    return value, spatial_shapes, level_start_index, locations, weights, grad_output
+
+
+def _torch_dtype(dtype):
+    import torch
+    return dict(float=torch.float32, double=torch.float64, half=torch.float16,
+                bfloat16=torch.bfloat16)[dtype]
+
+
+def round_problem(dtype, *arrays):
+    """Rounds the floating arrays to `dtype` (kept as float64), as torch's .to(dtype) does: then
+    the emulator's own conversion is exact and both sides see identical inputs."""
+    import torch
+    return tuple(a if a.dtype.kind == 'i' else
+                 torch.from_numpy(a).to(_torch_dtype(dtype)).double().numpy() for a in arrays)
+
+
+def reference_outputs(value, spatial_shapes, level_start_index, sampling_locations,
+                      attention_weights, grad_output):
+    """Output and gradients of the grid_sample reference, in float64."""
+    import torch
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from mmdet_detrx.ops import ms_deform_attn_pytorch
+    inputs = [torch.from_numpy(a).requires_grad_(True)
+              for a in (value, sampling_locations, attention_weights)]
+    output = ms_deform_attn_pytorch(inputs[0], torch.from_numpy(spatial_shapes), inputs[1],
+                                    inputs[2])
+    output.backward(torch.from_numpy(grad_output))
+    return tuple(t.detach().numpy() for t in [output] + [i.grad for i in inputs])
+
+
+# Unit roundoff of each dtype (the final rounding of a result) and of its accumulation type.
+UNIT_ROUNDOFF = dict(double=2.0**-53, float=2.0**-24, half=2.0**-11, bfloat16=2.0**-8)
+
+
+def emulation_error(actual, expected, dtype):
+    """Largest error of the four results relative to the bound
+    2 * (u_dtype * |expected| + 16 * u_acc * max|expected|): the final rounding to dtype plus
+    fp32 (fp64 for double) accumulation error of ~16 terms of the tensor's scale. <= 1 passes."""
+    import numpy as np
+    u_acc = UNIT_ROUNDOFF['double' if dtype == 'double' else 'float']
+    worst = 0.0
+    for a, e in zip(actual, expected):
+        if a.shape != e.shape:
+            return float('inf')
+        if e.size == 0:
+            continue
+        scale = np.abs(e).max()
+        bound = 2 * (UNIT_ROUNDOFF[dtype] * np.abs(e) + 16 * u_acc * scale) + 1e-300
+        worst = max(worst, float(np.nan_to_num(np.abs(a - e) / bound, nan=np.inf).max()))
+    return worst
+
+
+# (dtype, problem kwargs, emulate kwargs): every vector width / group size, the multi-stride
+# channel loop, the scalar fallback for misaligned value and a grid-stride loop of several rounds.
+EMULATION_CASES = (
+    ('double', dict(channels=8), {}),
+    ('float', dict(channels=32), {}),
+    ('float', dict(channels=71, batch=2, heads=4, queries=40), dict(num_sms=1)),
+    ('float', dict(channels=8), dict(value_offset=1)),
+    ('half', dict(channels=30), {}),
+    ('bfloat16', dict(channels=4, heads=3), {}),
+)
+
+
+def check_emulation(nvcc, out_dir, verbose):
+    try:
+        import numpy  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        print('[emulate] skipped: needs numpy and torch (for the reference)')
+        return True
+    start = time.time()
+    binary = build_emulator(nvcc, out_dir, verbose)
+    ok = True
+    for index, (dtype, problem_kwargs, emulate_kwargs) in enumerate(EMULATION_CASES):
+        problem = round_problem(dtype, *emulation_problem(**problem_kwargs))
+        actual = emulate(binary, osp.join(out_dir, f'case{index}'), dtype, *problem,
+                         **emulate_kwargs)
+        error = emulation_error(actual, reference_outputs(*problem), dtype)
+        passed = error <= 1
+        ok = ok and passed
+        print(f'[emulate] {dtype:8s} {problem_kwargs} {emulate_kwargs}: '
+              f'{"ok" if passed else "FAILED"} (error {error:.3f} of tolerance)')
+    print(f'[emulate] {"ok" if ok else "FAILED"} ({time.time() - start:.1f} s)')
+    return ok
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--arch', nargs='+', help='targets such as sm_80 sm_90 (default: '
@@ -165,6 +324,8 @@ def parse_args(argv=None):
     parser.add_argument('--nvcc', help='nvcc executable (default: PATH, then $CUDA_HOME/bin)')
     parser.add_argument('--no-glue', action='store_true',
                         help='skip compiling the torch glue ms_deform_attn_kernel.cu')
+    parser.add_argument('--no-emulate', action='store_true',
+                        help='skip running the kernels in the CPU emulator')
     parser.add_argument('-v', '--verbose', action='store_true',
                         help='print commands, compiler output and registers/spills per kernel')
     return parser.parse_args(argv)
@@ -202,7 +363,11 @@ def main(argv=None):
                 print('[glue]    skipped: torch or its c10/cuda headers are not installed')
             else:
                 ok = check_glue(nvcc, archs[0], include_dirs, out_dir, args.verbose) and ok
-    print('check_cuda_kernels: ' + ('all compiled' if ok else 'FAILED'))
+        if args.no_emulate:
+            print('[emulate] skipped (--no-emulate)')
+        else:
+            ok = check_emulation(nvcc, out_dir, args.verbose) and ok
+    print('check_cuda_kernels: ' + ('all passed' if ok else 'FAILED'))
     return 0 if ok else 1
 
 

@@ -370,7 +370,23 @@ inline LaunchConfig make_launch_config(const MSDAShape& shape, int vec, int num_
   return cfg;
 }
 
-// Launches the forward kernel; returns cudaGetLastError(). Expects B * Q * heads * C > 0.
+// Launches `kernel` with `cfg` on `stream` and returns cudaGetLastError(). Built with
+// DETRX_MSDA_HOST_EMULATION (ops/cuda/check/ms_deform_attn_emulate.cpp, no GPU), the same call
+// runs the kernel on CPU threads instead, so the launchers below are covered by that check too.
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KernelArgs...), const LaunchConfig& cfg,
+                          cudaStream_t stream, Args&&... args) {
+#ifdef DETRX_MSDA_HOST_EMULATION
+  (void)stream;
+  return detrx_emulate_launch(kernel, cfg.grid, cfg.block, cfg.shared_bytes,
+                              static_cast<KernelArgs>(args)...);
+#else
+  kernel<<<cfg.grid, cfg.block, cfg.shared_bytes, stream>>>(static_cast<KernelArgs>(args)...);
+  return cudaGetLastError();
+#endif
+}
+
+// Forward over the whole batch; expects B * Q * heads * C > 0.
 template <typename scalar_t>
 cudaError_t launch_ms_deform_attn_forward(const scalar_t* value, const int64_t* spatial_shapes,
                                           const int64_t* level_start_index,
@@ -381,21 +397,14 @@ cudaError_t launch_ms_deform_attn_forward(const scalar_t* value, const int64_t* 
   const void* ptrs[2] = {value, output};
   const LaunchConfig cfg =
       make_launch_config(shape, choose_vec(shape.channels, sizeof(scalar_t), ptrs, 2), num_sms);
-#define DETRX_MSDA_LAUNCH_FORWARD(VEC)                                                  \
-  ms_deform_attn_forward_kernel<scalar_t, VEC>                                          \
-      <<<cfg.grid, cfg.block, cfg.shared_bytes, stream>>>(                              \
-          value, spatial_shapes, level_start_index, sampling_locations, attention_weights, \
-          output, shape, cfg.group_size)
-  switch (cfg.vec) {
-    case 4: DETRX_MSDA_LAUNCH_FORWARD(4); break;
-    case 2: DETRX_MSDA_LAUNCH_FORWARD(2); break;
-    default: DETRX_MSDA_LAUNCH_FORWARD(1); break;
-  }
-#undef DETRX_MSDA_LAUNCH_FORWARD
-  return cudaGetLastError();
+  auto kernel = cfg.vec == 4   ? ms_deform_attn_forward_kernel<scalar_t, 4>
+                : cfg.vec == 2 ? ms_deform_attn_forward_kernel<scalar_t, 2>
+                               : ms_deform_attn_forward_kernel<scalar_t, 1>;
+  return launch_kernel(kernel, cfg, stream, value, spatial_shapes, level_start_index,
+                       sampling_locations, attention_weights, output, shape, cfg.group_size);
 }
 
-// Launches the backward kernel; returns cudaGetLastError(). grad_value_acc must be zeroed.
+// Backward over the whole batch; grad_value_acc must be zeroed.
 template <typename scalar_t>
 cudaError_t launch_ms_deform_attn_backward(
     const scalar_t* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
@@ -406,19 +415,12 @@ cudaError_t launch_ms_deform_attn_backward(
   const void* ptrs[2] = {value, grad_output};
   const LaunchConfig cfg =
       make_launch_config(shape, choose_vec(shape.channels, sizeof(scalar_t), ptrs, 2), num_sms);
-#define DETRX_MSDA_LAUNCH_BACKWARD(VEC)                                                 \
-  ms_deform_attn_backward_kernel<scalar_t, VEC>                                         \
-      <<<cfg.grid, cfg.block, cfg.shared_bytes, stream>>>(                              \
-          value, spatial_shapes, level_start_index, sampling_locations, attention_weights, \
-          grad_output, grad_value_acc, grad_sampling_locations, grad_attention_weights,  \
-          shape, cfg.group_size)
-  switch (cfg.vec) {
-    case 4: DETRX_MSDA_LAUNCH_BACKWARD(4); break;
-    case 2: DETRX_MSDA_LAUNCH_BACKWARD(2); break;
-    default: DETRX_MSDA_LAUNCH_BACKWARD(1); break;
-  }
-#undef DETRX_MSDA_LAUNCH_BACKWARD
-  return cudaGetLastError();
+  auto kernel = cfg.vec == 4   ? ms_deform_attn_backward_kernel<scalar_t, 4>
+                : cfg.vec == 2 ? ms_deform_attn_backward_kernel<scalar_t, 2>
+                               : ms_deform_attn_backward_kernel<scalar_t, 1>;
+  return launch_kernel(kernel, cfg, stream, value, spatial_shapes, level_start_index,
+                       sampling_locations, attention_weights, grad_output, grad_value_acc,
+                       grad_sampling_locations, grad_attention_weights, shape, cfg.group_size);
 }
 
 }  // namespace msda_cuda
