@@ -1,5 +1,6 @@
-"""tools/check_cuda_kernels.py: the CUDA kernels of the ops compile with nvcc for sm_80 / sm_90
-(no GPU needed), and the checker really fails on broken device code."""
+"""tools/check_cuda_kernels.py without a GPU: the CUDA kernels of the ops compile with nvcc for
+sm_80 / sm_90, the checker fails on broken device code, and the unmodified kernels, run in the
+CPU emulator (ops/cuda/check/ms_deform_attn_emulate.cpp), match the grid_sample reference."""
 import importlib.util
 import os.path as osp
 import shutil
@@ -33,7 +34,8 @@ def test_parse_arch_list():
 
 @needs_nvcc
 def test_kernels_compile_for_sm80_and_sm90():
-    proc = subprocess.run([sys.executable, TOOL, '--no-glue', '--arch', 'sm_80', 'sm_90'],
+    proc = subprocess.run([sys.executable, TOOL, '--no-glue', '--no-emulate', '--arch', 'sm_80',
+                           'sm_90'],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout
@@ -65,7 +67,69 @@ def test_torch_glue_compiles():
     tool = load_tool()
     if tool.torch_include_dirs() is None:
         pytest.skip("torch's c10/cuda headers are not installed")
-    proc = subprocess.run([sys.executable, TOOL, '--arch', 'sm_80'], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, TOOL, '--no-emulate', '--arch', 'sm_80'],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout
     assert '[glue]    sm_80: ok' in proc.stdout
+
+
+# --- the kernels themselves, run on the CPU by the emulator ------------------------------------
+
+
+@pytest.fixture(scope='module')
+def emulator(tmp_path_factory):
+    if shutil.which('nvcc') is None:
+        pytest.skip('nvcc not installed')
+    pytest.importorskip('numpy')
+    tool = load_tool()
+    return tool, tool.build_emulator(shutil.which('nvcc'), str(tmp_path_factory.mktemp('emu')))
+
+
+def run_emulation(emulator, tmp_path, dtype, problem_kwargs=None, **emulate_kwargs):
+    tool, binary = emulator
+    problem = tool.round_problem(dtype, *tool.emulation_problem(**(problem_kwargs or {})))
+    actual = tool.emulate(binary, str(tmp_path), dtype, *problem, **emulate_kwargs)
+    return actual, tool.reference_outputs(*problem)
+
+
+# Channel counts cover every vector width (4, 2, 1) and group size (1 .. 32 lanes) and the
+# multi-stride channel loop (71 = 3 strides of 32 lanes).
+@pytest.mark.parametrize('dtype,channels', [
+    ('double', 2), ('double', 71), ('float', 1), ('float', 4), ('float', 32), ('float', 30),
+    ('float', 71), ('half', 32), ('half', 30), ('half', 71), ('bfloat16', 4), ('bfloat16', 30)
+])
+def test_emulated_kernels_match_reference(emulator, tmp_path, dtype, channels):
+    actual, expected = run_emulation(emulator, tmp_path, dtype, dict(channels=channels))
+    assert emulator[0].emulation_error(actual, expected, dtype) <= 1
+
+
+def test_emulated_many_channels_per_lane(emulator, tmp_path):
+    actual, expected = run_emulation(
+        emulator, tmp_path, 'float', dict(batch=1, heads=1, channels=1025, queries=4))
+    assert emulator[0].emulation_error(actual, expected, 'float') <= 1
+
+
+def test_emulated_grid_stride_loop_and_odd_batch(emulator, tmp_path):
+    # 3 * 40 * 4 = 480 (batch, query, head) groups of 32 lanes on a 32-block grid (num_sms=1):
+    # the grid-stride loop makes two rounds, the last one partial.
+    actual, expected = run_emulation(
+        emulator, tmp_path, 'float', dict(batch=3, heads=4, channels=40, queries=40), num_sms=1)
+    assert emulator[0].emulation_error(actual, expected, 'float') <= 1
+
+
+@pytest.mark.parametrize('dtype', ['float', 'half'])
+def test_emulated_misaligned_value_falls_back_to_scalar_loads(emulator, tmp_path, dtype):
+    actual, expected = run_emulation(emulator, tmp_path, dtype, dict(channels=8), value_offset=1)
+    assert emulator[0].emulation_error(actual, expected, dtype) <= 1
+
+
+def test_emulated_points_off_the_maps_contribute_nothing(emulator, tmp_path):
+    import numpy as np
+    tool, binary = emulator
+    value, shapes, starts, locations, weights, grad_output = tool.emulation_problem()
+    far = np.array([-1e6, -1.0, 2.0, 1e6, np.inf, -np.inf])
+    locations = far[np.random.default_rng(0).integers(len(far), size=locations.shape)]
+    for result in tool.emulate(binary, str(tmp_path), 'float', value, shapes, starts, locations,
+                               weights, grad_output):
+        assert not result.any()

@@ -82,7 +82,8 @@ def assert_all_close(actual, expected, rtol, atol):
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f'{name}: {m}')
 
 
-@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 2e-5)],
+                         ids=['float64', 'float32'])
 @pytest.mark.parametrize('channels', [1, 2, 4, 8, 32, 30, 71])
 def test_forward_and_gradients_match_reference(dtype, tol, channels):
     inputs = make_inputs(channels=channels, dtype=dtype)
@@ -106,7 +107,8 @@ def test_gradcheck_fp64():
         (value, locations, weights), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize('dtype,eps', [(torch.float16, 2**-10), (torch.bfloat16, 2**-7)])
+@pytest.mark.parametrize('dtype,eps', [(torch.float16, 2**-10), (torch.bfloat16, 2**-7)],
+                         ids=['float16', 'bfloat16'])
 @pytest.mark.parametrize('channels', [32, 30, 71])
 def test_half_precision_matches_fp32(dtype, eps, channels):
     """fp16 / bf16 accumulate in fp32: on the same (rounded) inputs the only difference from an
@@ -165,7 +167,7 @@ def test_non_contiguous_inputs():
                          weights), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['float32', 'float16'])
 def test_misaligned_storage_uses_scalar_loads(dtype):
     """A contiguous view at an odd element offset cannot use packed loads: still correct."""
     value, spatial_shapes, level_start_index, locations, weights = make_inputs(
