@@ -38,6 +38,10 @@
 
 #include "ms_deform_attn_sampling.h"
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 600
+#error "detrx ms_deform_attn CUDA kernels need sm_60 or newer (atomicAdd on double)"
+#endif
+
 namespace detrx {
 namespace msda_cuda {
 
