@@ -147,8 +147,29 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, unsigned mask, int group_siz
   return v;
 }
 
-__device__ __forceinline__ void atomic_add_acc(float* address, float v) { atomicAdd(address, v); }
-__device__ __forceinline__ void atomic_add_acc(double* address, double v) { atomicAdd(address, v); }
+// grad_value_acc[address + i] += v[i] for the VEC channels of a pack. sm_90 has 64- / 128-bit
+// float atomics (one instruction per pack instead of VEC); the launcher keeps grad_value_acc
+// aligned to VEC * sizeof(acc_t).
+template <int VEC>
+__device__ __forceinline__ void atomic_add_pack(float* address, const float (&v)[VEC]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (VEC == 4) {
+    atomicAdd(reinterpret_cast<float4*>(address), make_float4(v[0], v[1], v[2], v[3]));
+  } else if constexpr (VEC == 2) {
+    atomicAdd(reinterpret_cast<float2*>(address), make_float2(v[0], v[1]));
+  } else  // NOLINT: the scalar loop below is the else branch on sm_90
+#endif
+  {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) atomicAdd(address + i, v[i]);
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void atomic_add_pack(double* address, const double (&v)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) atomicAdd(address + i, v[i]);
+}
 
 // Copies spatial_shapes / level_start_index to shared memory. Must be reached by every thread of
 // the block (it synchronises).
@@ -297,12 +318,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBackwardMinBlocks<scalar_t>
               acc_t v[VEC];
               load_pack<scalar_t, VEC>(value + offset, v);
               const acc_t w = attn * corners.weight[k];
-              acc_t g_dot_v = acc_t(0);
+              acc_t g_dot_v = acc_t(0), grad_v[VEC];
 #pragma unroll
               for (int i = 0; i < VEC; ++i) {
                 g_dot_v += g[i] * v[i];
-                atomic_add_acc(grad_value_acc + offset + i, w * g[i]);
+                grad_v[i] = w * g[i];
               }
+              atomic_add_pack<VEC>(grad_value_acc + offset, grad_v);
               grad_attn += corners.weight[k] * g_dot_v;
               grad_x += corners.dweight_dx[k] * g_dot_v;
               grad_y += corners.dweight_dy[k] * g_dot_v;
@@ -417,8 +439,10 @@ cudaError_t launch_ms_deform_attn_backward(
     scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights, const MSDAShape& shape,
     int num_sms, cudaStream_t stream) {
   const void* ptrs[2] = {value, grad_output};
-  const LaunchConfig cfg =
-      make_launch_config(shape, choose_vec(shape.channels, sizeof(scalar_t), ptrs, 2), num_sms);
+  int vec = choose_vec(shape.channels, sizeof(scalar_t), ptrs, 2);
+  // Packed atomics (sm_90) need grad_value_acc aligned to a pack of acc_t.
+  while (vec > 1 && !is_aligned(grad_value_acc, vec * sizeof(acc_type<scalar_t>))) vec /= 2;
+  const LaunchConfig cfg = make_launch_config(shape, vec, num_sms);
   auto kernel = cfg.vec == 4   ? ms_deform_attn_backward_kernel<scalar_t, 4>
                 : cfg.vec == 2 ? ms_deform_attn_backward_kernel<scalar_t, 2>
                                : ms_deform_attn_backward_kernel<scalar_t, 1>;
