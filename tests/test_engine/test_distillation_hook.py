@@ -123,9 +123,11 @@ def test_teacher_stays_frozen_and_kd_is_logged(setup):
 
 def test_kd_is_zero_with_the_student_as_its_own_teacher(setup, tmp_path):
     _, student_cfg, hook_cfg = setup
-    runner = make_runner(tmp_path / 'self', student_cfg, hook_cfg, max_iters=1)
-    # Student starts from the teacher's weights (same config): the first KD term is exactly 0.
-    runner._load_from = hook_cfg['teacher_checkpoint']
+    # Student starts from the teacher's weights and, with BN frozen (norm_eval), computes the
+    # same function as the teacher: the first KD term is exactly 0.
+    student_cfg['backbone']['norm_eval'] = True
+    runner = make_runner(tmp_path / 'self', student_cfg, hook_cfg, max_iters=1,
+                         load_from=hook_cfg['teacher_checkpoint'])
     runner.train()
     assert runner.message_hub.get_scalar('train/loss_kd_boxes').current() == 0.0
 

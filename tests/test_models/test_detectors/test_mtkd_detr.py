@@ -175,3 +175,44 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match='act_loss_weight'):
         MODELS.build(tiny_detr_cfg(act_loss_weight=-1.0))
     assert isinstance(MODELS.build(tiny_detr_cfg()), MTKDDETR)
+
+
+def test_both_branches_scored_under_distinct_prefixes(tmp_path):
+    """test_branch='both' + CocoMetric(prefix='act') + BranchCocoMetric(prefix='full')."""
+    import json
+
+    from mmengine.evaluator import Evaluator
+
+    boxes = {0: [[10, 10, 40, 40], [50, 20, 90, 70]], 1: [[5, 5, 60, 30]]}  # xyxy
+    coco = dict(
+        images=[dict(id=i, width=100, height=100, file_name=f'{i}.png') for i in boxes],
+        categories=[dict(id=i + 1, name=n) for i, n in enumerate(('a', 'b', 'c'))],
+        annotations=[dict(id=10 * i + j, image_id=i, category_id=1, iscrowd=0,
+                          bbox=[x1, y1, x2 - x1, y2 - y1], area=(x2 - x1) * (y2 - y1))
+                     for i, bs in boxes.items() for j, (x1, y1, x2, y2) in enumerate(bs)])
+    ann_file = str(tmp_path / 'val.json')
+    with open(ann_file, 'w') as f:
+        json.dump(coco, f)
+
+    def instances(bs, shift):
+        bboxes = torch.tensor(bs, dtype=torch.float32) + shift
+        return dict(bboxes=bboxes, scores=torch.ones(len(bs)),
+                    labels=torch.zeros(len(bs), dtype=torch.long))
+
+    evaluator = Evaluator([
+        dict(type='CocoMetric', ann_file=ann_file, metric='bbox', prefix='act'),
+        dict(type='BranchCocoMetric', pred_key='full_pred_instances', ann_file=ann_file,
+             metric='bbox', prefix='full'),
+    ])
+    evaluator.dataset_meta = dict(classes=('a', 'b', 'c'))
+    evaluator.process([dict(img_id=i, ori_shape=(100, 100),
+                            pred_instances=instances(bs, 8.0),  # ACT: off by 8 px
+                            full_pred_instances=instances(bs, 0.0))  # full: exact
+                       for i, bs in boxes.items()])
+    metrics = evaluator.evaluate(len(boxes))
+    assert metrics['full/bbox_mAP'] == pytest.approx(1.0)
+    assert metrics['act/bbox_mAP'] < 0.9
+
+    with pytest.raises(KeyError, match="test_branch='both'"):
+        evaluator.process([dict(img_id=0, ori_shape=(100, 100),
+                                pred_instances=instances(boxes[0], 0.0))])
