@@ -4,9 +4,9 @@
 //                           bilinear(value[b, level, :, head, :], loc[b, q, head, level, point])
 //
 // Forward: parallel over (batch, query); each task owns its output rows.
-// Backward: parallel over (batch, head, level); a task loops over all queries and points in a
-// fixed order and is the only writer of its slice grad_value[b, level tokens, head, :] and of the
-// location / attention gradients of its (b, :, head, level, :) entries. No atomics, no races: the
+// Backward: parallel over (batch, head) or (batch, head, level); a task loops over all queries and
+// points in a fixed order and is the only writer of its slice grad_value[b, level tokens, head, :]
+// and of the location / attention gradients of its (b, :, head, level, :) entries. No atomics, no races: the
 // result is bitwise identical for any thread count.
 // Half and bfloat16 inputs accumulate in float (at::opmath_type); grad_value is accumulated in a
 // float buffer and rounded once at the end. im2col_step is a CUDA chunking knob: the CPU kernel
@@ -117,6 +117,17 @@ inline void corner_dots_and_scatter(const acc_t* __restrict grad_out,
   }
 }
 
+// Software prefetch of n elements (one hint per 64-byte cache line).
+template <typename T>
+inline void prefetch_range(const T* data, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(data);
+  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64) {
+    __builtin_prefetch(bytes + offset);
+  }
+}
+
+constexpr int64_t kPrefetchQueries = 4;
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* value, const std::vector<Level>& levels,
                     const scalar_t* sampling_locations, const scalar_t* attention_weights,
@@ -175,64 +186,83 @@ void backward_kernel(const scalar_t* value, const std::vector<Level>& levels,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = static_cast<int64_t>(levels.size());
   const int64_t token_stride = heads * C;
-  const int64_t cost = Q * P * (8 * C + 64);
+  // A task owns grad_value[batch, tokens of its levels, head, :]. It covers all levels when the
+  // (batch, head) pairs alone keep every thread busy (grad_output rows are then read once), else
+  // a single level. Either way each grad_value element receives its contributions in the same
+  // order (queries ascending, then points), so the result does not depend on the split.
+  const int64_t level_groups = B * heads >= at::get_num_threads() ? 1 : L;
+  const int64_t levels_per_task = L / level_groups;
+  const int64_t cost = Q * levels_per_task * P * (8 * C + 64);
 
-  at::parallel_for(0, B * heads * L, grain_size(cost), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * heads * level_groups, grain_size(cost), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> grad_out(C);
     std::vector<acc_t> scratch(4 * C);  // value-gradient sink of out-of-map corners
     const std::vector<scalar_t> zero_row(C, scalar_t(0));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t batch = task / (heads * L);
-      const int64_t head = (task / L) % heads;
-      const int64_t level = task % L;
-      const Level lv = levels[level];
-      const int64_t level_offset = msda::value_index(batch, lv.start, head, 0, S, heads, C);
-      const scalar_t* value_level = value + level_offset;
-      acc_t* grad_value_level = grad_value + level_offset;
+      const int64_t batch = task / (heads * level_groups);
+      const int64_t head = (task / level_groups) % heads;
+      const int64_t level_begin = (task % level_groups) * levels_per_task;
+      const int64_t level_end = level_begin + levels_per_task;
 
       for (int64_t query = 0; query < Q; ++query) {
         const scalar_t* g = grad_output + (batch * Q + query) * heads * C + head * C;
+        if (query + kPrefetchQueries < Q) {
+          // Rows of consecutive queries are heads * C apart: too far for the hardware
+          // prefetcher to follow, so fetch the inputs of a query a few iterations ahead.
+          const int64_t ahead = query + kPrefetchQueries;
+          prefetch_range(g + kPrefetchQueries * heads * C, C);
+          const int64_t attn_ahead = msda::attention_weight_index(batch, ahead, head,
+                                                                  level_begin, 0, Q, heads, L, P);
+          prefetch_range(attention_weights + attn_ahead, levels_per_task * P);
+          prefetch_range(sampling_locations + 2 * attn_ahead, 2 * levels_per_task * P);
+        }
         for (int64_t c = 0; c < C; ++c) grad_out[c] = static_cast<acc_t>(g[c]);
-        const int64_t attn_base =
-            msda::attention_weight_index(batch, query, head, level, 0, Q, heads, L, P);
-        for (int64_t point = 0; point < P; ++point) {
-          const int64_t attn_idx = attn_base + point;
-          const acc_t x = msda::normalized_to_pixel(
-              static_cast<acc_t>(sampling_locations[2 * attn_idx]), lv.W);
-          const acc_t y = msda::normalized_to_pixel(
-              static_cast<acc_t>(sampling_locations[2 * attn_idx + 1]), lv.H);
-          BilinearCorners<acc_t> corners;
-          if (!msda::bilinear_corners(x, y, lv.H, lv.W, corners)) {
-            grad_attention_weights[attn_idx] = scalar_t(0);
-            grad_sampling_locations[2 * attn_idx] = scalar_t(0);
-            grad_sampling_locations[2 * attn_idx + 1] = scalar_t(0);
-            continue;
+        for (int64_t level = level_begin; level < level_end; ++level) {
+          const Level lv = levels[level];
+          const int64_t level_offset = msda::value_index(batch, lv.start, head, 0, S, heads, C);
+          const scalar_t* value_level = value + level_offset;
+          acc_t* grad_value_level = grad_value + level_offset;
+          const int64_t attn_base =
+              msda::attention_weight_index(batch, query, head, level, 0, Q, heads, L, P);
+          for (int64_t point = 0; point < P; ++point) {
+            const int64_t attn_idx = attn_base + point;
+            const acc_t x = msda::normalized_to_pixel(
+                static_cast<acc_t>(sampling_locations[2 * attn_idx]), lv.W);
+            const acc_t y = msda::normalized_to_pixel(
+                static_cast<acc_t>(sampling_locations[2 * attn_idx + 1]), lv.H);
+            BilinearCorners<acc_t> corners;
+            if (!msda::bilinear_corners(x, y, lv.H, lv.W, corners)) {
+              grad_attention_weights[attn_idx] = scalar_t(0);
+              grad_sampling_locations[2 * attn_idx] = scalar_t(0);
+              grad_sampling_locations[2 * attn_idx + 1] = scalar_t(0);
+              continue;
+            }
+            const acc_t attention = static_cast<acc_t>(attention_weights[attn_idx]);
+            const scalar_t* v[4];
+            acc_t* gv[4];
+            acc_t aw[4];
+            for (int i = 0; i < 4; ++i) {
+              const int64_t offset = corners.offset[i] * token_stride;
+              v[i] = corners.inside[i] ? value_level + offset : zero_row.data();
+              gv[i] = corners.inside[i] ? grad_value_level + offset : scratch.data() + i * C;
+              aw[i] = attention * corners.weight[i];
+            }
+            acc_t dot[4];
+            corner_dots_and_scatter(grad_out.data(), v[0], v[1], v[2], v[3], gv[0], gv[1],
+                                    gv[2], gv[3], aw, C, dot);
+            acc_t sample = 0, dsample_dx = 0, dsample_dy = 0;
+            for (int i = 0; i < 4; ++i) {
+              sample += corners.weight[i] * dot[i];
+              dsample_dx += corners.dweight_dx[i] * dot[i];
+              dsample_dy += corners.dweight_dy[i] * dot[i];
+            }
+            grad_attention_weights[attn_idx] = static_cast<scalar_t>(sample);
+            // d x_pixel / d x_normalised = W and likewise H for y.
+            grad_sampling_locations[2 * attn_idx] =
+                static_cast<scalar_t>(attention * static_cast<acc_t>(lv.W) * dsample_dx);
+            grad_sampling_locations[2 * attn_idx + 1] =
+                static_cast<scalar_t>(attention * static_cast<acc_t>(lv.H) * dsample_dy);
           }
-          const acc_t attention = static_cast<acc_t>(attention_weights[attn_idx]);
-          const scalar_t* v[4];
-          acc_t* gv[4];
-          acc_t aw[4];
-          for (int i = 0; i < 4; ++i) {
-            const int64_t offset = corners.offset[i] * token_stride;
-            v[i] = corners.inside[i] ? value_level + offset : zero_row.data();
-            gv[i] = corners.inside[i] ? grad_value_level + offset : scratch.data() + i * C;
-            aw[i] = attention * corners.weight[i];
-          }
-          acc_t dot[4];
-          corner_dots_and_scatter(grad_out.data(), v[0], v[1], v[2], v[3], gv[0], gv[1], gv[2],
-                                  gv[3], aw, C, dot);
-          acc_t sample = 0, dsample_dx = 0, dsample_dy = 0;
-          for (int i = 0; i < 4; ++i) {
-            sample += corners.weight[i] * dot[i];
-            dsample_dx += corners.dweight_dx[i] * dot[i];
-            dsample_dy += corners.dweight_dy[i] * dot[i];
-          }
-          grad_attention_weights[attn_idx] = static_cast<scalar_t>(sample);
-          // d x_pixel / d x_normalised = W and likewise H for y.
-          grad_sampling_locations[2 * attn_idx] =
-              static_cast<scalar_t>(attention * static_cast<acc_t>(lv.W) * dsample_dx);
-          grad_sampling_locations[2 * attn_idx + 1] =
-              static_cast<scalar_t>(attention * static_cast<acc_t>(lv.H) * dsample_dy);
         }
       }
     }

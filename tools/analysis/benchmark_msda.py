@@ -63,9 +63,19 @@ def make_inputs(levels, queries, batch, dtype, device, heads=8, channels=32, poi
     tokens = int(sizes.sum())
     queries = tokens if queries is None else queries
     value = torch.randn(batch, tokens, heads, channels, generator=generator)
-    # Offsets around reference points, as in Deformable DETR: mostly inside, some outside.
-    locations = torch.rand(batch, queries, heads, len(levels), points, 2,
-                           generator=generator) * 1.1 - 0.05
+    # As in Deformable DETR: each query samples around its reference point (encoder: the centre
+    # of its own pixel; decoder: a random point), with offsets of a few pixels of each level.
+    if queries == tokens:
+        centres = [torch.stack(torch.meshgrid((torch.arange(W) + 0.5) / W,
+                                              (torch.arange(H) + 0.5) / H, indexing='xy'),
+                               -1).reshape(-1, 2) for H, W in levels]
+        reference = torch.cat(centres)  # (Q, 2) normalised (x, y)
+    else:
+        reference = torch.rand(queries, 2, generator=generator)
+    level_sizes = torch.tensor([[W, H] for H, W in levels], dtype=torch.float32)  # (L, 2)
+    offsets = 2 * torch.randn(batch, queries, heads, len(levels), points, 2,
+                              generator=generator)  # pixels
+    locations = reference[None, :, None, None, None] + offsets / level_sizes[:, None]
     weights = torch.rand(batch, queries, heads, len(levels), points, generator=generator)
     weights = weights / weights.sum((-1, -2), keepdim=True)
     floats = [t.to(device, dtype) for t in (value, locations, weights)]
