@@ -301,6 +301,13 @@ def check_emulation(nvcc, out_dir, verbose):
     except ImportError:
         print('[emulate] skipped: needs numpy and torch (for the reference)')
         return True
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    try:
+        import mmdet_detrx.ops  # noqa: F401  (the grid_sample reference)
+    except ImportError as error:
+        print(f'[emulate] skipped: cannot import mmdet_detrx.ops for the reference ({error})')
+        return True
     start = time.time()
     binary = build_emulator(nvcc, out_dir, verbose)
     ok = True
