@@ -4,10 +4,11 @@
 //                           bilinear(value[b, level, :, head, :], loc[b, q, head, level, point])
 //
 // Forward: parallel over (batch, query); each task owns its output rows.
-// Backward: parallel over (batch, head) or (batch, head, level); a task loops over all queries and
-// points in a fixed order and is the only writer of its slice grad_value[b, level tokens, head, :]
-// and of the location / attention gradients of its (b, :, head, level, :) entries. No atomics, no races: the
-// result is bitwise identical for any thread count.
+// Backward: parallel over (batch, head) or (batch, head, level); a task loops over all queries
+// and points in a fixed order and is the only writer of its slice
+// grad_value[b, level tokens, head, :] and of the location / attention gradients of its
+// (b, :, head, level, :) entries. No atomics, no races: the result is bitwise identical for any
+// thread count.
 // Half and bfloat16 inputs accumulate in float (at::opmath_type); grad_value is accumulated in a
 // float buffer and rounded once at the end. im2col_step is a CUDA chunking knob: the CPU kernel
 // validates it and otherwise ignores it.
@@ -21,6 +22,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "ms_deform_attn.h"
@@ -46,6 +48,17 @@ std::vector<Level> read_levels(const at::Tensor& spatial_shapes,
     levels[level] = {shape_data[2 * level], shape_data[2 * level + 1], start_data[level]};
   }
   return levels;
+}
+
+// Element type the kernels read value in. c10::Half -> float has no fast scalar conversion
+// without F16C, and every value row is read many times (once per sampling point hitting it), so
+// half value is widened to float once up front; bfloat16 -> float is a shift and stays inline.
+// The arithmetic is the same fp32 accumulation either way.
+template <typename scalar_t>
+using value_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, float, scalar_t>;
+
+at::Tensor widen_value(const at::Tensor& value) {
+  return value.scalar_type() == at::kHalf ? value.to(at::kFloat) : value;
 }
 
 // Items per at::parallel_for chunk: about 32k multiply-adds (ATen's own grain), so that tiny
@@ -129,7 +142,7 @@ inline void prefetch_range(const T* data, int64_t n) {
 constexpr int64_t kPrefetchQueries = 4;
 
 template <typename scalar_t>
-void forward_kernel(const scalar_t* value, const std::vector<Level>& levels,
+void forward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& levels,
                     const scalar_t* sampling_locations, const scalar_t* attention_weights,
                     scalar_t* output, int64_t B, int64_t S, int64_t heads, int64_t C, int64_t Q,
                     int64_t P) {
@@ -140,7 +153,7 @@ void forward_kernel(const scalar_t* value, const std::vector<Level>& levels,
 
   at::parallel_for(0, B * Q, grain_size(cost), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(C);
-    const std::vector<scalar_t> zero_row(C, scalar_t(0));
+    const std::vector<value_t<scalar_t>> zero_row(C, value_t<scalar_t>(0));
     for (int64_t batch_query = begin; batch_query < end; ++batch_query) {
       const int64_t batch = batch_query / Q, query = batch_query % Q;
       for (int64_t head = 0; head < heads; ++head) {
@@ -149,7 +162,7 @@ void forward_kernel(const scalar_t* value, const std::vector<Level>& levels,
             msda::attention_weight_index(batch, query, head, 0, 0, Q, heads, L, P);
         for (int64_t level = 0; level < L; ++level) {
           const Level lv = levels[level];
-          const scalar_t* value_level =
+          const value_t<scalar_t>* value_level =
               value + msda::value_index(batch, lv.start, head, 0, S, heads, C);
           for (int64_t point = 0; point < P; ++point) {
             const int64_t attn_idx = attn_base + level * P + point;
@@ -160,7 +173,7 @@ void forward_kernel(const scalar_t* value, const std::vector<Level>& levels,
             BilinearCorners<acc_t> corners;
             if (!msda::bilinear_corners(x, y, lv.H, lv.W, corners)) continue;
             const acc_t attention = static_cast<acc_t>(attention_weights[attn_idx]);
-            const scalar_t* v[4];
+            const value_t<scalar_t>* v[4];
             acc_t w[4];
             for (int i = 0; i < 4; ++i) {
               v[i] = corners.inside[i] ? value_level + corners.offset[i] * token_stride
@@ -178,7 +191,7 @@ void forward_kernel(const scalar_t* value, const std::vector<Level>& levels,
 }
 
 template <typename scalar_t>
-void backward_kernel(const scalar_t* value, const std::vector<Level>& levels,
+void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& levels,
                      const scalar_t* sampling_locations, const scalar_t* attention_weights,
                      const scalar_t* grad_output, at::opmath_type<scalar_t>* grad_value,
                      scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights,
@@ -197,7 +210,7 @@ void backward_kernel(const scalar_t* value, const std::vector<Level>& levels,
   at::parallel_for(0, B * heads * level_groups, grain_size(cost), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> grad_out(C);
     std::vector<acc_t> scratch(4 * C);  // value-gradient sink of out-of-map corners
-    const std::vector<scalar_t> zero_row(C, scalar_t(0));
+    const std::vector<value_t<scalar_t>> zero_row(C, value_t<scalar_t>(0));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t batch = task / (heads * level_groups);
       const int64_t head = (task / level_groups) % heads;
@@ -220,7 +233,7 @@ void backward_kernel(const scalar_t* value, const std::vector<Level>& levels,
         for (int64_t level = level_begin; level < level_end; ++level) {
           const Level lv = levels[level];
           const int64_t level_offset = msda::value_index(batch, lv.start, head, 0, S, heads, C);
-          const scalar_t* value_level = value + level_offset;
+          const value_t<scalar_t>* value_level = value + level_offset;
           acc_t* grad_value_level = grad_value + level_offset;
           const int64_t attn_base =
               msda::attention_weight_index(batch, query, head, level, 0, Q, heads, L, P);
@@ -238,7 +251,7 @@ void backward_kernel(const scalar_t* value, const std::vector<Level>& levels,
               continue;
             }
             const acc_t attention = static_cast<acc_t>(attention_weights[attn_idx]);
-            const scalar_t* v[4];
+            const value_t<scalar_t>* v[4];
             acc_t* gv[4];
             acc_t aw[4];
             for (int i = 0; i < 4; ++i) {
@@ -280,13 +293,13 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   at::Tensor output = at::empty({B, Q, heads * C}, value.options());
   if (output.numel() == 0) return output;
 
-  const at::Tensor value_c = value.contiguous();
+  const at::Tensor value_c = widen_value(value).contiguous();
   const at::Tensor locations_c = sampling_locations.contiguous();
   const at::Tensor weights_c = attention_weights.contiguous();
   const std::vector<Level> levels = read_levels(spatial_shapes, level_start_index);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-        forward_kernel<scalar_t>(value_c.const_data_ptr<scalar_t>(), levels,
+        forward_kernel<scalar_t>(value_c.const_data_ptr<value_t<scalar_t>>(), levels,
                                  locations_c.const_data_ptr<scalar_t>(),
                                  weights_c.const_data_ptr<scalar_t>(),
                                  output.mutable_data_ptr<scalar_t>(), B, S, heads, C, Q, P);
@@ -311,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   at::Tensor grad_attention_weights = at::empty(attention_weights.sizes(),
                                                 attention_weights.options());
   if (attention_weights.numel() > 0) {
-    const at::Tensor value_c = value.contiguous();
+    const at::Tensor value_c = widen_value(value).contiguous();
     const at::Tensor locations_c = sampling_locations.contiguous();
     const at::Tensor weights_c = attention_weights.contiguous();
     const at::Tensor grad_output_c = grad_output.contiguous();
@@ -319,8 +332,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
           backward_kernel<scalar_t>(
-              value_c.const_data_ptr<scalar_t>(), levels, locations_c.const_data_ptr<scalar_t>(),
-              weights_c.const_data_ptr<scalar_t>(), grad_output_c.const_data_ptr<scalar_t>(),
+              value_c.const_data_ptr<value_t<scalar_t>>(), levels,
+              locations_c.const_data_ptr<scalar_t>(), weights_c.const_data_ptr<scalar_t>(),
+              grad_output_c.const_data_ptr<scalar_t>(),
               grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>(),
               grad_sampling_locations.mutable_data_ptr<scalar_t>(),
               grad_attention_weights.mutable_data_ptr<scalar_t>(), B, S, heads, C, Q, P);
