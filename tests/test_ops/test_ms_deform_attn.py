@@ -2,6 +2,9 @@
 
 The same tests run on every device with a native kernel (CPU always, CUDA when present).
 """
+import importlib
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -244,6 +247,20 @@ def test_pytorch_switch_selects_implementation(use_pytorch, monkeypatch):
     assert 'detrx.ms_deform_attn_forward.default' not in recorder.ops
 
 
+def test_fallback_without_native_kernel_warns_once(monkeypatch):
+    # The submodule, not the function that `mmdet_detrx.ops` re-exports under the same name.
+    module = importlib.import_module('mmdet_detrx.ops.ms_deform_attn')
+    monkeypatch.setattr(module, '_has_native_kernel', lambda device_type: False)
+    monkeypatch.setattr(module, '_warned_fallback', set())
+    inputs = make_inputs()
+    with pytest.warns(UserWarning, match='PyTorch implementation on cpu'):
+        out = ms_deform_attn(*inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        ms_deform_attn(*inputs)  # second call: no warning
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(*inputs[:2], *inputs[3:]))
+
+
 def test_meta_tensors_give_shapes():
     value, shapes, starts, locations, weights = make_inputs(device='meta')
     out = ms_deform_attn(value, shapes, starts, locations, weights)
@@ -301,6 +318,21 @@ def test_torch_export():
     targets = [str(node.target) for node in exported.graph.nodes if node.op == 'call_function']
     assert targets == ['detrx.ms_deform_attn_forward.default']
     torch.testing.assert_close(exported.module()(*inputs), Sampler()(*inputs))
+
+
+def test_onnx_export_uses_standard_ops(tmp_path):
+    onnx = pytest.importorskip('onnx')
+
+    class Sampler(torch.nn.Module):
+
+        def forward(self, value, locations, weights):
+            return ms_deform_attn(value, shapes, starts, locations, weights)
+
+    value, shapes, starts, locations, weights = make_inputs(dtype=torch.float32)
+    path = str(tmp_path / 'msda.onnx')
+    torch.onnx.export(Sampler(), (value, locations, weights), path, dynamo=False)
+    op_types = {node.op_type for node in onnx.load(path).graph.node}
+    assert 'GridSample' in op_types
 
 
 def test_autocast_bfloat16():
