@@ -17,6 +17,8 @@ Stages 1 and 2 are ``nvcc -c`` into a temporary directory (nothing is linked or 
    few problems in every dtype, and compares output and gradients with the grid_sample reference
    ``mmdet_detrx.ops.ms_deform_attn_pytorch``. Needs torch and numpy; ``--no-emulate`` skips it.
    This checks the kernels' arithmetic and indexing without a GPU, not their behaviour on one.
+   ``--sanitize`` builds the emulator with AddressSanitizer + UBSan: out-of-bounds indexing in
+   the kernels then aborts the run.
 
 Targets: ``--arch``, else ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``), else sm_80 and sm_90.
 Exit status 0 when every stage passed or nvcc is absent (a skip message is printed), 1 when a
@@ -165,10 +167,17 @@ def check_glue(nvcc, arch, include_dirs, out_dir, verbose):
     return rc == 0
 
 
-def build_emulator(nvcc, out_dir, verbose=False):
-    """Compiles ms_deform_attn_emulate.cpp (host code only) and returns the executable's path."""
-    binary = osp.join(out_dir, 'ms_deform_attn_emulate')
+def build_emulator(nvcc, out_dir, verbose=False, sanitize=False):
+    """Compiles ms_deform_attn_emulate.cpp (host code only) and returns the executable's path.
+    With `sanitize`, under AddressSanitizer + UndefinedBehaviorSanitizer (gcc / clang): any
+    out-of-bounds access or undefined behaviour of the kernels' indexing aborts the run."""
+    binary = osp.join(out_dir, 'ms_deform_attn_emulate' + ('_asan' if sanitize else ''))
     cmd = [nvcc, '-std=c++17', '-O2', '-I', OPS_DIR, EMULATOR_SRC, '-o', binary]
+    if sanitize:
+        # One flag per -Xcompiler: nvcc splits its values at commas.
+        cmd += ['-g', '-Xcompiler', '-fsanitize=address', '-Xcompiler', '-fsanitize=undefined',
+                '-Xcompiler', '-fno-sanitize-recover=undefined', '-Xcompiler',
+                '-fno-omit-frame-pointer', '-lasan', '-lubsan']
     rc, log, elapsed = run_nvcc(cmd, verbose)
     if rc != 0:
         raise RuntimeError(f'building the kernel emulator failed:\n{log}')
@@ -294,7 +303,16 @@ EMULATION_CASES = (
 )
 
 
-def check_emulation(nvcc, out_dir, verbose):
+def off_map_problem(seed=0):
+    """Every sampling point entirely off its map, at finite, infinite and NaN coordinates."""
+    import numpy as np
+    value, shapes, starts, locations, weights, grad_output = emulation_problem(seed=seed)
+    far = np.array([-1e6, -1.0, 2.0, 1e6, np.inf, -np.inf, np.nan])
+    locations = far[np.random.default_rng(seed).integers(len(far), size=locations.shape)]
+    return value, shapes, starts, locations, weights, grad_output
+
+
+def check_emulation(nvcc, out_dir, verbose, sanitize=False):
     try:
         import numpy  # noqa: F401
         import torch  # noqa: F401
@@ -309,7 +327,7 @@ def check_emulation(nvcc, out_dir, verbose):
         print(f'[emulate] skipped: cannot import mmdet_detrx.ops for the reference ({error})')
         return True
     start = time.time()
-    binary = build_emulator(nvcc, out_dir, verbose)
+    binary = build_emulator(nvcc, out_dir, verbose, sanitize)
     ok = True
     for index, (dtype, problem_kwargs, emulate_kwargs) in enumerate(EMULATION_CASES):
         problem = round_problem(dtype, *emulation_problem(**problem_kwargs))
@@ -320,7 +338,13 @@ def check_emulation(nvcc, out_dir, verbose):
         ok = ok and passed
         print(f'[emulate] {dtype:8s} {problem_kwargs} {emulate_kwargs}: '
               f'{"ok" if passed else "FAILED"} (error {error:.3f} of tolerance)')
-    print(f'[emulate] {"ok" if ok else "FAILED"} ({time.time() - start:.1f} s)')
+    results = emulate(binary, osp.join(out_dir, 'off_map'), 'float', *off_map_problem())
+    passed = not any(result.any() for result in results)
+    ok = ok and passed
+    print(f'[emulate] points off the maps (±1e6, ±inf, NaN) give zeros: '
+          f'{"ok" if passed else "FAILED"}')
+    sanitizers = ' under ASan + UBSan' if sanitize else ''
+    print(f'[emulate] {"ok" if ok else "FAILED"}{sanitizers} ({time.time() - start:.1f} s)')
     return ok
 
 
@@ -333,6 +357,8 @@ def parse_args(argv=None):
                         help='skip compiling the torch glue ms_deform_attn_kernel.cu')
     parser.add_argument('--no-emulate', action='store_true',
                         help='skip running the kernels in the CPU emulator')
+    parser.add_argument('--sanitize', action='store_true',
+                        help='build the emulator with AddressSanitizer + UBSan (slower)')
     parser.add_argument('-v', '--verbose', action='store_true',
                         help='print commands, compiler output and registers/spills per kernel')
     return parser.parse_args(argv)
@@ -373,7 +399,7 @@ def main(argv=None):
         if args.no_emulate:
             print('[emulate] skipped (--no-emulate)')
         else:
-            ok = check_emulation(nvcc, out_dir, args.verbose) and ok
+            ok = check_emulation(nvcc, out_dir, args.verbose, args.sanitize) and ok
     print('check_cuda_kernels: ' + ('all passed' if ok else 'FAILED'))
     return 0 if ok else 1
 

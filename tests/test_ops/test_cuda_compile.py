@@ -125,11 +125,32 @@ def test_emulated_misaligned_value_falls_back_to_scalar_loads(emulator, tmp_path
 
 
 def test_emulated_points_off_the_maps_contribute_nothing(emulator, tmp_path):
-    import numpy as np
     tool, binary = emulator
-    value, shapes, starts, locations, weights, grad_output = tool.emulation_problem()
-    far = np.array([-1e6, -1.0, 2.0, 1e6, np.inf, -np.inf])
-    locations = far[np.random.default_rng(0).integers(len(far), size=locations.shape)]
-    for result in tool.emulate(binary, str(tmp_path), 'float', value, shapes, starts, locations,
-                               weights, grad_output):
+    for result in tool.emulate(binary, str(tmp_path), 'float', *tool.off_map_problem()):
         assert not result.any()
+
+
+@pytest.mark.slow
+@needs_nvcc
+def test_emulation_under_address_sanitizer():
+    proc = subprocess.run([sys.executable, TOOL, '--no-glue', '--sanitize', '--arch', 'sm_80'],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout
+    assert 'under ASan + UBSan' in proc.stdout
+
+
+@pytest.mark.slow
+@needs_nvcc
+def test_address_sanitizer_catches_out_of_bounds_reads(tmp_path):
+    """The sanitized emulator is a real memory check: a value tensor shorter than the level table
+    promises (which the op's input check rejects) must abort it."""
+    pytest.importorskip('numpy')
+    tool = load_tool()
+    binary = tool.build_emulator(shutil.which('nvcc'), str(tmp_path), sanitize=True)
+    value, shapes, starts, locations, weights, grad_output = tool.emulation_problem(
+        shapes=((13, 17), ))
+    locations[...] = 0.999  # the bottom-right pixel: the last tokens of each batch element
+    with pytest.raises(RuntimeError, match='AddressSanitizer'):
+        tool.emulate(binary, str(tmp_path / 'run'), 'float', value[:, :-3], shapes, starts,
+                     locations, weights, grad_output)
