@@ -186,7 +186,8 @@ def test_misaligned_storage_uses_scalar_loads(dtype):
 def test_points_off_the_maps_contribute_nothing():
     value, spatial_shapes, level_start_index, locations, weights = make_inputs(
         dtype=torch.float32)
-    far = torch.tensor([-1e6, -1.0, 2.0, 1e6, float('inf'), -float('inf')], device=DEVICE)
+    far = torch.tensor([-1e6, -1.0, 2.0, 1e6, float('inf'), -float('inf'), float('nan')],
+                       device=DEVICE)
     index = torch.randint(len(far), locations.shape, generator=torch.Generator().manual_seed(2))
     locations = far[index.to(DEVICE)]
     output, grad_value, grad_locations, grad_weights = output_and_grads(
