@@ -200,10 +200,13 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
   const int64_t L = static_cast<int64_t>(levels.size());
   const int64_t token_stride = heads * C;
   // A task owns grad_value[batch, tokens of its levels, head, :]. It covers all levels when the
-  // (batch, head) pairs alone keep every thread busy (grad_output rows are then read once), else
-  // a single level. Either way each grad_value element receives its contributions in the same
+  // (batch, head) pairs alone spread evenly over the threads (grad_output rows are then read
+  // once), else a single level: per-level tasks all cost Q * P samples, so L times more of them
+  // balance better. Either way each grad_value element receives its contributions in the same
   // order (queries ascending, then points), so the result does not depend on the split.
-  const int64_t level_groups = B * heads >= at::get_num_threads() ? 1 : L;
+  const int64_t threads = at::get_num_threads(), pairs = B * heads;
+  const bool pairs_balance = pairs % threads == 0 || pairs >= 4 * threads;
+  const int64_t level_groups = pairs_balance ? 1 : L;
   const int64_t levels_per_task = L / level_groups;
   const int64_t cost = Q * levels_per_task * P * (8 * C + 64);
 
