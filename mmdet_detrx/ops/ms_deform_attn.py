@@ -192,8 +192,9 @@ def ms_deform_attn(value: torch.Tensor,
     attention_weights. Returns ``(B, Q, heads * C)`` in value's dtype.
 
     ``im2col_step`` only chunks the batch on devices whose kernel uses it; any batch size works.
-    Under autocast all floating inputs are computed in float32 (as mmcv does): bilinear sampling
-    at low precision would misplace locations by up to a pixel on large maps.
+    Under autocast the three floating inputs are cast to float32 (mmcv instead casts the
+    locations and weights down to value's dtype): a bfloat16 location is off by up to ~0.4 pixel
+    on a 167-pixel-wide level. Outside autocast they must share value's dtype.
     """
     if _autocast_enabled(value):
         value, sampling_locations, attention_weights = (
