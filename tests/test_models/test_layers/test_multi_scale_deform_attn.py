@@ -73,11 +73,14 @@ def test_matches_mmcv(ref_dim, with_mask, batch_first):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_identity_and_value_default_like_mmcv():
+def test_encoder_self_attention_defaults_like_mmcv():
+    # Encoder use: value is None (the query itself, before query_pos), identity given.
     ours, ref = _pair()
     inputs = _inputs(2)
-    inputs['value'] = None  # self-attention: value is the query (before query_pos)
+    inputs['query'] = inputs.pop('value')  # one query per value token
+    inputs['query_pos'] = torch.randn_like(inputs['query'])
     inputs['identity'] = torch.randn_like(inputs['query'])
+    inputs['reference_points'] = torch.rand(BATCH, NUM_VALUES, NUM_LEVELS, 2)
     with torch.no_grad():
         torch.testing.assert_close(ours(**inputs), ref(**inputs), atol=1e-5, rtol=1e-5)
 
