@@ -30,7 +30,8 @@ def test_registered_and_parameter_count():
 
 @pytest.mark.parametrize('size', [(800, 1216), (608, 1000), (513, 771)])
 def test_output_shapes_equal_resnet(size):
-    bot50, r50 = BoTNet(depth=50).eval(), ResNet(depth=50).eval()
+    bot50, r50 = BoTNet(depth=50), ResNet(depth=50)
+    bot50.eval(), r50.eval()  # mmdet's ResNet.train() returns None
     x = torch.randn(1, 3, *size)
     with torch.no_grad():
         bot_outs, res_outs = bot50(x), r50(x)
@@ -39,7 +40,8 @@ def test_output_shapes_equal_resnet(size):
 
 
 def test_s1_keeps_c5_at_stride_16():
-    bot = BoTNet(depth=50, s1=True, out_indices=(2, 3)).eval()
+    bot = BoTNet(depth=50, s1=True, out_indices=(2, 3))
+    bot.eval()
     with torch.no_grad():
         c4, c5 = bot(torch.randn(1, 3, 224, 320))
     assert c4.shape[-2:] == c5.shape[-2:] == (224 // 16, 320 // 16)
@@ -111,7 +113,8 @@ def test_with_cp_gives_same_gradients():
 
 
 def test_bfloat16_autocast():
-    bot = BoTNet(depth=50, base_channels=16, out_indices=(3, )).eval()
+    bot = BoTNet(depth=50, base_channels=16, out_indices=(3, ))
+    bot.eval()
     x = torch.randn(1, 3, 160, 224)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         out = bot(x)[0]
@@ -141,3 +144,31 @@ def test_attention_is_the_only_new_module():
     assert len(attn) == 3
     assert all(m.num_heads == 4 and m.pos_embed == 'relative' for m in attn)
     assert bot.layer4[0].mhsa.embed_dims == 512
+
+
+def test_mask_rcnn_bot50_train_step_on_synthetic_shapes(tmp_path):
+    from mmdet.utils import register_all_modules
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.runner import Runner
+    register_all_modules(init_default_scope=True)
+
+    cfg = Config.fromfile(
+        osp.join(ROOT, 'configs/botnet/mask-rcnn_bot50_fpn_1xb8-12e_synthetic-shapes.py'))
+    loader_cfg = cfg.train_dataloader
+    loader_cfg.update(batch_size=2, num_workers=0, persistent_workers=False)
+    loader_cfg.dataset.update(
+        data_root=str(tmp_path / 'shapes'),
+        spec=dict(seed=0, num_train=4, num_val=2, image_size=(128, 96), max_objects=3))
+    loader = Runner.build_dataloader(loader_cfg)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    assert isinstance(model.backbone, BoTNet)
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    qkv = model.backbone.layer4[0].mhsa.qkv.weight
+    qkv_before = qkv.detach().clone()
+
+    losses = model.train_step(next(iter(loader)), optim_wrapper)
+
+    assert {'loss_rpn_cls', 'loss_cls', 'loss_bbox', 'loss_mask'} <= set(losses)
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    assert not torch.equal(qkv.detach(), qkv_before)  # the attention was trained

@@ -1,0 +1,144 @@
+"""Forward time and peak memory of BoTNet vs the ResNet it modifies, same run, same input.
+
+Every (backbone, input size) pair is measured in a fresh subprocess so that peak memory is
+that pair's own: on CPU the growth of the process's peak resident set size during the forward
+passes (activations and workspaces; weights and input are allocated before), on CUDA
+``torch.cuda.max_memory_allocated`` minus the memory held before the forward passes.
+
+Example (CPU, the numbers in docs/botnet.md)::
+
+    python tools/analysis/benchmark_botnet.py --sizes 1024x1024 800x1333 --repeat 5 \
+        --out work_dirs/benchmark_botnet.md
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+BACKBONES = {
+    'R50': dict(type='ResNet', depth=50),
+    'BoT50': dict(type='BoTNet', depth=50),
+    'R101': dict(type='ResNet', depth=101),
+    'BoT101': dict(type='BoTNet', depth=101),
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--backbones', nargs='+', default=['R50', 'BoT50'],
+                        choices=sorted(BACKBONES))
+    parser.add_argument('--sizes', nargs='+', default=['1024x1024', '800x1333'],
+                        help='input sizes as HxW')
+    parser.add_argument('--batch-size', type=int, default=1)
+    parser.add_argument('--repeat', type=int, default=5, help='timed forward passes')
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'],
+                        help='autocast dtype for the forward (float32: no autocast)')
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
+    parser.add_argument('--out', help='also write the markdown table to this file')
+    parser.add_argument('--single', nargs=2, metavar=('BACKBONE', 'SIZE'),
+                        help=argparse.SUPPRESS)  # internal: measure one pair, print JSON
+    return parser.parse_args()
+
+
+def parse_size(text):
+    try:
+        height, width = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise ValueError(f'sizes must look like 800x1333 (HxW), got {text!r}') from None
+    return height, width
+
+
+def peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(args, name, size):
+    """Median forward time (ms) and peak extra memory (MiB) of one backbone at one size."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    import mmdet_detrx  # noqa: F401  (registers BoTNet)
+    register_all_modules(init_default_scope=False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = MODELS.build(BACKBONES[name]).to(device).eval()
+    num_params = sum(p.numel() for p in model.parameters())
+    x = torch.randn(args.batch_size, 3, *size, device=device)
+    autocast = torch.autocast(device.type, dtype=getattr(torch, args.dtype),
+                              enabled=args.dtype != 'float32')
+
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        memory_before = torch.cuda.memory_allocated()
+    else:
+        memory_before = peak_rss_bytes()
+    times = []
+    with torch.no_grad(), autocast:
+        for i in range(args.warmup + args.repeat):
+            sync()
+            start = time.perf_counter()
+            outs = model(x)
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+            del outs
+    if device.type == 'cuda':
+        peak = torch.cuda.max_memory_allocated() - memory_before
+    else:
+        peak = peak_rss_bytes() - memory_before
+    times.sort()
+    return dict(backbone=name, size=f'{size[0]}x{size[1]}', params_m=num_params / 1e6,
+                ms=1e3 * times[len(times) // 2], ms_min=1e3 * times[0],
+                memory_mib=peak / 2**20)
+
+
+def main():
+    args = parse_args()
+    if args.single:
+        print(json.dumps(measure(args, args.single[0], parse_size(args.single[1]))))
+        return
+    sizes = [parse_size(s) for s in args.sizes]  # validate before spawning anything
+    passthrough = [f'--batch-size={args.batch_size}', f'--repeat={args.repeat}',
+                   f'--warmup={args.warmup}', f'--device={args.device}', f'--dtype={args.dtype}']
+    if args.threads:
+        passthrough.append(f'--threads={args.threads}')
+    rows = []
+    for height, width in sizes:
+        for name in args.backbones:
+            cmd = [sys.executable, __file__, '--single', name, f'{height}x{width}', *passthrough]
+            result = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(f'{name} {height}x{width}: {rows[-1]["ms"]:.0f} ms', file=sys.stderr)
+
+    device = (torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else
+              f'CPU, {args.threads or torch.get_num_threads()} threads')
+    lines = [
+        f'Backbone forward, batch {args.batch_size}, {args.dtype}, {device}; median of '
+        f'{args.repeat} after {args.warmup} warm-up; memory = peak growth during the forward.',
+        '',
+        '| backbone | params (M) | input HxW | forward (ms) | min (ms) | peak memory (MiB) |',
+        '|---|---:|---|---:|---:|---:|',
+    ]
+    for row in rows:
+        lines.append(f'| {row["backbone"]} | {row["params_m"]:.2f} | {row["size"]} | '
+                     f'{row["ms"]:.0f} | {row["ms_min"]:.0f} | {row["memory_mib"]:.0f} |')
+    table = '\n'.join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write(table + '\n')
+
+
+if __name__ == '__main__':
+    main()
