@@ -1,7 +1,7 @@
 """Benchmark ACT's attention alone against exact attention, on tokens with realistic redundancy.
 
     python tools/analysis/benchmark_act.py [--tokens 1024 4096 16384] [--heads 8]
-        [--embed-dims 256] [--num-hashes 32] [--bucket-width 1.0] [--repeat 3]
+        [--embed-dims 256] [--num-hashes 32] [--bucket-width 2.0] [--repeat 3]
         [--out-dir DIR] [--device cpu]
 
 Tokens: a documented clustered mixture standing in for a DETR encoder feature map, whose large
@@ -46,8 +46,8 @@ def parse_args(argv=None):
     parser.add_argument('--heads', type=int, default=8)
     parser.add_argument('--embed-dims', type=int, default=256)
     parser.add_argument('--num-hashes', type=int, default=32)
-    parser.add_argument('--bucket-width', type=float, default=1.0,
-                        help='E2LSH r on q / sqrt(head_dims) (default 1.0)')
+    parser.add_argument('--bucket-width', type=float, default=2.0,
+                        help='E2LSH r on q / sqrt(head_dims) (default 2.0)')
     parser.add_argument('--regions', type=int, default=None,
                         help='mixture centres (default: tokens // 64)')
     parser.add_argument('--noise', type=float, default=0.05, help='sigma of the token noise')
