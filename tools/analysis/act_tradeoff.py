@@ -177,10 +177,12 @@ def main(argv=None):
     if cfg.model.get('backbone', {}).get('init_cfg') is not None:
         cfg.model.backbone.init_cfg = None  # all weights come from the checkpoint
     runner = Runner.from_cfg(cfg)
+    # What Runner.test() does, with the test loop run once per setting.
     runner._test_loop = runner.build_test_loop(runner._test_loop)
+    runner.call_hook('before_run')
     runner.load_or_resume()
-
     rows = run_sweep(runner, [None] + sorted(args.num_hashes))
+    runner.call_hook('after_run')
     table = to_markdown(rows)
     print(table)
     os.makedirs(args.out_dir, exist_ok=True)
