@@ -130,16 +130,54 @@ inline void corner_dots_and_scatter(const acc_t* __restrict grad_out,
   }
 }
 
-// Software prefetch of n elements (one hint per 64-byte cache line).
+// Software prefetch of the first bytes of a row (the hardware prefetcher follows the rest).
 template <typename T>
-inline void prefetch_range(const T* data, int64_t n) {
+inline void prefetch_row(const T* data, int64_t n, bool for_write = false) {
   const char* bytes = reinterpret_cast<const char*>(data);
-  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64) {
-    __builtin_prefetch(bytes + offset);
+  const int64_t size = std::min<int64_t>(n * static_cast<int64_t>(sizeof(T)), 256);
+  for (int64_t offset = 0; offset < size; offset += 64) {
+    if (for_write) {
+      __builtin_prefetch(bytes + offset, 1);
+    } else {
+      __builtin_prefetch(bytes + offset);
+    }
   }
 }
 
 constexpr int64_t kPrefetchQueries = 4;
+
+// The value rows a sampling point gathers from, planned before any of them is read. Planning all
+// points of a query first and prefetching their rows lets the cache misses of the (mostly
+// scattered) gathers overlap instead of being paid one after the other.
+template <typename value_type, typename acc_t>
+struct SamplePlan {
+  bool inside;                    // false: all four corners off the map, the point adds nothing
+  acc_t attention;                // A[b, q, head, level, point]
+  BilinearCorners<acc_t> corners;
+  const value_type* rows[4];      // value rows of the corners (a row of zeros when off the map)
+};
+
+// Plans one sampling point; returns whether it touches the map.
+template <typename value_type, typename acc_t, typename scalar_t>
+inline bool plan_sample(const scalar_t* sampling_locations, const scalar_t* attention_weights,
+                        int64_t attn_idx, const Level& lv, const value_type* value_level,
+                        int64_t token_stride, const value_type* zero_row, int64_t C,
+                        SamplePlan<value_type, acc_t>& plan) {
+  const acc_t x = msda::normalized_to_pixel(
+      static_cast<acc_t>(sampling_locations[2 * attn_idx]), lv.W);
+  const acc_t y = msda::normalized_to_pixel(
+      static_cast<acc_t>(sampling_locations[2 * attn_idx + 1]), lv.H);
+  plan.inside = msda::bilinear_corners(x, y, lv.H, lv.W, plan.corners);
+  if (!plan.inside) return false;
+  plan.attention = static_cast<acc_t>(attention_weights[attn_idx]);
+  for (int i = 0; i < 4; ++i) {
+    plan.rows[i] = plan.corners.inside[i]
+                       ? value_level + plan.corners.offset[i] * token_stride
+                       : zero_row;
+    if (plan.corners.inside[i]) prefetch_row(plan.rows[i], C);
+  }
+  return true;
+}
 
 template <typename scalar_t>
 void forward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& levels,
@@ -147,41 +185,42 @@ void forward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& le
                     scalar_t* output, int64_t B, int64_t S, int64_t heads, int64_t C, int64_t Q,
                     int64_t P) {
   using acc_t = at::opmath_type<scalar_t>;
+  using value_type = value_t<scalar_t>;
   const int64_t L = static_cast<int64_t>(levels.size());
   const int64_t token_stride = heads * C;  // distance between two tokens of one (batch, head)
-  const int64_t cost = heads * L * P * (4 * C + 32);
+  const int64_t samples = heads * L * P;   // sampling points of one query
+  const int64_t cost = samples * (4 * C + 32);
 
   at::parallel_for(0, B * Q, grain_size(cost), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(C);
-    const std::vector<value_t<scalar_t>> zero_row(C, value_t<scalar_t>(0));
+    const std::vector<value_type> zero_row(C, value_type(0));
+    std::vector<SamplePlan<value_type, acc_t>> plans(samples);
     for (int64_t batch_query = begin; batch_query < end; ++batch_query) {
       const int64_t batch = batch_query / Q, query = batch_query % Q;
+      // Pass 1: corners of every (head, level, point) of this query, rows prefetched.
       for (int64_t head = 0; head < heads; ++head) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        const int64_t attn_base =
-            msda::attention_weight_index(batch, query, head, 0, 0, Q, heads, L, P);
         for (int64_t level = 0; level < L; ++level) {
-          const Level lv = levels[level];
-          const value_t<scalar_t>* value_level =
+          const Level& lv = levels[level];
+          const value_type* value_level =
               value + msda::value_index(batch, lv.start, head, 0, S, heads, C);
           for (int64_t point = 0; point < P; ++point) {
-            const int64_t attn_idx = attn_base + level * P + point;
-            const acc_t x = msda::normalized_to_pixel(
-                static_cast<acc_t>(sampling_locations[2 * attn_idx]), lv.W);
-            const acc_t y = msda::normalized_to_pixel(
-                static_cast<acc_t>(sampling_locations[2 * attn_idx + 1]), lv.H);
-            BilinearCorners<acc_t> corners;
-            if (!msda::bilinear_corners(x, y, lv.H, lv.W, corners)) continue;
-            const acc_t attention = static_cast<acc_t>(attention_weights[attn_idx]);
-            const value_t<scalar_t>* v[4];
-            acc_t w[4];
-            for (int i = 0; i < 4; ++i) {
-              v[i] = corners.inside[i] ? value_level + corners.offset[i] * token_stride
-                                       : zero_row.data();
-              w[i] = attention * corners.weight[i];
-            }
-            accumulate_corners(acc.data(), v[0], v[1], v[2], v[3], w, C);
+            const int64_t attn_idx =
+                msda::attention_weight_index(batch, query, head, level, point, Q, heads, L, P);
+            plan_sample(sampling_locations, attention_weights, attn_idx, lv, value_level,
+                        token_stride, zero_row.data(), C, plans[attn_idx % samples]);
           }
+        }
+      }
+      // Pass 2: gather and accumulate, one head (C output channels) at a time.
+      for (int64_t head = 0; head < heads; ++head) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t sample = head * L * P; sample < (head + 1) * L * P; ++sample) {
+          const SamplePlan<value_type, acc_t>& plan = plans[sample];
+          if (!plan.inside) continue;
+          acc_t w[4];
+          for (int i = 0; i < 4; ++i) w[i] = plan.attention * plan.corners.weight[i];
+          accumulate_corners(acc.data(), plan.rows[0], plan.rows[1], plan.rows[2],
+                             plan.rows[3], w, C);
         }
         scalar_t* out = output + batch_query * heads * C + head * C;
         for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
@@ -197,6 +236,7 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
                      scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights,
                      int64_t B, int64_t S, int64_t heads, int64_t C, int64_t Q, int64_t P) {
   using acc_t = at::opmath_type<scalar_t>;
+  using value_type = value_t<scalar_t>;
   const int64_t L = static_cast<int64_t>(levels.size());
   const int64_t token_stride = heads * C;
   // A task owns grad_value[batch, tokens of its levels, head, :]. It covers all levels when the
@@ -208,77 +248,85 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
   const bool pairs_balance = pairs % threads == 0 || pairs >= 4 * threads;
   const int64_t level_groups = pairs_balance ? 1 : L;
   const int64_t levels_per_task = L / level_groups;
-  const int64_t cost = Q * levels_per_task * P * (8 * C + 64);
+  const int64_t samples = levels_per_task * P;  // sampling points of one query in a task
+  const int64_t cost = Q * samples * (8 * C + 64);
 
   at::parallel_for(0, B * heads * level_groups, grain_size(cost), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> grad_out(C);
     std::vector<acc_t> scratch(4 * C);  // value-gradient sink of out-of-map corners
-    const std::vector<value_t<scalar_t>> zero_row(C, value_t<scalar_t>(0));
+    const std::vector<value_type> zero_row(C, value_type(0));
+    std::vector<SamplePlan<value_type, acc_t>> plans(samples);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t batch = task / (heads * level_groups);
       const int64_t head = (task / level_groups) % heads;
       const int64_t level_begin = (task % level_groups) * levels_per_task;
-      const int64_t level_end = level_begin + levels_per_task;
 
       for (int64_t query = 0; query < Q; ++query) {
         const scalar_t* g = grad_output + (batch * Q + query) * heads * C + head * C;
+        const int64_t attn_begin =
+            msda::attention_weight_index(batch, query, head, level_begin, 0, Q, heads, L, P);
         if (query + kPrefetchQueries < Q) {
-          // Rows of consecutive queries are heads * C apart: too far for the hardware
-          // prefetcher to follow, so fetch the inputs of a query a few iterations ahead.
-          const int64_t ahead = query + kPrefetchQueries;
-          prefetch_range(g + kPrefetchQueries * heads * C, C);
-          const int64_t attn_ahead = msda::attention_weight_index(batch, ahead, head,
-                                                                  level_begin, 0, Q, heads, L, P);
-          prefetch_range(attention_weights + attn_ahead, levels_per_task * P);
-          prefetch_range(sampling_locations + 2 * attn_ahead, 2 * levels_per_task * P);
+          // Inputs of consecutive queries are heads * ... apart: too far for the hardware
+          // prefetcher to follow, so fetch those of a query a few iterations ahead.
+          const int64_t attn_ahead = attn_begin + kPrefetchQueries * heads * L * P;
+          prefetch_row(g + kPrefetchQueries * heads * C, C);
+          prefetch_row(attention_weights + attn_ahead, samples);
+          prefetch_row(sampling_locations + 2 * attn_ahead, 2 * samples);
+        }
+        // Pass 1: corners of this query's points in the task's levels, rows prefetched (the
+        // grad_value rows for writing).
+        for (int64_t sample = 0; sample < samples; ++sample) {
+          const Level& lv = levels[level_begin + sample / P];
+          const int64_t level_offset = msda::value_index(batch, lv.start, head, 0, S, heads, C);
+          SamplePlan<value_type, acc_t>& plan = plans[sample];
+          if (plan_sample(sampling_locations, attention_weights, attn_begin + sample, lv,
+                          value + level_offset, token_stride, zero_row.data(), C, plan)) {
+            for (int i = 0; i < 4; ++i) {
+              if (plan.corners.inside[i]) {
+                prefetch_row(grad_value + level_offset + plan.corners.offset[i] * token_stride,
+                             C, /*for_write=*/true);
+              }
+            }
+          }
         }
         for (int64_t c = 0; c < C; ++c) grad_out[c] = static_cast<acc_t>(g[c]);
-        for (int64_t level = level_begin; level < level_end; ++level) {
-          const Level lv = levels[level];
-          const int64_t level_offset = msda::value_index(batch, lv.start, head, 0, S, heads, C);
-          const value_t<scalar_t>* value_level = value + level_offset;
-          acc_t* grad_value_level = grad_value + level_offset;
-          const int64_t attn_base =
-              msda::attention_weight_index(batch, query, head, level, 0, Q, heads, L, P);
-          for (int64_t point = 0; point < P; ++point) {
-            const int64_t attn_idx = attn_base + point;
-            const acc_t x = msda::normalized_to_pixel(
-                static_cast<acc_t>(sampling_locations[2 * attn_idx]), lv.W);
-            const acc_t y = msda::normalized_to_pixel(
-                static_cast<acc_t>(sampling_locations[2 * attn_idx + 1]), lv.H);
-            BilinearCorners<acc_t> corners;
-            if (!msda::bilinear_corners(x, y, lv.H, lv.W, corners)) {
-              grad_attention_weights[attn_idx] = scalar_t(0);
-              grad_sampling_locations[2 * attn_idx] = scalar_t(0);
-              grad_sampling_locations[2 * attn_idx + 1] = scalar_t(0);
-              continue;
-            }
-            const acc_t attention = static_cast<acc_t>(attention_weights[attn_idx]);
-            const value_t<scalar_t>* v[4];
-            acc_t* gv[4];
-            acc_t aw[4];
-            for (int i = 0; i < 4; ++i) {
-              const int64_t offset = corners.offset[i] * token_stride;
-              v[i] = corners.inside[i] ? value_level + offset : zero_row.data();
-              gv[i] = corners.inside[i] ? grad_value_level + offset : scratch.data() + i * C;
-              aw[i] = attention * corners.weight[i];
-            }
-            acc_t dot[4];
-            corner_dots_and_scatter(grad_out.data(), v[0], v[1], v[2], v[3], gv[0], gv[1],
-                                    gv[2], gv[3], aw, C, dot);
-            acc_t sample = 0, dsample_dx = 0, dsample_dy = 0;
-            for (int i = 0; i < 4; ++i) {
-              sample += corners.weight[i] * dot[i];
-              dsample_dx += corners.dweight_dx[i] * dot[i];
-              dsample_dy += corners.dweight_dy[i] * dot[i];
-            }
-            grad_attention_weights[attn_idx] = static_cast<scalar_t>(sample);
-            // d x_pixel / d x_normalised = W and likewise H for y.
-            grad_sampling_locations[2 * attn_idx] =
-                static_cast<scalar_t>(attention * static_cast<acc_t>(lv.W) * dsample_dx);
-            grad_sampling_locations[2 * attn_idx + 1] =
-                static_cast<scalar_t>(attention * static_cast<acc_t>(lv.H) * dsample_dy);
+        // Pass 2: the four dot products with grad_out, the grad_value scatter, and the
+        // location / attention gradients of each point.
+        for (int64_t sample = 0; sample < samples; ++sample) {
+          const int64_t attn_idx = attn_begin + sample;
+          const SamplePlan<value_type, acc_t>& plan = plans[sample];
+          if (!plan.inside) {
+            grad_attention_weights[attn_idx] = scalar_t(0);
+            grad_sampling_locations[2 * attn_idx] = scalar_t(0);
+            grad_sampling_locations[2 * attn_idx + 1] = scalar_t(0);
+            continue;
           }
+          const Level& lv = levels[level_begin + sample / P];
+          acc_t* grad_value_level =
+              grad_value + msda::value_index(batch, lv.start, head, 0, S, heads, C);
+          const BilinearCorners<acc_t>& corners = plan.corners;
+          acc_t* gv[4];
+          acc_t aw[4];
+          for (int i = 0; i < 4; ++i) {
+            gv[i] = corners.inside[i] ? grad_value_level + corners.offset[i] * token_stride
+                                      : scratch.data() + i * C;
+            aw[i] = plan.attention * corners.weight[i];
+          }
+          acc_t dot[4];
+          corner_dots_and_scatter(grad_out.data(), plan.rows[0], plan.rows[1], plan.rows[2],
+                                  plan.rows[3], gv[0], gv[1], gv[2], gv[3], aw, C, dot);
+          acc_t sampled = 0, dsampled_dx = 0, dsampled_dy = 0;
+          for (int i = 0; i < 4; ++i) {
+            sampled += corners.weight[i] * dot[i];
+            dsampled_dx += corners.dweight_dx[i] * dot[i];
+            dsampled_dy += corners.dweight_dy[i] * dot[i];
+          }
+          grad_attention_weights[attn_idx] = static_cast<scalar_t>(sampled);
+          // d x_pixel / d x_normalised = W and likewise H for y.
+          grad_sampling_locations[2 * attn_idx] =
+              static_cast<scalar_t>(plan.attention * static_cast<acc_t>(lv.W) * dsampled_dx);
+          grad_sampling_locations[2 * attn_idx + 1] =
+              static_cast<scalar_t>(plan.attention * static_cast<acc_t>(lv.H) * dsampled_dy);
         }
       }
     }
