@@ -34,7 +34,7 @@ def _extensions():
 
     sources = _sources('ops/*.cpp') + _sources('ops/cpu/*.cpp')
     include_dirs = [os.path.join(ROOT, 'ops')]
-    cxx_flags = ['-O3', '-std=c++17']
+    cxx_flags = ['-O3']  # the C++ standard is torch.utils.cpp_extension's choice
     link_flags = []
     if os.name == 'posix':
         # at::parallel_for is a header template: without -fopenmp its OpenMP pragmas are
@@ -51,7 +51,7 @@ def _extensions():
             sources + _sources('ops/cuda/*.cu'),
             include_dirs=include_dirs,
             define_macros=[('WITH_CUDA', None)],
-            extra_compile_args={'cxx': cxx_flags, 'nvcc': ['-O3', '-std=c++17', '-lineinfo']},
+            extra_compile_args={'cxx': cxx_flags, 'nvcc': ['-O3', '-lineinfo']},
             extra_link_args=link_flags)
     else:
         ext = CppExtension(

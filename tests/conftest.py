@@ -23,3 +23,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if 'slow' in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _mmdet_default_scope():
+    """Resolve bare type names (LoadAnnotations, ...) in mmdet's scope, as mmdet's configs do."""
+    try:
+        from mmengine.registry import init_default_scope
+        import mmdet_detrx  # noqa: F401
+    except ImportError:  # op-only machine (torch without mmdet)
+        yield
+        return
+    init_default_scope('mmdet')
+    yield

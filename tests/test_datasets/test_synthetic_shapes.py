@@ -58,7 +58,7 @@ def test_valid_coco_with_boxes_inside_images(tmp_path):
 def test_regeneration_refuses_other_spec(tmp_path):
     root = str(tmp_path / 'shapes')
     generate_synthetic_shapes(root, **SPEC)
-    with pytest.raises(ValueError, match='spec'):
+    with pytest.raises(ValueError, match='not the requested'):
         generate_synthetic_shapes(root, **{**SPEC, 'seed': 9})
     bad = tmp_path / 'not_shapes'
     bad.mkdir()

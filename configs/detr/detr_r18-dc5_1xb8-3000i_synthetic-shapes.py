@@ -1,0 +1,93 @@
+# A small plain DETR (exact encoder attention) trained from scratch on the embedded dataset: the
+# "pretrained DETR" that ACT replaces without retraining and that MTKD fine-tunes from
+# (docs/act.md, docs/mtkd.md). Dilated C5 (stride 16) as in the paper's DETR-DC5.
+_base_ = [
+    '../_base_/datasets/synthetic_shapes.py', 'mmdet::_base_/default_runtime.py'
+]
+custom_imports = dict(imports=['mmdet_detrx'], allow_failed_imports=False)
+
+embed_dims = 128
+model = dict(
+    type='DETRX',
+    num_queries=30,
+    data_preprocessor=dict(
+        type='DetDataPreprocessor',
+        mean=[123.675, 116.28, 103.53],
+        std=[58.395, 57.12, 57.375],
+        bgr_to_rgb=True,
+        pad_size_divisor=1),
+    backbone=dict(
+        type='ResNet',
+        depth=18,
+        num_stages=4,
+        strides=(1, 2, 2, 1),
+        dilations=(1, 1, 1, 2),
+        out_indices=(3, ),
+        frozen_stages=-1,
+        norm_cfg=dict(type='BN', requires_grad=True),
+        norm_eval=False,
+        style='pytorch',
+        init_cfg=None),
+    neck=dict(
+        type='ChannelMapper',
+        in_channels=[512],
+        kernel_size=1,
+        out_channels=embed_dims,
+        act_cfg=None,
+        norm_cfg=None,
+        num_outs=1),
+    encoder=dict(
+        num_layers=3,
+        layer_cfg=dict(
+            self_attn_cfg=dict(embed_dims=embed_dims, num_heads=8, dropout=0.0,
+                               batch_first=True),
+            ffn_cfg=dict(embed_dims=embed_dims, feedforward_channels=512, num_fcs=2,
+                         ffn_drop=0.0, act_cfg=dict(type='ReLU', inplace=True)))),
+    decoder=dict(
+        num_layers=3,
+        layer_cfg=dict(
+            self_attn_cfg=dict(embed_dims=embed_dims, num_heads=8, dropout=0.0,
+                               batch_first=True),
+            cross_attn_cfg=dict(embed_dims=embed_dims, num_heads=8, dropout=0.0,
+                                batch_first=True),
+            ffn_cfg=dict(embed_dims=embed_dims, feedforward_channels=512, num_fcs=2,
+                         ffn_drop=0.0, act_cfg=dict(type='ReLU', inplace=True))),
+        return_intermediate=True),
+    positional_encoding=dict(num_feats=embed_dims // 2, normalize=True),
+    bbox_head=dict(
+        type='DETRHead',
+        num_classes=3,
+        embed_dims=embed_dims,
+        loss_cls=dict(type='CrossEntropyLoss', bg_cls_weight=0.1, use_sigmoid=False,
+                      loss_weight=1.0, class_weight=1.0),
+        loss_bbox=dict(type='L1Loss', loss_weight=5.0),
+        loss_iou=dict(type='GIoULoss', loss_weight=2.0)),
+    train_cfg=dict(
+        assigner=dict(
+            type='HungarianAssigner',
+            match_costs=[
+                dict(type='ClassificationCost', weight=1.),
+                dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
+                dict(type='IoUCost', iou_mode='giou', weight=2.0)
+            ])),
+    test_cfg=dict(max_per_img=30))
+
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4),
+    clip_grad=dict(max_norm=0.1, norm_type=2))
+
+max_iters = 3000
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=1000)
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
+    dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters, milestones=[2500],
+         gamma=0.1)
+]
+default_hooks = dict(
+    logger=dict(type='LoggerHook', interval=50),
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=1000, max_keep_ckpts=2))
+log_processor = dict(by_epoch=False)
+auto_scale_lr = dict(base_batch_size=8)

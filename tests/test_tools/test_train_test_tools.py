@@ -1,0 +1,141 @@
+"""tools/train.py and tools/test.py as a user runs them: smoke train, resume, evaluate, DDP."""
+import glob
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+DEMO = 'configs/demo/deformable-detrx_r18_1xb8-1500i_synthetic-shapes.py'
+
+
+def _tiny_options(data_root, max_iters, ckpt_interval=1):
+    spec = "dict(seed=1,num_train=16,num_val=4,image_size=(96,96),max_objects=3)"
+    opts = [
+        f'train_dataloader.dataset.data_root={data_root}',
+        f'val_dataloader.dataset.data_root={data_root}',
+        f'test_dataloader.dataset.data_root={data_root}',
+        f'val_evaluator.ann_file={data_root}/annotations/val.json',
+        f'test_evaluator.ann_file={data_root}/annotations/val.json',
+        f'train_dataloader.dataset.spec={spec}',
+        f'val_dataloader.dataset.spec={spec}',
+        f'test_dataloader.dataset.spec={spec}',
+        'train_dataloader.batch_size=2', 'val_dataloader.batch_size=2',
+        'test_dataloader.batch_size=2',
+        'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
+        'val_dataloader.num_workers=0', 'val_dataloader.persistent_workers=False',
+        'test_dataloader.num_workers=0', 'test_dataloader.persistent_workers=False',
+        f'train_cfg.max_iters={max_iters}', 'train_cfg.val_interval=1000',
+        f'default_hooks.checkpoint.interval={ckpt_interval}',
+        'default_hooks.checkpoint.max_keep_ckpts=-1',
+        'default_hooks.logger.interval=1', 'randomness.seed=0',
+    ]
+    return ['--cfg-options', *opts]
+
+
+def _run(args, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, **kwargs)
+
+
+def _check(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """Two iterations of the demo config through tools/train.py, checkpointing every one."""
+    tmp = tmp_path_factory.mktemp('train')
+    data_root, work_dir = str(tmp / 'shapes'), str(tmp / 'work')
+    _check(_run(['tools/train.py', DEMO, '--work-dir', work_dir,
+                 *_tiny_options(data_root, max_iters=2)]))
+    return data_root, work_dir
+
+
+def test_smoke_train_writes_checkpoints(trained):
+    _, work_dir = trained
+    assert osp.isfile(osp.join(work_dir, 'iter_1.pth'))
+    assert osp.isfile(osp.join(work_dir, 'iter_2.pth'))
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        assert f.read().strip().endswith('iter_2.pth')
+
+
+def test_resume_restores_iteration_and_optimizer(trained, tmp_path):
+    data_root, work_dir = trained
+    ckpt1 = osp.join(work_dir, 'iter_1.pth')
+    before = torch.load(ckpt1, map_location='cpu', weights_only=False)
+    resumed_dir = str(tmp_path / 'resumed')
+    proc = _check(_run(['tools/train.py', DEMO, '--work-dir', resumed_dir, '--resume', ckpt1,
+                        *_tiny_options(data_root, max_iters=3)]))
+    log = proc.stdout + proc.stderr
+    assert 'resumed epoch: 0, iter: 1' in log.replace('\n', ' ') or 'resumed' in log
+    after = torch.load(osp.join(resumed_dir, 'iter_3.pth'), map_location='cpu',
+                       weights_only=False)
+    assert after['meta']['iter'] == 3
+    # optimizer state came along: AdamW steps continue from the checkpoint's count
+    step_before = next(iter(before['optimizer']['state'].values()))['step']
+    step_after = next(iter(after['optimizer']['state'].values()))['step']
+    assert float(step_after) == float(step_before) + 2
+    # the checkpoint we resumed from is untouched
+    again = torch.load(ckpt1, map_location='cpu', weights_only=False)
+    assert again['meta']['iter'] == 1
+    for key, value in before['state_dict'].items():
+        assert torch.equal(value, again['state_dict'][key])
+
+
+def test_auto_resume_picks_latest(trained, tmp_path):
+    data_root, work_dir = trained
+    proc = _check(_run(['tools/train.py', DEMO, '--work-dir', work_dir, '--resume',
+                        *_tiny_options(data_root, max_iters=2)]))
+    assert 'iter_2.pth' in proc.stdout + proc.stderr
+
+
+def test_test_tool_evaluates_and_dumps(trained, tmp_path):
+    data_root, work_dir = trained
+    out = str(tmp_path / 'preds.pkl')
+    show_dir = 'shows'
+    proc = _check(_run(['tools/test.py', DEMO, osp.join(work_dir, 'iter_2.pth'), '--work-dir',
+                        str(tmp_path / 'test'), '--out', out, '--show-dir', show_dir,
+                        *_tiny_options(data_root, max_iters=2)]))
+    assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
+    assert osp.getsize(out) > 0
+    metrics = glob.glob(str(tmp_path / 'test' / '*' / '*.json'))
+    assert metrics and 'coco/bbox_mAP' in json.load(open(metrics[0]))
+    assert glob.glob(str(tmp_path / 'test' / '*' / show_dir / '*.png'))
+
+
+def test_missing_checkpoint_names_path(tmp_path):
+    missing = str(tmp_path / 'nope.pth')
+    proc = _run(['tools/test.py', DEMO, missing])
+    assert proc.returncode != 0 and missing in proc.stderr
+    proc = _run(['tools/train.py', DEMO, '--resume', missing])
+    assert proc.returncode != 0 and missing in proc.stderr
+
+
+def test_coco_config_without_data_says_where(tmp_path):
+    proc = _run(['tools/train.py', 'mmdet::detr/detr_r50_8xb2-150e_coco.py', '--work-dir',
+                 str(tmp_path / 'w'), '--cfg-options', f'train_dataloader.dataset.data_root='
+                 f'{tmp_path}/coco/'])
+    assert proc.returncode != 0
+    assert f'{tmp_path}/coco/annotations/instances_train2017.json' in proc.stderr
+    assert 'data_root' in proc.stderr
+
+
+def test_ddp_two_cpu_processes(trained, tmp_path):
+    data_root, _ = trained
+    work_dir = str(tmp_path / 'ddp')
+    env_port = str(29500 + os.getpid() % 1000)
+    proc = _run(['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={env_port}',
+                 'tools/train.py', DEMO, '--launcher', 'pytorch', '--work-dir', work_dir,
+                 *_tiny_options(data_root, max_iters=2, ckpt_interval=2)], timeout=600)
+    _check(proc)
+    ckpt = torch.load(osp.join(work_dir, 'iter_2.pth'), map_location='cpu', weights_only=False)
+    assert ckpt['meta']['iter'] == 2
+    assert 'world_size: 2' in proc.stdout + proc.stderr or 'Distributed launcher: pytorch' in (
+        proc.stdout + proc.stderr)
