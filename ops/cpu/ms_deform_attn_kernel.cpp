@@ -232,7 +232,8 @@ void forward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& le
 template <typename scalar_t>
 void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& levels,
                      const scalar_t* sampling_locations, const scalar_t* attention_weights,
-                     const scalar_t* grad_output, at::opmath_type<scalar_t>* grad_value,
+                     const scalar_t* grad_output,
+                     at::opmath_type<scalar_t>* grad_value,  // uninitialised, zeroed here
                      scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights,
                      int64_t B, int64_t S, int64_t heads, int64_t C, int64_t Q, int64_t P) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -260,6 +261,15 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
       const int64_t batch = task / (heads * level_groups);
       const int64_t head = (task / level_groups) % heads;
       const int64_t level_begin = (task % level_groups) * levels_per_task;
+      // Zero the owned grad_value rows here rather than up front: the memset runs in parallel
+      // and the pages are first touched by the thread that accumulates into them.
+      for (int64_t level = level_begin; level < level_begin + levels_per_task; ++level) {
+        const Level& lv = levels[level];
+        for (int64_t token = lv.start; token < lv.start + lv.H * lv.W; ++token) {
+          acc_t* row = grad_value + msda::value_index(batch, token, head, 0, S, heads, C);
+          std::fill(row, row + C, acc_t(0));
+        }
+      }
 
       for (int64_t query = 0; query < Q; ++query) {
         const scalar_t* g = grad_output + (batch * Q + query) * heads * C + head * C;
@@ -369,7 +379,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const int64_t Q = sampling_locations.size(1), P = sampling_locations.size(4);
 
   const auto acc_dtype = at::toOpMathType(value.scalar_type());
-  at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(acc_dtype));
+  // The kernel zeroes grad_value itself (every row belongs to exactly one task).
+  at::Tensor grad_value = attention_weights.numel() > 0
+                              ? at::empty(value.sizes(), value.options().dtype(acc_dtype))
+                              : at::zeros(value.sizes(), value.options().dtype(acc_dtype));
   at::Tensor grad_sampling_locations = at::empty(sampling_locations.sizes(),
                                                  sampling_locations.options());
   at::Tensor grad_attention_weights = at::empty(attention_weights.sizes(),
