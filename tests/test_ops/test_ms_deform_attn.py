@@ -95,7 +95,9 @@ def test_gradcheck(device, channels):
     def op(value, locations, weights):
         return ms_deform_attn(value, shapes, starts, locations, weights)
 
-    assert torch.autograd.gradcheck(op, (value, locations, weights), eps=1e-6, atol=1e-6)
+    # fast_mode checks random projections of the Jacobian: 1025 channels stay quick.
+    assert torch.autograd.gradcheck(op, (value, locations, weights), eps=1e-6, atol=1e-6,
+                                    fast_mode=channels > 100)
 
 
 @pytest.mark.parametrize('device', DEVICES)
