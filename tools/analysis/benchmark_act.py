@@ -68,8 +68,8 @@ def clustered_tokens(num_tokens, embed_dims, regions, noise, generator):
 
 
 def timed(fn, repeat, device):
+    out = fn()  # warm-up: first-call allocations and kernel selection are not timed
     times = []
-    out = None
     for _ in range(repeat):
         if device.startswith('cuda'):
             torch.cuda.synchronize()
