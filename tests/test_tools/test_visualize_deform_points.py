@@ -8,8 +8,11 @@ import pytest
 import torch
 from mmdet.registry import MODELS
 from mmengine.config import Config
+from mmengine.registry import init_default_scope
 
 from mmdet_detrx.datasets import SHAPE_CLASSES, generate_synthetic_shapes
+
+init_default_scope('mmdet')  # configs name mmdet's modules without a scope prefix
 
 REPO = osp.join(osp.dirname(__file__), '..', '..')
 CONFIG = osp.join(REPO, 'configs', 'deformable_detr', 'deformable-detrx_r50_16xb2-50e_coco.py')
