@@ -68,7 +68,8 @@ def measure(args, name, size):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = MODELS.build(BACKBONES[name]).to(device).eval()
+    model = MODELS.build(BACKBONES[name]).to(device)
+    model.eval()  # mmdet's ResNet.train() returns None, so no chaining
     num_params = sum(p.numel() for p in model.parameters())
     x = torch.randn(args.batch_size, 3, *size, device=device)
     autocast = torch.autocast(device.type, dtype=getattr(torch, args.dtype),
@@ -117,7 +118,9 @@ def main():
     for height, width in sizes:
         for name in args.backbones:
             cmd = [sys.executable, __file__, '--single', name, f'{height}x{width}', *passthrough]
-            result = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode:
+                sys.exit(f'{name} {height}x{width} failed:\n{result.stderr}')
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(f'{name} {height}x{width}: {rows[-1]["ms"]:.0f} ms', file=sys.stderr)
 

@@ -30,13 +30,27 @@ def test_registered_and_parameter_count():
 
 @pytest.mark.parametrize('size', [(800, 1216), (608, 1000), (513, 771)])
 def test_output_shapes_equal_resnet(size):
-    bot50, r50 = BoTNet(depth=50), ResNet(depth=50)
+    # Spatial sizes depend only on depth and strides: narrow (1/4-width) BoT50/R50 keep the
+    # test fast on CPU; the full-width channels are checked below at a small size.
+    narrow = dict(depth=50, stem_channels=16, base_channels=16)
+    bot50, r50 = BoTNet(**narrow), ResNet(**narrow)
     bot50.eval(), r50.eval()  # mmdet's ResNet.train() returns None
     x = torch.randn(1, 3, *size)
     with torch.no_grad():
         bot_outs, res_outs = bot50(x), r50(x)
     assert [o.shape for o in bot_outs] == [o.shape for o in res_outs]
-    assert bot_outs[-1].shape[1] == 2048
+    strides = [(size[0] + s - 1) // s for s in (4, 8, 16, 32)]
+    assert [o.shape[2] for o in bot_outs] == strides
+
+
+def test_full_width_output_channels():
+    bot50, r50 = BoTNet(depth=50), ResNet(depth=50)
+    bot50.eval(), r50.eval()
+    x = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        bot_outs, res_outs = bot50(x), r50(x)
+    assert [o.shape for o in bot_outs] == [o.shape for o in res_outs]
+    assert [o.shape[1] for o in bot_outs] == [256, 512, 1024, 2048]
 
 
 def test_s1_keeps_c5_at_stride_16():
@@ -51,8 +65,10 @@ def test_s1_keeps_c5_at_stride_16():
 
 @pytest.mark.parametrize('pos_embed', ['relative', 'absolute', 'none'])
 def test_c4_and_c5_stages_any_size(pos_embed):
-    bot = BoTNet(depth=50, bot_stages=(2, 3), pos_embed=pos_embed, max_size=8, num_heads=8)
+    bot = BoTNet(depth=50, bot_stages=(2, 3), pos_embed=pos_embed, max_size=8, num_heads=8,
+                 stem_channels=16, base_channels=16)
     assert all(isinstance(b, BoTBlock) for b in [*bot.layer3, *bot.layer4])
+    assert not any(isinstance(b, BoTBlock) for b in [*bot.layer1, *bot.layer2])
     assert bot.layer3[0].mhsa.num_heads == 8 and bot.layer3[0].mhsa.pos_embed == pos_embed
     bot.init_weights()
     bot.eval()
