@@ -155,8 +155,8 @@ class BoTNet(ResNet):
         if any(cfg and cfg.get('type') == 'Pretrained' for cfg in init_cfgs):
             new_keys, dropped_keys = self.resnet_key_diff()
             print_log(
-                f'BoTNet: a ResNet checkpoint initialises every kept layer; '
-                f'{len(new_keys)} attention tensors are new (initialised from scratch): '
-                f'{", ".join(new_keys)}; {len(dropped_keys)} ResNet tensors are replaced '
-                f'by attention and not loaded: {", ".join(dropped_keys)}',
+                f'BoTNet: {len(new_keys)} attention tensors are not in a ResNet checkpoint '
+                f'and keep their fresh initialisation: {", ".join(new_keys)}; '
+                f'{len(dropped_keys)} ResNet tensors are replaced by attention and not used: '
+                f'{", ".join(dropped_keys)}',
                 logger='current')

@@ -1,3 +1,4 @@
+import logging
 import os.path as osp
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 from mmdet.models.backbones import ResNet
 from mmdet.registry import MODELS
 from mmengine.config import Config
+from mmengine.logging import MMLogger
 
 import mmdet_detrx  # noqa: F401
 from mmdet_detrx.models.backbones.botnet import BoTBlock, BoTNet
@@ -90,7 +92,15 @@ def test_resnet_checkpoint_loads_every_kept_layer(tmp_path):
     torch.save(checkpoint, path)
 
     bot50 = BoTNet(depth=50, init_cfg=dict(type='Pretrained', checkpoint=path))
-    bot50.init_weights()
+    logger = MMLogger.get_current_instance()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        bot50.init_weights()
+    finally:
+        logger.removeHandler(handler)
     bot_state = bot50.state_dict()
     new_keys, dropped_keys = bot50.resnet_key_diff()
 
@@ -99,6 +109,8 @@ def test_resnet_checkpoint_loads_every_kept_layer(tmp_path):
     assert set(new_keys) == {f'layer4.{i}.mhsa.{name}' for i in range(3)
                              for name in ('qkv.weight', 'pos_h', 'pos_w')}
     assert set(dropped_keys) == {f'layer4.{i}.conv2.weight' for i in range(3)}
+    report = [r.getMessage() for r in records if r.getMessage().startswith('BoTNet:')]
+    assert len(report) == 1 and all(key in report[0] for key in new_keys + dropped_keys)
     for key in set(bot_state) & set(resnet_state):
         assert torch.equal(bot_state[key], resnet_state[key]), key
     # The new attention tensors are initialised, not left at zero.
