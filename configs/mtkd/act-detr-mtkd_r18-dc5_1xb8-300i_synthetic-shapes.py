@@ -6,7 +6,7 @@
 _base_ = '../act/act-detr_r18-dc5_1xb8-3000i_synthetic-shapes.py'
 
 # The exact DETR trained by configs/detr/detr_r18-dc5_1xb8-3000i_synthetic-shapes.py.
-pretrained_detr = 'work_dirs/detr_r18-dc5_1xb8-3000i_synthetic-shapes/iter_3000.pth'
+pretrained_detr = 'work_dirs/detr_r18-dc5_synthetic/iter_3000.pth'
 load_from = pretrained_detr
 
 model = dict(

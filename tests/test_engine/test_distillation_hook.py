@@ -1,7 +1,7 @@
 """DistillationHook: an external frozen teacher distils a student inside mmengine's Runner.
 
 Teacher and student are mmdet's DETR shrunk to a few thousand parameters; the data is a fixed
-list of two random batches, so a 4-iteration run takes seconds and is deterministic.
+list of two random batches, so a 2-iteration run takes seconds and is deterministic.
 """
 import copy
 import os.path as osp
@@ -41,12 +41,13 @@ def tiny_detr_cfg(num_queries=10):
         coder.layer_cfg.ffn_cfg.update(embed_dims=DIMS, feedforward_channels=64, ffn_drop=0.0)
     cfg.positional_encoding.num_feats = DIMS // 2
     cfg.bbox_head.update(embed_dims=DIMS, num_classes=3)
+    cfg.test_cfg.max_per_img = num_queries
     return cfg.to_dict()
 
 
 def save_model(cfg, path, seed):
     torch.manual_seed(seed)
-    model = MODELS.build(cfg)
+    model = MODELS.build(copy.deepcopy(cfg))  # DETRHead edits its loss_cls cfg in place
     model.init_weights()
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
     return model
@@ -63,7 +64,7 @@ def loader():
     return DataLoader(samples, batch_size=2, shuffle=False, collate_fn=pseudo_collate)
 
 
-def make_runner(work_dir, student_cfg, hook_cfg, max_iters=4, **kwargs):
+def make_runner(work_dir, student_cfg, hook_cfg, max_iters, **kwargs):
     return Runner(
         model=copy.deepcopy(student_cfg),
         work_dir=str(work_dir),
@@ -102,7 +103,7 @@ class TeacherTrainer(Hook):
 
 def test_teacher_stays_frozen_and_kd_is_logged(setup):
     tmp_path, student_cfg, hook_cfg = setup
-    runner = make_runner(tmp_path / 'run', student_cfg, hook_cfg)
+    runner = make_runner(tmp_path / 'run', student_cfg, hook_cfg, max_iters=2)
     runner.register_hook(TeacherTrainer(), priority='LOWEST')
     reference = torch.load(hook_cfg['teacher_checkpoint'])['state_dict']
     runner.train()
@@ -114,9 +115,9 @@ def test_teacher_stays_frozen_and_kd_is_logged(setup):
         assert torch.equal(state[name], value), name
     # The KD term is part of the loss that was logged.
     kd = runner.message_hub.get_scalar('train/loss_kd_boxes')
-    assert len(kd.data[0]) == 4 and min(kd.data[0]) > 0
+    assert len(kd.data[0]) == 2 and min(kd.data[0]) > 0
     # Teacher is not part of the student's checkpoint.
-    ckpt = torch.load(osp.join(runner.work_dir, 'iter_4.pth'), weights_only=False)
+    ckpt = torch.load(osp.join(runner.work_dir, 'iter_2.pth'), weights_only=False)
     assert not any('teacher' in k for k in ckpt['state_dict'])
     assert set(ckpt['state_dict']) == set(reference)
 
@@ -124,23 +125,27 @@ def test_teacher_stays_frozen_and_kd_is_logged(setup):
 def test_kd_is_zero_with_the_student_as_its_own_teacher(setup, tmp_path):
     _, student_cfg, hook_cfg = setup
     # Student starts from the teacher's weights and, with BN frozen (norm_eval), computes the
-    # same function as the teacher: the first KD term is exactly 0.
+    # same function as the teacher: the first KD term is 0 (up to torch's eval-mode attention
+    # fast path, which rounds differently).
     student_cfg['backbone']['norm_eval'] = True
     runner = make_runner(tmp_path / 'self', student_cfg, hook_cfg, max_iters=1,
                          load_from=hook_cfg['teacher_checkpoint'])
     runner.train()
-    assert runner.message_hub.get_scalar('train/loss_kd_boxes').current() == 0.0
+    assert runner.message_hub.get_scalar('train/loss_kd_boxes').current() < 1e-10
 
 
-def test_resume_equals_uninterrupted_run(setup):
+def test_resume_equals_uninterrupted_run(setup, monkeypatch):
+    # mmengine 0.10 calls torch.load without weights_only, and torch >= 2.6 then refuses the
+    # message-hub objects mmengine itself saved in the checkpoint.
+    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
     tmp_path, student_cfg, hook_cfg = setup
-    full = make_runner(tmp_path / 'full', student_cfg, hook_cfg, max_iters=4)
+    full = make_runner(tmp_path / 'full', student_cfg, hook_cfg, max_iters=2)
     full.train()
-    first = make_runner(tmp_path / 'split', student_cfg, hook_cfg, max_iters=2)
-    first.train()
-    resumed = make_runner(tmp_path / 'split', student_cfg, hook_cfg, max_iters=4, resume=True)
+    first = make_runner(tmp_path / 'split', student_cfg, hook_cfg, max_iters=1)
+    first.train()  # saves iter_1.pth (last iteration), SGD momentum included
+    resumed = make_runner(tmp_path / 'split', student_cfg, hook_cfg, max_iters=2, resume=True)
     resumed.train()
-    assert resumed.iter == 4
+    assert resumed.iter == 2
     assert _hook(resumed).teacher is not None  # rebuilt from teacher_checkpoint on resume
     expected, got = full.model.state_dict(), resumed.model.state_dict()
     for name in expected:
@@ -151,7 +156,7 @@ def test_missing_teacher_checkpoint_fails_before_first_iteration(setup):
     tmp_path, student_cfg, hook_cfg = setup
     missing = str(tmp_path / 'nowhere' / 'teacher.pth')
     runner = make_runner(tmp_path / 'missing', student_cfg,
-                         dict(hook_cfg, teacher_checkpoint=missing))
+                         dict(hook_cfg, teacher_checkpoint=missing), max_iters=1)
     with pytest.raises(FileNotFoundError, match='nowhere/teacher.pth'):
         runner.train()
     assert runner.iter == 0
@@ -163,7 +168,8 @@ def test_different_num_queries_is_a_clear_error(setup):
     path = str(tmp_path / 'teacher20.pth')
     save_model(teacher_cfg, path, seed=2)
     runner = make_runner(tmp_path / 'nq', student_cfg,
-                         dict(hook_cfg, teacher_config=teacher_cfg, teacher_checkpoint=path))
+                         dict(hook_cfg, teacher_config=teacher_cfg, teacher_checkpoint=path),
+                         max_iters=1)
     with pytest.raises(ValueError, match='num_queries'):
         runner.train()
 
@@ -172,7 +178,8 @@ def test_unknown_module_names_close_matches(setup):
     tmp_path, student_cfg, hook_cfg = setup
     distill = dict(loss_kd=dict(student='decoder.layer.0', teacher='decoder.layers.0',
                                 loss=dict(type='L2DistillLoss')))
-    runner = make_runner(tmp_path / 'typo', student_cfg, dict(hook_cfg, distill=distill))
+    runner = make_runner(tmp_path / 'typo', student_cfg, dict(hook_cfg, distill=distill),
+                         max_iters=1)
     with pytest.raises(ValueError, match="close names.*'decoder.layers.0'"):
         runner.train()
     assert runner.iter == 0

@@ -1,9 +1,10 @@
 """Knowledge distillation from an external frozen teacher, as an mmengine hook.
 
 The teacher is any mmdet detector given by its config and checkpoint (e.g. an exact DETR-DC5
-teaching an ACT-DETR-R50). Each iteration the hook runs the teacher on the batch (no grad,
-eval mode), recorders capture named outputs of teacher and student, and the weighted KD terms
-are added to the student's loss dict: a forward hook on the student appends them to what its
+teaching an ACT-DETR-R50). Each iteration the hook runs the teacher on the batch (no grad, eval
+mode, through the student's own code path ``forward(mode='loss')``, its losses discarded),
+recorders capture named outputs of teacher and student, and the weighted KD terms are added to
+the student's loss dict: a forward hook on the student appends them to what its
 ``forward(mode='loss')`` returns, so any student model works unchanged, mmengine sums the terms
 into the loss (their names contain ``loss``) and logs each of them.
 
@@ -139,7 +140,9 @@ class DistillationHook(Hook):
         self._student_recorders.clear()
         with torch.no_grad():
             data = self.teacher.data_preprocessor(data_batch, False)
-            self.teacher(**data, mode='tensor')
+            # The student's code path, losses discarded: mmdet's mode='tensor' calls the heads'
+            # .forward() directly, which forward hooks (the recorders) never see.
+            self.teacher(**data, mode='loss')
         self._student_recorders.enabled = True
 
     def _add_distill_losses(self, module: nn.Module, args, kwargs, output):

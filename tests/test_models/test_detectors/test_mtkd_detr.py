@@ -34,6 +34,7 @@ def tiny_detr_cfg(model_type='MTKDDETR', act=True, num_queries=10, **extra):
         coder.layer_cfg.ffn_cfg.update(embed_dims=DIMS, feedforward_channels=64, ffn_drop=0.0)
     cfg.positional_encoding.num_feats = DIMS // 2
     cfg.bbox_head.update(embed_dims=DIMS, num_classes=3)
+    cfg.test_cfg.max_per_img = num_queries
     if act:
         # Narrow buckets: several clusters per image, so ACT differs from exact attention
         # without collapsing to one prototype.
@@ -96,7 +97,7 @@ def test_gradients_reach_shared_weights_from_both_branches(model):
     inputs, samples = batch(model)
     losses = model.loss(inputs, samples)
     shared = {
-        'backbone': model.backbone.layer4[0].conv1.weight,
+        'backbone': model.backbone.layer4[0].downsample[0].weight,  # conv1 gets 0: zero_init_residual
         'encoder': model.encoder.layers[0].self_attn.attn.in_proj_weight,
         'decoder': model.decoder.layers[-1].cross_attn.attn.in_proj_weight,
         'queries': model.query_embedding.weight,
@@ -187,7 +188,7 @@ def test_both_branches_scored_under_distinct_prefixes(tmp_path):
     coco = dict(
         images=[dict(id=i, width=100, height=100, file_name=f'{i}.png') for i in boxes],
         categories=[dict(id=i + 1, name=n) for i, n in enumerate(('a', 'b', 'c'))],
-        annotations=[dict(id=10 * i + j, image_id=i, category_id=1, iscrowd=0,
+        annotations=[dict(id=1 + 10 * i + j, image_id=i, category_id=1, iscrowd=0,
                           bbox=[x1, y1, x2 - x1, y2 - y1], area=(x2 - x1) * (y2 - y1))
                      for i, bs in boxes.items() for j, (x1, y1, x2, y2) in enumerate(bs)])
     ann_file = str(tmp_path / 'val.json')
