@@ -11,6 +11,7 @@ Example::
 
     python tools/analysis/benchmark_msda.py --device cpu --threads 1 2 --repeat 5 \\
         --out-png work_dirs/msda_cpu.png
+    python tools/analysis/benchmark_msda.py --device cpu --threads 1 --timer cpu  # shared machine
     python tools/analysis/benchmark_msda.py --device cuda --dtype float16 --peak-gbps 3350
 
 Prints a markdown table of median milliseconds for the forward (no grad) and forward+backward,
@@ -47,6 +48,9 @@ def parse_args():
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--repeat', type=int, default=5, help='timed runs (median reported)')
     parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--timer', choices=['wall', 'cpu'], default='wall',
+                        help='cpu: process CPU time (summed over threads), robust to other '
+                        'load on a shared machine; meaningful as a latency with --threads 1')
     parser.add_argument('--peak-gbps', type=float,
                         help='peak DRAM bandwidth of the device in GB/s (CUDA)')
     parser.add_argument('--skip-reference', action='store_true',
@@ -108,16 +112,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, repeat, warmup):
+def time_ms(fn, device, repeat, warmup, clock=time.perf_counter):
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
         sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((clock() - start) * 1e3)
     return statistics.median(times)
 
 
@@ -134,7 +138,7 @@ def compulsory_bytes(value, locations, weights, backward):
     return 2 * forward + grads
 
 
-def benchmark(name, impl, inputs, device, repeat, warmup):
+def benchmark(impl, inputs, device, repeat, warmup, clock):
     value, shapes, starts, locations, weights = inputs
 
     def forward():
@@ -151,8 +155,8 @@ def benchmark(name, impl, inputs, device, repeat, warmup):
             grad_output = torch.randn_like(out)
         torch.autograd.grad(out, leaves, grad_output)
 
-    return time_ms(forward, device, repeat, warmup), time_ms(forward_backward, device, repeat,
-                                                             warmup)
+    return (time_ms(forward, device, repeat, warmup, clock),
+            time_ms(forward_backward, device, repeat, warmup, clock))
 
 
 def main():
@@ -166,6 +170,9 @@ def main():
     threads = args.threads or ([1, torch.get_num_threads()] if device == 'cpu' else [None])
     threads = list(dict.fromkeys(threads))
     impls = implementations(device)
+    if args.timer == 'cpu' and device == 'cuda':
+        raise SystemExit('--timer cpu measures host CPU time: use wall on CUDA')
+    clock = time.process_time if args.timer == 'cpu' else time.perf_counter
     if args.skip_reference:
         impls.pop('pytorch')
 
@@ -174,7 +181,7 @@ def main():
     else:
         machine = f'CPU, {torch.get_num_threads()} torch threads available'
     print(f'# MSDA benchmark: {machine}, torch {torch.__version__}, {args.dtype}, '
-          f'B={args.batch}, heads 8, C 32, P 4, median of {args.repeat}')
+          f'B={args.batch}, heads 8, C 32, P 4, median of {args.repeat}, {args.timer} time')
     columns = ['shape', 'queries', 'threads', 'impl', 'forward ms', 'fwd+bwd ms',
                'fwd+bwd speed-up']
     if args.peak_gbps:
@@ -189,7 +196,7 @@ def main():
         for num_threads in threads:
             if num_threads is not None:
                 torch.set_num_threads(num_threads)
-            results = {name: benchmark(name, impl, inputs, device, args.repeat, args.warmup)
+            results = {name: benchmark(impl, inputs, device, args.repeat, args.warmup, clock)
                        for name, impl in impls.items()}
             baseline = results.get('pytorch')
             for name, (forward, forward_backward) in results.items():
