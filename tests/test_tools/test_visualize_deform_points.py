@@ -41,6 +41,7 @@ def tiny_model(tmp_path_factory):
     cfg.model.decoder.num_layers = 1
     cfg.model.num_queries = NUM_QUERIES
     cfg.model.bbox_head.num_classes = len(SHAPE_CLASSES)
+    cfg.model.test_cfg.max_per_img = 10  # at most NUM_QUERIES * classes
     cfg.test_dataloader.dataset.pipeline[1].scale = (160, 160)  # Resize; keeps the test quick
     config_path = str(root / 'tiny_deformable_detrx.py')
     cfg.dump(config_path)
