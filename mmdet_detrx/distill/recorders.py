@@ -18,7 +18,7 @@ module                         index     recorded tensor
 =============================  ========  ===================================================
 """
 import difflib
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch.nn as nn
 

@@ -97,7 +97,8 @@ def test_gradients_reach_shared_weights_from_both_branches(model):
     inputs, samples = batch(model)
     losses = model.loss(inputs, samples)
     shared = {
-        'backbone': model.backbone.layer4[0].downsample[0].weight,  # conv1 gets 0: zero_init_residual
+        # Not a residual-branch conv: zero_init_residual gives those a zero gradient at init.
+        'backbone': model.backbone.layer4[0].downsample[0].weight,
         'encoder': model.encoder.layers[0].self_attn.attn.in_proj_weight,
         'decoder': model.decoder.layers[-1].cross_attn.attn.in_proj_weight,
         'queries': model.query_embedding.weight,
