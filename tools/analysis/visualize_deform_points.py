@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mmcv  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from mmcv.ops import MultiScaleDeformableAttention  # noqa: E402
 from mmdet.apis import inference_detector, init_detector  # noqa: E402
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy  # noqa: E402
@@ -133,6 +134,15 @@ def figure_shape(image_hw, num_panels: int, panel_size: int):
     return math.ceil(num_panels / cols) * ph, cols * pw
 
 
+def _level_legend(num_levels: int) -> list:
+    handles = []
+    for level in range(num_levels):
+        color = plt.get_cmap(LEVEL_CMAPS[level % len(LEVEL_CMAPS)])(0.85)
+        handles.append(Line2D([], [], marker='o', linestyle='', color=color, markersize=5,
+                              label=f'level {level}'))
+    return handles
+
+
 def draw(image_rgb: np.ndarray, records: Dict[str, torch.Tensor], meta: dict,
          query_ids: Sequence[int], class_names: Sequence[str], out_file: str,
          panel_size: int = 400) -> None:
@@ -172,7 +182,7 @@ def draw(image_rgb: np.ndarray, records: Dict[str, torch.Tensor], meta: dict,
             wt = query_weights[:, level].reshape(-1) / top  # 1 = this query's heaviest point
             ax.scatter(xy[:, 0], xy[:, 1], s=4 + 60 * wt, c=wt, vmin=-0.3, vmax=1,
                        cmap=LEVEL_CMAPS[level % len(LEVEL_CMAPS)], edgecolors='white',
-                       linewidths=0.3, label=f'level {level}')
+                       linewidths=0.3)
         x1, y1, x2, y2 = boxes[query].tolist()
         ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color='yellow',
                                    linewidth=1.5))
@@ -183,7 +193,8 @@ def draw(image_rgb: np.ndarray, records: Dict[str, torch.Tensor], meta: dict,
                 va='top', fontsize=8, color='black',
                 bbox=dict(facecolor='yellow', alpha=0.8, pad=1, linewidth=0))
         if i == 0:
-            ax.legend(loc='lower right', fontsize=6, markerscale=0.6, framealpha=0.7)
+            ax.legend(handles=_level_legend(num_levels), loc='lower right', fontsize=6,
+                      framealpha=0.7)
     os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
     fig.savefig(out_file, dpi=dpi)
     plt.close(fig)
