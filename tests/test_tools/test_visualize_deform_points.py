@@ -1,4 +1,4 @@
-"""tools/analysis/visualize_deform_points.py draws a tiny random Deformable DETR's sampling points."""
+"""tools/analysis/visualize_deform_points.py on a tiny random Deformable DETR."""
 import importlib.util
 import os.path as osp
 
@@ -95,7 +95,8 @@ def test_recorder_captures_last_decoder_layer(tiny_model):
     tool.inference_detector(model, image)
     recorder.remove()
     attn = model.decoder.layers[-1].cross_attn
-    locations, weights = recorder.records['sampling_locations'], recorder.records['attention_weights']
+    locations = recorder.records['sampling_locations']
+    weights = recorder.records['attention_weights']
     assert locations.shape == (1, NUM_QUERIES, attn.num_heads, attn.num_levels, attn.num_points, 2)
     torch.testing.assert_close(weights.sum((-1, -2)), torch.ones(1, NUM_QUERIES, attn.num_heads))
     assert recorder.records['cls_scores'].shape == (1, NUM_QUERIES, len(SHAPE_CLASSES))

@@ -1,4 +1,4 @@
-"""MSDeformAttn is a drop-in for mmcv's MultiScaleDeformableAttention: same weights, same output."""
+"""MSDeformAttn: a drop-in for mmcv's MultiScaleDeformableAttention: same weights, same output."""
 import pytest
 import torch
 from mmcv.ops import MultiScaleDeformableAttention
