@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config, ConfigDict
 from mmengine.hooks import Hook
+from mmengine.hub import get_config
 from mmengine.model import is_model_wrapper
 from mmengine.runner import load_checkpoint
 from mmdet.registry import HOOKS, MODELS
@@ -54,8 +55,8 @@ class DistillationHook(Hook):
     """Distil the runner's model from a frozen teacher built from an mmdet config + checkpoint.
 
     Args:
-        teacher_config (str | dict): teacher config file, a config holding ``model``, or the
-            teacher's model dict itself.
+        teacher_config (str | dict): teacher config file (``'mmdet::...'`` for one packaged
+            with mmdet), a config holding ``model``, or the teacher's model dict itself.
         teacher_checkpoint (str): teacher weights (path or URL).
         distill (dict): ``{loss_name: dict(student=spec, teacher=spec, loss=loss_cfg)}``.
             ``loss_name`` must contain ``'loss'`` so that mmengine adds it to the total.
@@ -122,7 +123,8 @@ class DistillationHook(Hook):
         self._check_checkpoint()
         cfg = self.teacher_config
         if isinstance(cfg, str):
-            cfg = Config.fromfile(cfg)
+            # 'mmdet::detr/detr_r50_8xb2-150e_coco.py' names a config packaged with mmdet.
+            cfg = get_config(cfg) if '::' in cfg else Config.fromfile(cfg)
         if 'model' in cfg:
             cfg = cfg['model']
         teacher = MODELS.build(ConfigDict(copy.deepcopy(dict(cfg))))
