@@ -134,6 +134,32 @@ def test_bf16_autocast_cpu():
     torch.testing.assert_close(actual.float(), expected, atol=0.1, rtol=0.05)
 
 
+def test_bf16_weights_and_inputs():
+    # A model cast to bf16 entirely (no autocast): the sampling still runs in float32.
+    ours, _ = _pair()
+    inputs = _inputs(4, with_mask=True)
+    with torch.no_grad():
+        expected = ours(**inputs)
+        half = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in inputs.items()}
+        actual = ours.bfloat16()(**half)
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), expected, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.parametrize('ref_dim', [2, 4])
+def test_cuda_matches_cpu(ref_dim):
+    ours, _ = _pair()
+    inputs = _inputs(ref_dim, with_mask=True)
+    with torch.no_grad():
+        expected = ours(**inputs)
+        actual = ours.cuda()(**{k: v.cuda() if torch.is_tensor(v) else v
+                                for k, v in inputs.items()})
+    torch.testing.assert_close(actual.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_rejects_bad_reference_points():
     ours, _ = _pair()
     inputs = _inputs(2)
