@@ -101,12 +101,8 @@ class MSDeformAttn(MultiScaleDeformableAttention):
         if not self.batch_first:
             query, value = query.transpose(0, 1), value.transpose(0, 1)  # (B, N, C)
 
+        # The op checks that spatial_shapes cover value (without a device sync on GPU).
         batch_size, num_values, _ = value.shape
-        num_sampled = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
-        if num_sampled != num_values:
-            raise ValueError(f'spatial_shapes cover {num_sampled} positions but value has '
-                             f'{num_values}')
-
         value = self.value_proj(value)
         if key_padding_mask is not None:
             value = value.masked_fill(key_padding_mask[..., None], 0.0)
