@@ -110,12 +110,10 @@ class MSDeformAttn(MultiScaleDeformableAttention):
 
         locations, weights = self.sampling_points(query, reference_points, spatial_shapes)
 
-        # One dtype for the kernel; float32 whenever anything arrived in reduced precision.
+        # One dtype for the kernel: float32 unless in float64, also for fp16/bf16/autocast.
         output_dtype = value.dtype
-        op_dtype = torch.promote_types(torch.promote_types(value.dtype, locations.dtype),
-                                       weights.dtype)
-        if op_dtype != torch.float64:
-            op_dtype = torch.float32
+        dtypes = (value.dtype, locations.dtype, weights.dtype)
+        op_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         output = ms_deform_attn(value.to(op_dtype), spatial_shapes, level_start_index,
                                 locations.to(op_dtype), weights.to(op_dtype),
                                 self.im2col_step)  # (B, Q, heads * C)
