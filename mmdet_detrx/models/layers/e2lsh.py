@@ -49,10 +49,12 @@ class E2LSH(nn.Module):
         self.register_buffer('offsets', offsets)  # (L,)
 
     def _draw(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        projections = torch.randn(self.num_hashes, self.dim, generator=generator)
-        offsets = torch.rand(self.num_hashes, generator=generator) * self.bucket_width
-        return projections, offsets
+        # One generator per tensor, so the first L' rounds of an L-round hash are the L'-round
+        # hash of the same seed: more rounds only ever split clusters further.
+        projections = torch.randn(self.num_hashes, self.dim,
+                                  generator=torch.Generator().manual_seed(self.seed))
+        offsets = torch.rand(self.num_hashes, generator=torch.Generator().manual_seed(self.seed))
+        return projections, offsets * self.bucket_width
 
     def forward(self, x: Tensor) -> Tensor:
         """Hash ``x (..., dim)`` to integer codes ``(..., L)``.

@@ -22,6 +22,11 @@ def test_seed_determines_the_hash():
     assert torch.equal(a(x), b(x))
 
 
+def test_fewer_rounds_are_a_prefix_of_more_rounds():
+    x = torch.randn(100, 16)
+    assert torch.equal(E2LSH(16, 8, 1.0, seed=4)(x), E2LSH(16, 32, 1.0, seed=4)(x)[:, :8])
+
+
 def test_near_vectors_collide_more_than_far_ones():
     lsh = E2LSH(16, 1, bucket_width=1.0, seed=0)
     x = torch.randn(2000, 16)
