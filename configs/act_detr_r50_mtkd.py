@@ -13,7 +13,7 @@ model = dict(
     type='MTKDDETR',
     act_loss_weight=1.0,
     full_loss_weight=1.0,
-    loss_kd=dict(type='L2DistillLoss', loss_weight=1.0),
+    loss_kd=dict(type='L2DistillLoss', loss_weight=1.0, reduction='batchmean'),
     detach_full=True,
     test_branch='both',  # pred_instances: ACT, full_pred_instances: exact attention
     backbone=dict(init_cfg=None))  # every weight comes from load_from

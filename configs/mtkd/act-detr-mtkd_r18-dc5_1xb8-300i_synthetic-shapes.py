@@ -13,7 +13,7 @@ model = dict(
     type='MTKDDETR',
     act_loss_weight=1.0,
     full_loss_weight=1.0,
-    loss_kd=dict(type='L2DistillLoss', loss_weight=1.0),
+    loss_kd=dict(type='L2DistillLoss', loss_weight=1.0, reduction='batchmean'),
     detach_full=True,
     test_branch='both')
 

@@ -18,7 +18,7 @@ custom_hooks = [
             loss_kd_boxes=dict(
                 student=dict(module='bbox_head', index=1),
                 teacher=dict(module='bbox_head', index=1),
-                loss=dict(type='L2DistillLoss', loss_weight=1.0)),
+                loss=dict(type='L2DistillLoss', loss_weight=1.0, reduction='batchmean')),
             # Encoder memory, (B, H*W, 256): where ACT's approximation enters.
             loss_kd_memory=dict(
                 student='encoder', teacher='encoder',

@@ -3,7 +3,9 @@
 Each loss takes ``student`` and ``teacher`` tensors of the same shape ``(..., D)``: the last
 dimension is one vector (a box ``(cx, cy, w, h)``, a query feature, a row of class logits), every
 other dimension indexes vectors that correspond one to one. A per-vector distance is computed
-over ``D`` and then averaged (``reduction='mean'``) or summed over the vectors:
+over ``D``, then reduced over the vectors: ``'mean'``, ``'sum'``, or ``'batchmean'`` (summed over
+all vectors of a sample, averaged over the first dimension, the batch: for boxes (B, Q, 4), the
+squared norm of the difference of an image's whole box set, as in ``||B_full - B_act||^2``):
 
 * :class:`L2DistillLoss`: squared Euclidean distance ``||s - t||^2`` (the box KD of MTKD,
   Zheng et al., "End-to-End Object Detection with Adaptive Clustering Transformer",
@@ -31,8 +33,8 @@ class _DistillLoss(nn.Module):
 
     def __init__(self, loss_weight: float = 1.0, reduction: str = 'mean'):
         super().__init__()
-        if reduction not in ('mean', 'sum'):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if reduction not in ('mean', 'sum', 'batchmean'):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'batchmean', got {reduction!r}")
         if not loss_weight >= 0:
             raise ValueError(f'loss_weight must be >= 0, got {loss_weight}')
         self.loss_weight = float(loss_weight)
@@ -54,7 +56,12 @@ class _DistillLoss(nn.Module):
         if student.dim() == 0:
             raise ValueError('student and teacher need at least one dimension (the vector)')
         dist = self.distance(student, teacher.to(student.dtype))
-        loss = dist.mean() if self.reduction == 'mean' else dist.sum()
+        if self.reduction == 'mean':
+            loss = dist.mean()
+        elif self.reduction == 'sum' or dist.dim() == 0:
+            loss = dist.sum()
+        else:  # batchmean
+            loss = dist.sum() / dist.shape[0]
         return self.loss_weight * loss
 
     def extra_repr(self) -> str:

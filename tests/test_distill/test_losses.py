@@ -23,6 +23,10 @@ def test_known_values():
     assert L2DistillLoss()(student, teacher).item() == pytest.approx(12.5)  # (25 + 0) / 2
     assert L1DistillLoss()(student, teacher).item() == pytest.approx(3.5)  # (7 + 0) / 2
     assert L2DistillLoss(loss_weight=2.0, reduction='sum')(student, teacher).item() == 50.0
+    # batchmean: summed over a sample's vectors, averaged over the batch (first) dimension.
+    boxes = torch.zeros(2, 3, 4)
+    boxes[0, 0, 0], boxes[1, 2, 3] = 1.0, 2.0
+    assert L2DistillLoss(reduction='batchmean')(boxes, torch.zeros_like(boxes)).item() == 2.5
 
 
 @pytest.mark.parametrize('temperature', [1.0, 4.0])

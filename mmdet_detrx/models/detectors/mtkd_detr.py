@@ -25,8 +25,11 @@ Defaults, and why:
 * ``act_loss_weight = full_loss_weight = 1``: the paper's unweighted sum. The full branch keeps
   its GT loss so the shared weights stay a good exact-attention DETR (the teacher) while they
   adapt to ACT.
-* ``loss_kd = L2DistillLoss(loss_weight=1)``: the paper's L2 on boxes, squared distance per box
-  averaged over boxes, one term per decoder layer (like mmdet's ``d{i}.loss_bbox``).
+* ``loss_kd = L2DistillLoss(loss_weight=1, reduction='batchmean')``: the paper's
+  ``||B_full - B_act||^2``, the squared L2 distance between an image's two box sets (summed over
+  queries and coordinates, averaged over images), one term per decoder layer (like mmdet's
+  ``d{i}.loss_bbox``). Averaging over queries instead would divide it by ``num_queries`` and make
+  it negligible next to DETR's box losses (normalised by the few matched boxes).
 * ``detach_full = True``: the KD term moves the ACT branch towards the full one, never the
   reverse; otherwise the KD gradient through the full branch would pull the teacher's boxes
   towards the approximate ones. The shared weights still receive the KD gradient (through the
@@ -74,7 +77,8 @@ class MTKDDETR(DETRX):
                  *args,
                  act_loss_weight: float = 1.0,
                  full_loss_weight: float = 1.0,
-                 loss_kd: dict = dict(type='L2DistillLoss', loss_weight=1.0),
+                 loss_kd: dict = dict(
+                     type='L2DistillLoss', loss_weight=1.0, reduction='batchmean'),
                  detach_full: bool = True,
                  test_branch: str = 'act',
                  **kwargs):
