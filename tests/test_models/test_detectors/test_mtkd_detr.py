@@ -93,6 +93,17 @@ def test_kd_is_zero_when_branches_agree(model, monkeypatch):
         assert torch.equal(losses[f'act.{key}'], losses[f'full.{key}'])
 
 
+def test_kd_vanishes_in_the_single_query_cluster_limit():
+    """Real ACT with buckets so narrow that each query is its own cluster: exact attention."""
+    cfg = tiny_detr_cfg()
+    cfg.encoder.layer_cfg.self_attn_cfg.bucket_width = 1e-6
+    model = build(cfg)
+    inputs, samples = batch(model)
+    losses = model.loss(inputs, samples)
+    assert losses['loss_kd'].item() < 1e-9 and losses['d0.loss_kd'].item() < 1e-9
+    torch.testing.assert_close(losses['act.loss_bbox'], losses['full.loss_bbox'])
+
+
 def test_gradients_reach_shared_weights_from_both_branches(model):
     inputs, samples = batch(model)
     losses = model.loss(inputs, samples)
