@@ -54,14 +54,18 @@ from mmdet_detrx.models.layers.adaptive_clustering_attention import (AdaptiveClu
                                                                      act_exact_mode)
 from .registry_attention import DETRX
 
-__all__ = ['MTKDDETR', 'BranchCocoMetric']
+__all__ = ['MTKDMixin', 'MTKDDETR', 'BranchCocoMetric']
 
 _TEST_BRANCHES = ('act', 'full', 'both')
 
 
-@MODELS.register_module()
-class MTKDDETR(DETRX):
-    """DETR with an ACT encoder trained by MTKD against its own exact-attention branch.
+class MTKDMixin:
+    """MTKD training and branch selection for a DETR-family detector with ACT attention.
+
+    Put it first in the bases of an mmdet ``DetectionTransformer`` subclass whose attentions
+    come from the registry (e.g. ``class MTKDConditionalDETR(MTKDMixin, RegistryAttentionMixin,
+    ConditionalDETR)``): it relies only on ``extract_feat``, ``forward_transformer`` and a
+    ``bbox_head`` whose forward returns ``(cls_scores, bbox_preds)`` for every decoder layer.
 
     Args:
         act_loss_weight (float): weight of the ACT branch's GT losses.
@@ -70,7 +74,7 @@ class MTKDDETR(DETRX):
         detach_full (bool): stop the KD gradient through the full branch.
         test_branch (str): ``'act'``, ``'full'`` or ``'both'``, the branch(es) ``predict``
             runs.
-        *args, **kwargs: those of :class:`DETRX` (mmdet's DETR).
+        *args, **kwargs: those of the detector it is mixed into.
     """
 
     def __init__(self,
@@ -89,7 +93,7 @@ class MTKDDETR(DETRX):
                 raise ValueError(f'{name} must be >= 0, got {value}')
         if not any(isinstance(m, AdaptiveClusteringAttention) for m in self.modules()):
             raise ValueError(
-                'MTKDDETR needs AdaptiveClusteringAttention in the model (e.g. '
+                f'{type(self).__name__} needs AdaptiveClusteringAttention in the model (e.g. '
                 "encoder.layer_cfg.self_attn_cfg.type='AdaptiveClusteringAttention'); without "
                 'it both branches are the same exact DETR')
         self.act_loss_weight = float(act_loss_weight)
@@ -160,6 +164,14 @@ class MTKDDETR(DETRX):
         name = 'act' if self.test_branch == 'both' else self.test_branch
         with self.branch(name):
             return super()._forward(batch_inputs, batch_data_samples)
+
+
+@MODELS.register_module()
+class MTKDDETR(MTKDMixin, DETRX):
+    """mmdet's DETR with an ACT encoder, trained by MTKD against its own exact-attention branch.
+
+    Parameter names are DETR's: an mmdet DETR checkpoint loads strictly.
+    """
 
 
 def _scale(value, weight: float):
