@@ -135,6 +135,7 @@ template <typename T>
 inline void prefetch_row(const T* data, int64_t n, bool for_write = false) {
   const char* bytes = reinterpret_cast<const char*>(data);
   const int64_t size = std::min<int64_t>(n * static_cast<int64_t>(sizeof(T)), 256);
+#if defined(__GNUC__) || defined(__clang__)
   for (int64_t offset = 0; offset < size; offset += 64) {
     if (for_write) {
       __builtin_prefetch(bytes + offset, 1);
@@ -142,6 +143,9 @@ inline void prefetch_row(const T* data, int64_t n, bool for_write = false) {
       __builtin_prefetch(bytes + offset);
     }
   }
+#else
+  (void)bytes, (void)size, (void)for_write;  // a hint only: nothing to do without the builtin
+#endif
 }
 
 constexpr int64_t kPrefetchQueries = 4;
