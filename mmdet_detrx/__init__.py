@@ -12,5 +12,7 @@ from .version import __version__
 
 if find_spec('mmdet') is not None:
     from . import datasets, distill, engine, models  # noqa: F401  (registration)
+    from .utils import patch_mmengine_checkpoint_loading
+    patch_mmengine_checkpoint_loading()
 
 __all__ = ['__version__']

@@ -1,3 +1,4 @@
+from .checkpoint_compat import patch_mmengine_checkpoint_loading
 from .setup_env import check_dataset_files, setup_cpu_distributed
 
-__all__ = ['check_dataset_files', 'setup_cpu_distributed']
+__all__ = ['check_dataset_files', 'setup_cpu_distributed', 'patch_mmengine_checkpoint_loading']

@@ -14,16 +14,17 @@ DEMO = 'configs/demo/deformable-detrx_r18_1xb8-1500i_synthetic-shapes.py'
 
 
 def _tiny_options(data_root, max_iters, ckpt_interval=1):
-    spec = "dict(seed=1,num_train=16,num_val=4,image_size=(96,96),max_objects=3)"
+    spec = dict(seed=1, num_train=16, num_val=4, image_size='(96,96)', max_objects=3)
     opts = [
+        f'{loader}.dataset.spec.{key}={value}'
+        for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
+        for key, value in spec.items()
+    ] + [
         f'train_dataloader.dataset.data_root={data_root}',
         f'val_dataloader.dataset.data_root={data_root}',
         f'test_dataloader.dataset.data_root={data_root}',
         f'val_evaluator.ann_file={data_root}/annotations/val.json',
         f'test_evaluator.ann_file={data_root}/annotations/val.json',
-        f'train_dataloader.dataset.spec={spec}',
-        f'val_dataloader.dataset.spec={spec}',
-        f'test_dataloader.dataset.spec={spec}',
         'train_dataloader.batch_size=2', 'val_dataloader.batch_size=2',
         'test_dataloader.batch_size=2',
         'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
@@ -119,7 +120,7 @@ def test_missing_checkpoint_names_path(tmp_path):
 
 
 def test_coco_config_without_data_says_where(tmp_path):
-    proc = _run(['tools/train.py', 'mmdet::detr/detr_r50_8xb2-150e_coco.py', '--work-dir',
+    proc = _run(['tools/train.py', 'configs/act_detr_r50.py', '--work-dir',
                  str(tmp_path / 'w'), '--cfg-options', f'train_dataloader.dataset.data_root='
                  f'{tmp_path}/coco/'])
     assert proc.returncode != 0
