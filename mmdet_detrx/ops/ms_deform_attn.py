@@ -80,7 +80,10 @@ def _has_native_kernel(device_type: str) -> bool:
     if _C is None:
         return False
     dispatch_key = 'Meta' if device_type == 'meta' else device_type.upper()
-    return torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD_OP, dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD_OP, dispatch_key)
+    except RuntimeError:  # a device type whose dispatch key is not its upper-cased name
+        return False
 
 
 def _warn_fallback(device_type: str) -> None:
