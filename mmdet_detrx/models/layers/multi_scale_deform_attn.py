@@ -101,7 +101,7 @@ class MSDeformAttn(MultiScaleDeformableAttention):
         if not self.batch_first:
             query, value = query.transpose(0, 1), value.transpose(0, 1)  # (B, N, C)
 
-        # The op checks that spatial_shapes cover value (without a device sync on GPU).
+        # The op itself checks that spatial_shapes cover value, before any kernel runs.
         batch_size, num_values, _ = value.shape
         value = self.value_proj(value)
         if key_padding_mask is not None:
