@@ -134,10 +134,7 @@ def test_kd_is_zero_with_the_student_as_its_own_teacher(setup, tmp_path):
     assert runner.message_hub.get_scalar('train/loss_kd_boxes').current() < 1e-10
 
 
-def test_resume_equals_uninterrupted_run(setup, monkeypatch):
-    # mmengine 0.10 calls torch.load without weights_only, and torch >= 2.6 then refuses the
-    # message-hub objects mmengine itself saved in the checkpoint.
-    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+def test_resume_equals_uninterrupted_run(setup):
     tmp_path, student_cfg, hook_cfg = setup
     full = make_runner(tmp_path / 'full', student_cfg, hook_cfg, max_iters=2)
     full.train()
