@@ -17,7 +17,7 @@ def test_browse_embedded_dataset_writes_annotated_pngs(tmp_path):
     for loader in ('train_dataloader', 'val_dataloader'):
         cfg[loader].dataset.data_root = str(tmp_path / 'shapes') + '/'
         cfg[loader].dataset.spec = spec
-    written = browse(cfg, str(tmp_path / 'vis'), split='val', num=2)
+    written = browse(cfg, str(tmp_path / 'vis'), num=2)
     assert len(written) == 2
     for path in written:
         img = cv2.imread(path)

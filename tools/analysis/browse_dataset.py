@@ -8,6 +8,7 @@ import os.path as osp
 
 import mmcv
 from mmdet.registry import DATASETS, VISUALIZERS
+from mmdet.structures.bbox import BaseBoxes
 from mmengine.config import Config, DictAction
 from mmengine.registry import init_default_scope
 
@@ -18,24 +19,31 @@ def parse_args():
     parser = argparse.ArgumentParser(description='Browse a dataset')
     parser.add_argument('config', help='config file path')
     parser.add_argument('--output-dir', required=True, help='where the PNGs are written')
-    parser.add_argument('--split', choices=['train', 'val', 'test'], default='train')
     parser.add_argument('--num', type=int, default=16, help='how many samples to draw')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings in the config, key=value')
     return parser.parse_args()
 
 
-def browse(config: Config, output_dir: str, split: str = 'train', num: int = 16) -> list:
-    """Write ``num`` annotated PNGs of ``split``; return their paths."""
+def browse(config: Config, output_dir: str, num: int = 16) -> list:
+    """Write ``num`` annotated PNGs of the training set (after its pipeline); return paths.
+
+    Like mmdet's tool, only the training pipeline is shown: test pipelines load ground truth
+    after resizing, in original-image coordinates, so their boxes would not match the image.
+    """
     init_default_scope(config.get('default_scope', 'mmdet'))
-    dataset = DATASETS.build(config[f'{split}_dataloader'].dataset)
+    dataset = DATASETS.build(config.train_dataloader.dataset)
     visualizer = VISUALIZERS.build(dict(type='DetLocalVisualizer', name='browse_dataset'))
     visualizer.dataset_meta = dataset.metainfo
     written = []
     for index in range(min(num, len(dataset))):
         item = dataset[index]
         image = mmcv.bgr2rgb(item['inputs'].permute(1, 2, 0).numpy())
-        sample = item['data_samples'].numpy()
+        sample = item['data_samples']
+        boxes = sample.gt_instances.get('bboxes')
+        if isinstance(boxes, BaseBoxes):  # the visualizer draws plain (N, 4) arrays
+            sample.gt_instances.bboxes = boxes.tensor
+        sample = sample.numpy()
         out_file = osp.join(output_dir, osp.splitext(osp.basename(sample.img_path))[0] + '.png')
         visualizer.add_datasample(osp.basename(out_file), image, sample, draw_pred=False,
                                   show=False, out_file=out_file)
@@ -48,7 +56,7 @@ def main():
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
-    for path in browse(cfg, args.output_dir, args.split, args.num):
+    for path in browse(cfg, args.output_dir, args.num):
         print(path)
 
 
