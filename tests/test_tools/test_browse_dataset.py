@@ -8,7 +8,7 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.join(ROOT, 'tools', 'analysis'))
 from browse_dataset import browse  # noqa: E402
 
-DEMO = osp.join(ROOT, 'configs/demo/deformable-detrx_r18_1xb8-1500i_synthetic-shapes.py')
+DEMO = osp.join(ROOT, 'configs/demo/deformable-detrx_r18_1xb8-1000i_synthetic-shapes.py')
 
 
 def test_browse_embedded_dataset_writes_annotated_pngs(tmp_path):

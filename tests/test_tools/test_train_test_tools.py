@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-DEMO = 'configs/demo/deformable-detrx_r18_1xb8-1500i_synthetic-shapes.py'
+DEMO = 'configs/demo/deformable-detrx_r18_1xb8-1000i_synthetic-shapes.py'
 
 
 def _tiny_options(data_root, max_iters, ckpt_interval=1):

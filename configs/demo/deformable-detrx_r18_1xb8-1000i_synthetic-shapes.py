@@ -1,5 +1,5 @@
 # `make demo`: a small Deformable DETR with our native MSDeformAttn, trained from scratch on the
-# embedded synthetic-shapes dataset on CPU (about 10 minutes on 2 cores), evaluated by CocoMetric.
+# embedded synthetic-shapes dataset on CPU (1000 iterations; see docs/benchmarks.md for the time and mAP), evaluated by CocoMetric.
 _base_ = [
     '../_base_/datasets/synthetic_shapes.py', 'mmdet::_base_/default_runtime.py'
 ]
@@ -84,13 +84,13 @@ optim_wrapper = dict(
         'reference_points': dict(lr_mult=0.1)
     }))
 
-max_iters = 1500
+max_iters = 1000
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=500)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
-    dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters, milestones=[1200],
+    dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters, milestones=[800],
          gamma=0.1)
 ]
 default_hooks = dict(
