@@ -1,4 +1,8 @@
 from .checkpoint_compat import patch_mmengine_checkpoint_loading
+from .image_files import IMAGE_EXTENSIONS, list_images
 from .setup_env import check_dataset_files, setup_cpu_distributed
 
-__all__ = ['check_dataset_files', 'setup_cpu_distributed', 'patch_mmengine_checkpoint_loading']
+__all__ = [
+    'check_dataset_files', 'setup_cpu_distributed', 'patch_mmengine_checkpoint_loading',
+    'IMAGE_EXTENSIONS', 'list_images'
+]

@@ -29,8 +29,8 @@ from mmdet.apis import inference_detector, init_detector  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
 from mmdet_detrx.models.layers import AdaptiveClusteringAttention  # noqa: E402
+from mmdet_detrx.utils import list_images  # noqa: E402
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 PANEL_COLS = 4
 TITLE_PX = 24  # pixel band above each panel for its title
 
@@ -53,16 +53,6 @@ def parse_args(argv=None):
     return args
 
 
-def list_images(path: str) -> List[str]:
-    if osp.isdir(path):
-        files = sorted(osp.join(path, f) for f in os.listdir(path)
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise ValueError(f'no image in folder {path}')
-        return files
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'image {path} does not exist')
-    return [path]
 
 
 def panel_shape(image_hw: Tuple[int, int], panel_size: int) -> Tuple[int, int]:

@@ -37,8 +37,8 @@ from mmdet.structures.bbox import bbox_cxcywh_to_xyxy  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
 from mmdet_detrx.models.layers import MSDeformAttn  # noqa: E402
+from mmdet_detrx.utils import list_images  # noqa: E402
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 LEVEL_CMAPS = ('Reds', 'Greens', 'Blues', 'Purples', 'Oranges', 'Greys')
 PANEL_COLS = 4
 
@@ -223,16 +223,6 @@ def visualize_image(model, image_path: str, out_file: str, num_queries: Optional
     return chosen
 
 
-def list_images(path: str) -> List[str]:
-    if osp.isdir(path):
-        images = sorted(osp.join(path, name) for name in os.listdir(path)
-                        if name.lower().endswith(IMAGE_EXTENSIONS))
-        if not images:
-            raise FileNotFoundError(f'no images in {path}')
-        return images
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'image {path} does not exist')
-    return [path]
 
 
 def main(argv=None) -> List[str]:
