@@ -1,5 +1,6 @@
 # `make demo`: a small Deformable DETR with our native MSDeformAttn, trained from scratch on the
-# embedded synthetic-shapes dataset on CPU (1000 iterations; see docs/benchmarks.md for the time and mAP), evaluated by CocoMetric.
+# embedded synthetic-shapes dataset on CPU and evaluated by CocoMetric (docs/benchmarks.md has
+# the time and mAP measured).
 _base_ = [
     '../_base_/datasets/synthetic_shapes.py', 'mmdet::_base_/default_runtime.py'
 ]
