@@ -41,6 +41,7 @@ def parse_args():
                         help='autocast dtype for the forward (float32: no autocast)')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
     parser.add_argument('--out', help='also write the markdown table to this file')
+    parser.add_argument('--out-png', help='also save a bar chart of time and memory (PNG)')
     parser.add_argument('--single', nargs=2, metavar=('BACKBONE', 'SIZE'),
                         help=argparse.SUPPRESS)  # internal: measure one pair, print JSON
     return parser.parse_args()
@@ -141,6 +142,35 @@ def main():
     if args.out:
         with open(args.out, 'w') as f:
             f.write(table + '\n')
+    if args.out_png:
+        save_plot(rows, args.out_png, title=f'{args.dtype}, {device}')
+
+
+def save_plot(rows, path, title):
+    """Grouped bars per input size: forward time (left) and peak memory (right)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(row['size'] for row in rows))
+    backbones = list(dict.fromkeys(row['backbone'] for row in rows))
+    by_key = {(row['backbone'], row['size']): row for row in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(backbones)
+    for ax, field, label in ((axes[0], 'ms', 'forward (ms, median)'),
+                             (axes[1], 'memory_mib', 'peak memory (MiB)')):
+        for i, name in enumerate(backbones):
+            values = [by_key[(name, size)][field] if (name, size) in by_key else 0
+                      for size in sizes]
+            ax.bar([x + i * width for x in range(len(sizes))], values, width, label=name)
+        ax.set_xticks([x + width * (len(backbones) - 1) / 2 for x in range(len(sizes))])
+        ax.set_xticklabels(sizes)
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f'BoTNet vs ResNet backbones: {title}')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == '__main__':
