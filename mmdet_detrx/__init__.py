@@ -11,7 +11,7 @@ from importlib.util import find_spec
 from .version import __version__
 
 if find_spec('mmdet') is not None:
-    from . import datasets, distill, engine, models  # noqa: F401  (registration)
+    from . import datasets, distill, engine, evaluation, models  # noqa: F401  (registration)
     from .utils import patch_mmengine_checkpoint_loading
     patch_mmengine_checkpoint_loading()
 

@@ -36,7 +36,7 @@ Defaults, and why:
   ACT branch) and both GT gradients.
 * ``test_branch = 'act'``: the deployed model is the ACT one; ``'full'`` evaluates exact
   attention with the same weights and ``'both'`` returns both (ACT in ``pred_instances``, full
-  in ``full_pred_instances``) for :class:`BranchCocoMetric`.
+  in ``full_pred_instances``) for ``mmdet_detrx.evaluation.BranchCocoMetric``.
 
 Parameter names are DETR's, so mmdet's DETR checkpoints load strictly.
 """
@@ -44,8 +44,7 @@ import contextlib
 from typing import Dict, List, Tuple
 
 import torch
-from mmdet.evaluation import CocoMetric
-from mmdet.registry import METRICS, MODELS
+from mmdet.registry import MODELS
 from mmdet.structures import SampleList
 from torch import Tensor
 
@@ -54,7 +53,7 @@ from mmdet_detrx.models.layers.adaptive_clustering_attention import (AdaptiveClu
                                                                      act_exact_mode)
 from .registry_attention import DETRX
 
-__all__ = ['MTKDMixin', 'MTKDDETR', 'BranchCocoMetric']
+__all__ = ['MTKDMixin', 'MTKDDETR']
 
 _TEST_BRANCHES = ('act', 'full', 'both')
 
@@ -178,32 +177,3 @@ def _scale(value, weight: float):
     if isinstance(value, torch.Tensor):
         return value * weight
     return [v * weight for v in value]
-
-
-@METRICS.register_module()
-class BranchCocoMetric(CocoMetric):
-    """:class:`CocoMetric` over another prediction field than ``pred_instances``.
-
-    With ``MTKDDETR(test_branch='both')`` a plain ``CocoMetric(prefix='act')`` scores the ACT
-    branch and ``BranchCocoMetric(pred_key='full_pred_instances', prefix='full')`` the
-    full-attention one, from the same forward pass.
-
-    Args:
-        pred_key (str): data-sample field holding the predictions to score.
-        **kwargs: those of :class:`CocoMetric`.
-    """
-
-    def __init__(self, pred_key: str = 'full_pred_instances', **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(pred_key, str):
-            raise TypeError(f'pred_key must be a str, got {type(pred_key).__name__}')
-        self.pred_key = pred_key
-
-    def process(self, data_batch: dict, data_samples: List[dict]) -> None:
-        renamed = []
-        for data_sample in data_samples:
-            if self.pred_key not in data_sample:
-                raise KeyError(f'data sample has no {self.pred_key!r} field (pred_key); with '
-                               "MTKDDETR set model.test_branch='both'")
-            renamed.append({**data_sample, 'pred_instances': data_sample[self.pred_key]})
-        super().process(data_batch, renamed)
