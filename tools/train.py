@@ -49,10 +49,12 @@ def main():
 
     if args.amp:
         import torch
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
-        if not torch.cuda.is_available():
-            # fp16 autocast is not supported on CPU; bf16 needs no loss scaling.
+        if torch.cuda.is_available():
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+        else:
+            # mmengine's AmpOptimWrapper refuses CPUs; bf16 autocast needs no loss scaling.
+            cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
             cfg.optim_wrapper.dtype = 'bfloat16'
 
     if args.auto_scale_lr:

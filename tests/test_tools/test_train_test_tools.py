@@ -90,6 +90,15 @@ def test_resume_restores_iteration_and_optimizer(trained, tmp_path):
         assert torch.equal(value, again['state_dict'][key])
 
 
+def test_amp_trains_on_cpu_in_bf16(trained, tmp_path):
+    data_root, _ = trained
+    work_dir = str(tmp_path / 'amp')
+    proc = _check(_run(['tools/train.py', DEMO, '--amp', '--work-dir', work_dir,
+                        *_tiny_options(data_root, max_iters=1)]))
+    assert "type='CPUAmpOptimWrapper'" in proc.stdout + proc.stderr
+    assert osp.isfile(osp.join(work_dir, 'iter_1.pth'))
+
+
 def test_auto_resume_picks_latest(trained, tmp_path):
     data_root, work_dir = trained
     proc = _check(_run(['tools/train.py', DEMO, '--work-dir', work_dir, '--resume',
