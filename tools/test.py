@@ -11,7 +11,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmdet_detrx  # noqa: F401  (registers our modules)
-from mmdet_detrx.utils import check_dataset_files, setup_cpu_distributed
+from mmdet_detrx.utils import check_dataset_files, distributed_teardown, setup_cpu_distributed
 
 
 def parse_args():
@@ -70,13 +70,13 @@ def main():
     if args.show or args.show_dir:
         cfg = trigger_visualization_hook(cfg, args)
     check_dataset_files(cfg, ('test_dataloader', ))
-    setup_cpu_distributed(cfg, args.launcher)
-
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    if args.out is not None:
-        from mmdet.evaluation import DumpDetResults
-        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
-    runner.test()
+    with distributed_teardown():
+        setup_cpu_distributed(cfg, args.launcher)
+        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+        if args.out is not None:
+            from mmdet.evaluation import DumpDetResults
+            runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+        runner.test()
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmdet_detrx  # noqa: F401  (registers our modules)
-from mmdet_detrx.utils import check_dataset_files, setup_cpu_distributed
+from mmdet_detrx.utils import check_dataset_files, distributed_teardown, setup_cpu_distributed
 
 
 def parse_args():
@@ -75,10 +75,10 @@ def main():
     if load_from and '://' not in load_from and not osp.isfile(load_from):
         raise FileNotFoundError(f'load_from checkpoint not found: {load_from}')
     check_dataset_files(cfg, ('train_dataloader', 'val_dataloader'))
-    setup_cpu_distributed(cfg, args.launcher)
-
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    runner.train()
+    with distributed_teardown():
+        setup_cpu_distributed(cfg, args.launcher)
+        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+        runner.train()
 
 
 if __name__ == '__main__':

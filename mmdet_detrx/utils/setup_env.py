@@ -1,7 +1,8 @@
 """Start-up checks and settings shared by ``tools/train.py`` and ``tools/test.py``."""
+import contextlib
 import os
 import os.path as osp
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -61,3 +62,19 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
     wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
     wrapper.setdefault('device_ids', None)
     cfg.model_wrapper_cfg = wrapper
+
+
+@contextlib.contextmanager
+def distributed_teardown() -> Iterator[None]:
+    """Destroy the default process group when the block ends, however it ends.
+
+    A process that exits with a live gloo group can abort in interpreter finalisation
+    ("terminate called without an active exception", SIGABRT) while gloo's worker threads still
+    hold tensors; torchrun then reports the whole run as failed although training finished.
+    mmengine never destroys the group, so the tools do it while Python is still fully alive.
+    """
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import os.path as osp
+import socket
 import subprocess
 import sys
 
@@ -42,6 +43,12 @@ def _run(args, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, **kwargs)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
 
 
 def _check(proc):
@@ -140,8 +147,8 @@ def test_coco_config_without_data_says_where(tmp_path):
 def test_ddp_two_cpu_processes(trained, tmp_path):
     data_root, _ = trained
     work_dir = str(tmp_path / 'ddp')
-    env_port = str(29500 + os.getpid() % 1000)
-    proc = _run(['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={env_port}',
+    proc = _run(['-m', 'torch.distributed.run', '--nproc_per_node=2',
+                 f'--master_port={_free_port()}',
                  'tools/train.py', DEMO, '--launcher', 'pytorch', '--work-dir', work_dir,
                  *_tiny_options(data_root, max_iters=2, ckpt_interval=2)], timeout=600)
     _check(proc)
@@ -149,3 +156,11 @@ def test_ddp_two_cpu_processes(trained, tmp_path):
     assert ckpt['meta']['iter'] == 2
     assert 'world_size: 2' in proc.stdout + proc.stderr or 'Distributed launcher: pytorch' in (
         proc.stdout + proc.stderr)
+    # evaluation across both ranks; either tool exits cleanly (process group torn down)
+    proc = _check(_run(['-m', 'torch.distributed.run', '--nproc_per_node=2',
+                        f'--master_port={_free_port()}', 'tools/test.py', DEMO,
+                        osp.join(work_dir, 'iter_2.pth'), '--launcher', 'pytorch', '--work-dir',
+                        str(tmp_path / 'ddp_test'), *_tiny_options(data_root, max_iters=2)],
+                       timeout=600))
+    assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
+    assert 'terminate called' not in proc.stdout + proc.stderr
