@@ -51,9 +51,9 @@ from torch import Tensor
 from mmdet_detrx.distill.recorders import ModuleOutputRecorder
 from mmdet_detrx.models.layers.adaptive_clustering_attention import (AdaptiveClusteringAttention,
                                                                      act_exact_mode)
-from .registry_attention import DETRX
+from .registry_attention import DETRX, ConditionalDETRX
 
-__all__ = ['MTKDMixin', 'MTKDDETR']
+__all__ = ['MTKDMixin', 'MTKDDETR', 'MTKDConditionalDETR']
 
 _TEST_BRANCHES = ('act', 'full', 'both')
 
@@ -171,6 +171,11 @@ class MTKDDETR(MTKDMixin, DETRX):
 
     Parameter names are DETR's: an mmdet DETR checkpoint loads strictly.
     """
+
+
+@MODELS.register_module()
+class MTKDConditionalDETR(MTKDMixin, ConditionalDETRX):
+    """MTKD around mmdet's Conditional DETR with an ACT encoder; checkpoints load strictly."""
 
 
 def _scale(value, weight: float):
