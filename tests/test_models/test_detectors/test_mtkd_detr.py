@@ -237,6 +237,7 @@ def tiny_conditional_detr_cfg(model_type, act=True):
         osp.dirname(__file__), '..', '..', '..', 'configs', 'conditional_detr',
         'conditional-detrx_r18-dc5_1xb8-3000i_synthetic-shapes.py')).model
     cfg.type = model_type
+    cfg.backbone.init_cfg = None  # random weights: no `make demo` checkpoint in a fresh clone
     cfg.encoder.num_layers = cfg.decoder.num_layers = 1
     if act:
         cfg.encoder.layer_cfg.self_attn_cfg.update(
