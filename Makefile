@@ -21,7 +21,7 @@ CONSTRAINTS := $(VENV)/constraints.txt
 STAMP_DEPS  := $(VENV)/.deps-installed
 STAMP_PKG   := $(VENV)/.detrx-installed
 
-.PHONY: install deps build demo test test-all benchmark clean cuda-check
+.PHONY: install deps build demo test test-all benchmark clean cuda-check cuda-link
 
 install: $(STAMP_PKG)
 
@@ -60,6 +60,13 @@ test-all: install
 # Compile-checks the torch-free CUDA device kernels with nvcc (no GPU, no CUDA torch needed).
 cuda-check:
 	$(PY) tools/check_cuda_kernels.py
+
+# Links and loads the whole extension (CUDA kernels included) against a CUDA build of torch in a
+# separate venv (.venv-cuda, ~5.5 GB, installed once), no GPU needed; not part of `make test`.
+# Environment: CUDA_LINK_ARCH (default 8.0; "default" = setup.py's list), CUDA_TORCH_SPEC,
+# CUDA_HOME. See docs/cuda.md.
+cuda-link:
+	$(PYTHON) tools/cuda_link_check.py
 
 benchmark: install
 	$(PY) tools/analysis/benchmark_msda.py
