@@ -129,6 +129,21 @@ device_state() {
     fi
 }
 
+# compute-sanitizer: on the PATH, else in the toolkit.
+find_sanitizer() {
+    local candidate
+    for candidate in "${COMPUTE_SANITIZER:-}" "$(command -v compute-sanitizer 2>/dev/null)" \
+        "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
+        /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+        if [ -n "$candidate" ] && [ -x "$candidate" ]; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+SANITIZER=$(find_sanitizer || true)
+
 # ---------------------------------------------------------------- helper programs (written now)
 cat >"$WORK/env.py" <<'PY'
 """Versions, the GPU, its datasheet DRAM bandwidth and a measured device-to-device copy."""
@@ -136,8 +151,8 @@ import json, os, platform, statistics, sys
 import torch
 
 # Datasheet DRAM bandwidth (GB/s) by device-name fragment; first match wins.
-PEAKS = [('H200', 4800), ('H100 NVL', 3900), ('H100 PCIe', 2000), ('H100', 3350),
-         ('GH200', 4000), ('A100-SXM4-80GB', 2039), ('A100 80GB PCIe', 1935),
+PEAKS = [('GH200', 4000), ('H200', 4800), ('H100 NVL', 3900), ('H100 PCIe', 2000),
+         ('H100', 3350), ('A100-SXM4-80GB', 2039), ('A100 80GB PCIe', 1935),
          ('A100-PCIE-40GB', 1555), ('A100-SXM4-40GB', 1555), ('A100', 1555), ('L40S', 864),
          ('L4', 300), ('A10', 600), ('RTX 4090', 1008), ('RTX 3090', 936), ('V100', 900),
          ('T4', 320)]
@@ -345,9 +360,9 @@ if rows:
         lines.append('| ' + ' | '.join(cells) + ' |')
     lines += ['', '### Targets', '']
     for (dtype, shape, impl), (fwd, fb, gbps) in rows.items():
-        if impl == 'native' and dtype == 'float32' and gbps is not None and peak:
+        if impl == 'native' and gbps is not None and peak:
             share = 100 * gbps / peak
-            lines.append(f'- {shape} forward, float32: {share:.0f}% of DRAM peak '
+            lines.append(f'- {shape} forward, {dtype}: {share:.0f}% of DRAM peak '
                          f'(target >= 30%): {"met" if share >= 30 else "NOT met"}')
     for dtype in ('float16', 'bfloat16'):
         for (d, shape, impl), (fwd, fb, _) in rows.items():
@@ -375,6 +390,7 @@ if command -v nvcc >/dev/null 2>&1; then
     nvcc --version | grep -o 'release [0-9.]*, V[0-9.]*' >"$WORK/nvcc.txt"
 fi
 if ! stage env 120 240 "$PYTHON" "$WORK/env.py"; then
+    device_state >"$WORK/state_after.txt"
     "$PYTHON" "$WORK/report.py" "$WORK" "$OUTDIR" "$DRY_RUN" >/dev/null
     say "FAILED: torch does not import or sees no usable GPU; see $OUTDIR/logs.txt"
     exit 1
@@ -397,9 +413,18 @@ if [ "$DRY_RUN" = 1 ]; then
     record build "dry run" 0 "would run: FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=$MAX_JOBS $PYTHON setup.py build_ext --inplace"
     stage probe 60 200 "$PYTHON" "$WORK/probe.py" 0
 else
-    stage build 240 200 env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$MAX_JOBS" \
-        "$PYTHON" setup.py build_ext --inplace
-    stage probe 60 200 "$PYTHON" "$WORK/probe.py" 1
+    if ! stage build 240 200 env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" \
+        MAX_JOBS="$MAX_JOBS" "$PYTHON" setup.py build_ext --inplace ||
+        ! stage probe 60 200 "$PYTHON" "$WORK/probe.py" 1; then
+        # Nothing below can pass without the CUDA kernels: report now, keep the device time.
+        for name in tests memcheck bench_float32 bench_float16 bench_bfloat16; do
+            record "$name" skipped 0 "the build or the probe failed"
+        done
+        device_state >"$WORK/state_after.txt"
+        "$PYTHON" "$WORK/report.py" "$WORK" "$OUTDIR" "$DRY_RUN" >/dev/null
+        say "FAILED: build / probe (report: $OUTDIR/report.md)"
+        exit 1
+    fi
 fi
 
 # ---------------------------------------------------------------- tests
@@ -417,14 +442,17 @@ fi
 
 # ---------------------------------------------------------------- sanitizers + benchmark
 if [ "$DRY_RUN" = 1 ]; then
-    if command -v compute-sanitizer >/dev/null 2>&1; then note=found; else note="not on PATH"; fi
-    record memcheck-plan "dry run" 0 "compute-sanitizer $note; small case on the CPU instead"
+    record memcheck-plan "dry run" 0 "compute-sanitizer: ${SANITIZER:-not found}; small case on the CPU instead"
     stage small_case 120 60 "$PYTHON" "$WORK/small_case.py" cpu float64,float32,bfloat16
     stage bench_float32 120 0 "$PYTHON" tools/analysis/benchmark_msda.py --device cpu \
         --dtype float32 --shapes small --threads 1 --repeat 1 --warmup 0 --peak-gbps "$PEAK"
 else
+    if [ -z "$SANITIZER" ]; then
+        record memcheck failed 0 "compute-sanitizer not found (set COMPUTE_SANITIZER)"
+        SANITIZER=compute-sanitizer  # the stages below then fail fast with 'not found'
+    fi
     # One cudaMalloc per tensor, so an access past a tensor's end is outside any allocation.
-    stage memcheck 150 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+    stage memcheck 150 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
         --error-exitcode 3 --leak-check no --print-limit 20 \
         "$PYTHON" "$WORK/small_case.py" cuda float64,float32,float16,bfloat16
     for dtype in float32 float16 bfloat16; do
@@ -433,9 +461,9 @@ else
             --warmup 3 ${PEAK:+--peak-gbps "$PEAK"}
     done
     # Optional, while the budget lasts.
-    stage racecheck 60 0 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 \
+    stage racecheck 60 0 "$SANITIZER" --tool racecheck --error-exitcode 3 --print-limit 20 \
         "$PYTHON" "$WORK/small_case.py" cuda float32
-    stage synccheck 45 0 compute-sanitizer --tool synccheck --error-exitcode 3 --print-limit 20 \
+    stage synccheck 45 0 "$SANITIZER" --tool synccheck --error-exitcode 3 --print-limit 20 \
         "$PYTHON" "$WORK/small_case.py" cuda float32
     stage int32 60 0 "$PYTHON" -m pytest -q -rs -p no:cacheprovider --runslow -k int32 \
         tests/test_ops/test_ms_deform_attn_cuda.py

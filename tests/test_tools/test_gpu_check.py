@@ -1,6 +1,7 @@
 """tools/gpu_check.sh without a GPU: the script parses (bash -n, shellcheck where installed),
 refuses bad arguments, refuses to run for real without a CUDA device, and its dry run exercises
-every CPU-reachable stage and writes a report that says plainly nothing ran on a GPU."""
+every CPU-reachable stage and writes a report that says plainly nothing ran on a GPU (--runslow).
+"""
 import os
 import os.path as osp
 import shutil
@@ -53,6 +54,7 @@ def test_real_run_without_a_gpu_fails_with_a_report(tmp_path):
     assert 'DRY RUN' not in report
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: five interpreter starts, a pytest run, a CPU benchmark
 @pytest.mark.skipif(not native_available(), reason='mmdet_detrx._C is not built')
 def test_dry_run_runs_the_cpu_reachable_stages(tmp_path):
     proc = run_script('--dry-run', str(tmp_path / 'out'), BENCH_REPEAT='1')
