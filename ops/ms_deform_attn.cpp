@@ -4,16 +4,167 @@
 // initialisers register the ops with the dispatcher; Python calls them via torch.ops.detrx).
 #include <Python.h>
 
+#include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <mutex>
+#include <vector>
+
 #include "ms_deform_attn.h"
+#include "ms_deform_attn_sampling.h"
 
 namespace detrx {
+
+bool is_supported_dtype_pair(at::ScalarType value, at::ScalarType coordinate) {
+#define DETRX_MSDA_SUPPORTED_CASE(V, C) \
+  if (value == at::k##V && coordinate == at::k##C) return true;
+  DETRX_MSDA_FOR_EACH_DTYPE_PAIR(DETRX_MSDA_SUPPORTED_CASE)
+#undef DETRX_MSDA_SUPPORTED_CASE
+  return false;
+}
+
+namespace {
+
+// Raises the error that msda::check_levels found, naming the argument at fault.
+void raise_level_problem(const msda::LevelCheck& check, const int64_t* shape_data,
+                         const int64_t* start_data, int64_t num_value) {
+  const int64_t level = check.level;
+  switch (check.problem) {
+    case msda::LevelProblem::kNone:
+      return;
+    case msda::LevelProblem::kNonPositiveSize:
+      TORCH_CHECK(false, "ms_deform_attn: spatial_shapes must be positive, got (",
+                  shape_data[2 * level], ", ", shape_data[2 * level + 1], ") at level ", level);
+    case msda::LevelProblem::kTooManyTokens:
+      TORCH_CHECK(false, "ms_deform_attn: sum of H * W over spatial_shapes exceeds value.size(1) "
+                  "(S=", num_value, "): level ", level, " is (", shape_data[2 * level], ", ",
+                  shape_data[2 * level + 1], ") with ", num_value - check.count,
+                  " tokens left after the levels before it");
+    case msda::LevelProblem::kTokenCountShort:
+      TORCH_CHECK(false, "ms_deform_attn: sum of H * W over spatial_shapes (", check.count,
+                  ") must equal value.size(1) (S=", num_value, ")");
+    case msda::LevelProblem::kWrongStart:
+      TORCH_CHECK(false, "ms_deform_attn: level_start_index[", level, "] must be ", check.count,
+                  " (exclusive cumsum of H * W), got ", start_data[level]);
+  }
+  TORCH_CHECK(false, "ms_deform_attn: invalid level table");
+}
+
+// Reads and validates the index values (the tensors are copied to the host if needed).
+void read_and_check_index_values(const at::Tensor& spatial_shapes,
+                                 const at::Tensor& level_start_index, int64_t num_value) {
+  const at::Tensor shapes = spatial_shapes.to(at::kCPU).contiguous();
+  const at::Tensor starts = level_start_index.to(at::kCPU).contiguous();
+  const int64_t* shape_data = shapes.const_data_ptr<int64_t>();
+  const int64_t* start_data = starts.const_data_ptr<int64_t>();
+  raise_level_problem(msda::check_levels(msda::IndexTensorLevels{shape_data, start_data},
+                                          shapes.size(0), num_value),
+                      shape_data, start_data, num_value);
+}
+
+// What identifies one state of a tensor: the tensor itself (held weakly, so its TensorImpl's
+// memory cannot be reused by another tensor while the entry lives), its version counter (bumped
+// by every in-place op and resize), and where and how it lays out its data.
+struct TensorState {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+  uint32_t version;
+  const void* data;
+  std::vector<int64_t> sizes, strides;
+  c10::Device device;
+
+  explicit TensorState(const at::Tensor& t)
+      : impl(t.getIntrusivePtr()),
+        version(t.unsafeGetTensorImpl()->version_counter().current_version()),
+        data(t.const_data_ptr()),
+        sizes(t.sizes().vec()),
+        strides(t.strides().vec()),
+        device(t.device()) {}
+
+  bool expired() const { return impl.expired(); }
+
+  bool matches(const at::Tensor& t) const {
+    return !impl.expired() && impl._unsafe_get_target() == t.unsafeGetTensorImpl() &&
+           version == t.unsafeGetTensorImpl()->version_counter().current_version() &&
+           data == t.const_data_ptr() && device == t.device() && t.sizes() == sizes &&
+           t.strides() == strides;
+  }
+};
+
+// Index tensor pairs whose values passed check_levels, most recent last. Small on purpose: a
+// model holds one or two level tables at a time; entries of freed tensors are dropped first.
+class ValidatedIndexCache {
+ public:
+  bool contains(const at::Tensor& shapes, const at::Tensor& starts, int64_t num_value) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const Entry& entry : entries_) {
+      if (entry.num_value == num_value && entry.shapes.matches(shapes) &&
+          entry.starts.matches(starts)) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  void insert(const at::Tensor& shapes, const at::Tensor& starts, int64_t num_value) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
+                                  [](const Entry& e) {
+                                    return e.shapes.expired() || e.starts.expired();
+                                  }),
+                   entries_.end());
+    if (entries_.size() >= kCapacity) entries_.erase(entries_.begin());
+    entries_.push_back({TensorState(shapes), TensorState(starts), num_value});
+  }
+
+ private:
+  static constexpr size_t kCapacity = 32;
+  struct Entry {
+    TensorState shapes, starts;
+    int64_t num_value;
+  };
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
+ValidatedIndexCache& validated_index_cache() {
+  static ValidatedIndexCache cache;
+  return cache;
+}
+
+}  // namespace
+
+bool validate_index_values(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                           int64_t num_value, bool host_sync_allowed) {
+  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && spatial_shapes.dim() == 2 &&
+                  spatial_shapes.size(1) == 2,
+              "ms_deform_attn: spatial_shapes must be an int64 tensor of shape (L, 2), got ",
+              spatial_shapes.scalar_type(), " ", spatial_shapes.sizes());
+  TORCH_CHECK(level_start_index.scalar_type() == at::kLong && level_start_index.dim() == 1 &&
+                  level_start_index.size(0) == spatial_shapes.size(0),
+              "ms_deform_attn: level_start_index must be an int64 tensor of shape (L,) with L=",
+              spatial_shapes.size(0), ", got ", level_start_index.scalar_type(), " ",
+              level_start_index.sizes());
+  TORCH_CHECK(level_start_index.device() == spatial_shapes.device(),
+              "ms_deform_attn: level_start_index must be on spatial_shapes' device ",
+              spatial_shapes.device(), ", got ", level_start_index.device());
+  const bool cacheable = !spatial_shapes.is_inference() && !level_start_index.is_inference();
+  ValidatedIndexCache& cache = validated_index_cache();
+  if (cacheable && cache.contains(spatial_shapes, level_start_index, num_value)) return true;
+  TORCH_CHECK(host_sync_allowed, "ms_deform_attn: spatial_shapes / level_start_index on ",
+              spatial_shapes.device(), " must be validated before CUDA graph capture (the "
+              "check copies them to the host once per tensor): run the op once with these "
+              "tensors before capturing");
+  read_and_check_index_values(spatial_shapes, level_start_index, num_value);
+  if (cacheable) cache.insert(spatial_shapes, level_start_index, num_value);
+  return false;
+}
 
 void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                  const at::Tensor& level_start_index,
                                  const at::Tensor& sampling_locations,
-                                 const at::Tensor& attention_weights, int64_t im2col_step) {
+                                 const at::Tensor& attention_weights, int64_t im2col_step,
+                                 bool host_sync_allowed) {
   TORCH_CHECK(im2col_step > 0, "ms_deform_attn: im2col_step must be positive, got ", im2col_step);
 
   // Ranks.
@@ -46,14 +197,20 @@ void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spat
   TORCH_CHECK(attention_weights.device() == device,
               "ms_deform_attn: attention_weights must be on value's device ", device, ", got ",
               attention_weights.device());
-  TORCH_CHECK(at::isFloatingType(value.scalar_type()),
-              "ms_deform_attn: value must be a floating tensor, got ", value.scalar_type());
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type(),
-              "ms_deform_attn: sampling_locations must have value's dtype ", value.scalar_type(),
-              ", got ", sampling_locations.scalar_type());
-  TORCH_CHECK(attention_weights.scalar_type() == value.scalar_type(),
-              "ms_deform_attn: attention_weights must have value's dtype ", value.scalar_type(),
-              ", got ", attention_weights.scalar_type());
+  const at::ScalarType value_dtype = value.scalar_type();
+  const at::ScalarType coordinate_dtype = sampling_locations.scalar_type();
+  TORCH_CHECK(at::isFloatingType(value_dtype) && is_supported_dtype_pair(value_dtype, value_dtype),
+              "ms_deform_attn: value must be float16, bfloat16, float32 or float64, got ",
+              value_dtype);
+  TORCH_CHECK(is_supported_dtype_pair(value_dtype, coordinate_dtype),
+              "ms_deform_attn: sampling_locations must have value's dtype ", value_dtype,
+              (value_dtype == at::kHalf || value_dtype == at::kBFloat16
+                   ? " or float32 / float64 (mixed precision)"
+                   : value_dtype == at::kFloat ? " or float64" : ""),
+              ", got ", coordinate_dtype);
+  TORCH_CHECK(attention_weights.scalar_type() == coordinate_dtype,
+              "ms_deform_attn: attention_weights must have sampling_locations' dtype ",
+              coordinate_dtype, ", got ", attention_weights.scalar_type());
   TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong,
               "ms_deform_attn: spatial_shapes must be int64, got ", spatial_shapes.scalar_type());
   TORCH_CHECK(level_start_index.scalar_type() == at::kLong,
@@ -76,26 +233,11 @@ void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spat
               "ms_deform_attn: attention_weights must have shape (B=", B, ", Q=", Q,
               ", heads=", heads, ", L=", L, ", P=", P, "), got ", attention_weights.sizes());
 
-  // Values of the small index tensors: positive sizes, sum_l H_l * W_l == S and
-  // level_start_index == exclusive cumsum, which keeps every gathered index inside value.
-  const at::Tensor shapes = spatial_shapes.to(at::kCPU).contiguous();
-  const at::Tensor starts = level_start_index.to(at::kCPU).contiguous();
-  const int64_t* shape_data = shapes.const_data_ptr<int64_t>();
-  const int64_t* start_data = starts.const_data_ptr<int64_t>();
-  int64_t total = 0;
-  for (int64_t level = 0; level < L; ++level) {
-    const int64_t H = shape_data[2 * level], W = shape_data[2 * level + 1];
-    TORCH_CHECK(H > 0 && W > 0, "ms_deform_attn: spatial_shapes must be positive, got (", H,
-                ", ", W, ") at level ", level);
-    total += H * W;
-  }
-  TORCH_CHECK(total == S, "ms_deform_attn: sum of H * W over spatial_shapes (", total,
-              ") must equal value.size(1) (S=", S, ")");
-  int64_t start = 0;
-  for (int64_t level = 0; level < L; ++level) {
-    TORCH_CHECK(start_data[level] == start, "ms_deform_attn: level_start_index[", level,
-                "] must be ", start, " (exclusive cumsum of H * W), got ", start_data[level]);
-    start += shape_data[2 * level] * shape_data[2 * level + 1];
+  // Values of the small index tensors: they keep every gathered index inside value.
+  if (device.is_cpu()) {
+    read_and_check_index_values(spatial_shapes, level_start_index, S);
+  } else {
+    validate_index_values(spatial_shapes, level_start_index, S, host_sync_allowed);
   }
 }
 
@@ -123,6 +265,15 @@ TORCH_LIBRARY(detrx, m) {
       "ms_deform_attn_backward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output, "
       "int im2col_step) -> (Tensor, Tensor, Tensor)");
+  // Test and debugging hook of the validation cache (see validate_index_values): validates the
+  // index values for num_value tokens and returns whether that came from the cache.
+  m.def(
+      "_ms_deform_attn_validate_index_values(Tensor spatial_shapes, Tensor level_start_index, "
+      "int num_value) -> bool",
+      [](const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+         int64_t num_value) {
+        return validate_index_values(spatial_shapes, level_start_index, num_value);
+      });
 }
 
 }  // namespace detrx

@@ -10,28 +10,94 @@
 // Shapes: value (B, S, heads, C); spatial_shapes (L, 2) int64 rows (H, W); level_start_index (L,)
 // int64; sampling_locations (B, Q, heads, L, P, 2) normalised (x, y); attention_weights
 // (B, Q, heads, L, P); output and grad_output (B, Q, heads * C).
+//
+// Dtypes (the one policy of the native op; the Python wrapper only adds autocast's casts):
+// sampling_locations and attention_weights share one "coordinate" dtype, which is value's dtype
+// or a wider floating dtype: float32 or float64 for float16 / bfloat16 value (mixed precision:
+// low-precision values, full-precision locations), float64 for float32 value. Arithmetic runs in
+// the coordinate dtype's accumulation type (float32 for half / bfloat16 / float32, float64 for
+// float64). output and grad_output have value's
+// dtype; each gradient has its input's dtype.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
 namespace detrx {
 
-// Checks everything a kernel relies on before it touches memory: ranks, consistent sizes,
-// sum_l H_l * W_l == S, int64 spatial_shapes / level_start_index with level_start_index equal to
-// the exclusive cumulative sum of H_l * W_l, one device for all tensors, floating
-// sampling_locations / attention_weights of value's dtype, and im2col_step > 0. Raises
-// c10::Error (RuntimeError in Python) naming the offending argument. Reads the values of the two
-// small index tensors (copied to the CPU if needed).
+// The supported (value dtype, coordinate dtype) pairs, as X(value, coordinate) with c10
+// ScalarType names. The input check and the dtype dispatch of every device both expand it.
+#define DETRX_MSDA_FOR_EACH_DTYPE_PAIR(X) \
+  X(Double, Double)                       \
+  X(Float, Float)                         \
+  X(Float, Double)                        \
+  X(Half, Half)                           \
+  X(Half, Float)                          \
+  X(Half, Double)                         \
+  X(BFloat16, BFloat16)                   \
+  X(BFloat16, Float)                      \
+  X(BFloat16, Double)
+
+// Whether the op supports value of dtype `value` with sampling_locations / attention_weights of
+// dtype `coordinate`.
+bool is_supported_dtype_pair(at::ScalarType value, at::ScalarType coordinate);
+
+// Type tags handed to the functor of dispatch_dtype_pair.
+template <typename Value, typename Coordinate>
+struct DtypePair {
+  using value_t = Value;            // c10 scalar type of value / output / grad_output
+  using coordinate_t = Coordinate;  // c10 scalar type of sampling_locations / attention_weights
+};
+
+// Calls f(DtypePair<V, C>{}) for the c10 scalar types of a supported pair; raises otherwise (the
+// input check has rejected unsupported pairs with a clearer message before).
+template <typename F>
+void dispatch_dtype_pair(at::ScalarType value, at::ScalarType coordinate, const char* name,
+                         F&& f) {
+#define DETRX_MSDA_DISPATCH_CASE(V, C)                                                  \
+  if (value == at::k##V && coordinate == at::k##C) {                                     \
+    return f(DtypePair<c10::impl::ScalarTypeToCPPTypeT<at::k##V>,                         \
+                       c10::impl::ScalarTypeToCPPTypeT<at::k##C>>{});                     \
+  }
+  DETRX_MSDA_FOR_EACH_DTYPE_PAIR(DETRX_MSDA_DISPATCH_CASE)
+#undef DETRX_MSDA_DISPATCH_CASE
+  TORCH_CHECK(false, name, ": unsupported dtypes: value ", value, " with sampling_locations / ",
+              "attention_weights ", coordinate);
+}
+
+// Checks everything a kernel relies on before it touches memory: ranks, consistent sizes, one
+// device for all tensors, the dtype policy above, int64 index tensors, im2col_step > 0, and the
+// values of the index tensors (msda::check_levels: positive H_l, W_l, sum_l H_l * W_l == S, and
+// level_start_index == exclusive cumsum, in overflow-free arithmetic). Raises c10::Error
+// (RuntimeError in Python) naming the offending argument.
+//
+// Index tensors on the CPU are read in place on every call. Index tensors on another device are
+// validated by validate_index_values (a host copy the first time a tensor is seen, then a cache
+// hit): `host_sync_allowed` = false (the caller is being captured into a CUDA graph) turns a
+// cache miss into an error instead of a copy.
 void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                  const at::Tensor& level_start_index,
                                  const at::Tensor& sampling_locations,
-                                 const at::Tensor& attention_weights, int64_t im2col_step);
+                                 const at::Tensor& attention_weights, int64_t im2col_step,
+                                 bool host_sync_allowed = true);
 
 // Additionally checks grad_output against the forward output shape (B, Q, heads * C), device and
-// dtype; used by the backward kernels after check_ms_deform_attn_inputs.
+// value's dtype; used by the backward kernels after check_ms_deform_attn_inputs.
 void check_ms_deform_attn_grad_output(const at::Tensor& value,
                                       const at::Tensor& sampling_locations,
                                       const at::Tensor& grad_output);
+
+// Validates the values of spatial_shapes / level_start_index (int64, shapes (L, 2) / (L,), one
+// device) against num_value tokens, raising a c10::Error that names the argument. A tensor pair
+// validated before is recognised without reading it again: the cache holds weak references to
+// both tensors with their version counters, data pointers, sizes and strides, so any in-place
+// change through autograd-visible ops, a resize or a freed-and-reused tensor is a miss. Writes
+// that bypass the version counter (`.data`, DLPack aliases) are not seen: on CUDA the kernels
+// re-check the level table on the device and trap on an inconsistent one rather than read out of
+// bounds. Inference tensors carry no version counter and are read on every call. Returns whether
+// the result came from the cache.
+bool validate_index_values(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                           int64_t num_value, bool host_sync_allowed = true);
 
 }  // namespace detrx
 

@@ -92,6 +92,59 @@ MSDA_HOST_DEVICE inline bool bilinear_corners(acc_t x, acc_t y, int64_t H, int64
   return true;
 }
 
+// Outcome of check_levels: the first problem found in a level table, if any.
+enum class LevelProblem : int {
+  kNone = 0,
+  kNonPositiveSize,  // H_l <= 0 or W_l <= 0 at `level`
+  kTooManyTokens,    // H_l * W_l exceeds the tokens left after levels < `level` (`count`)
+  kTokenCountShort,  // sum_l H_l * W_l (`count`) < S
+  kWrongStart,       // level_start_index[level] != sum_{j < level} H_j * W_j (`count`)
+};
+
+struct LevelCheck {
+  LevelProblem problem;
+  int64_t level;  // the offending level, -1 for kNone / kTokenCountShort
+  int64_t count;  // tokens before `level` (kTooManyTokens, kWrongStart) or in all levels
+};
+
+// Validates a level table against a value tensor of S = num_value tokens per (batch, head):
+// H_l, W_l > 0, sum_l H_l * W_l == S and level_start_index[l] == sum_{j < l} H_j * W_j. This is
+// what keeps every index the kernels form inside value. No intermediate can overflow int64:
+// each product is bounded before it is formed (W > left / H  <=>  H * W > left for H, W, left
+// >= 0, in exact integer arithmetic), so the partial sums never exceed S. Shapes are checked for
+// all levels before any start, so a wrong H or W is reported as such. `levels` provides
+// height(l), width(l) and start(l) as int64_t. Used by the host-side input check and, as a
+// guard, inside the CUDA kernels.
+template <typename Levels>
+MSDA_HOST_DEVICE inline LevelCheck check_levels(const Levels& levels, int64_t num_levels,
+                                                int64_t num_value) {
+  int64_t total = 0;
+  for (int64_t level = 0; level < num_levels; ++level) {
+    const int64_t H = levels.height(level), W = levels.width(level);
+    if (!(H > 0 && W > 0)) return {LevelProblem::kNonPositiveSize, level, total};
+    const int64_t left = num_value - total;  // >= 0: the partial sums never exceed num_value
+    if (H > left || W > left / H) return {LevelProblem::kTooManyTokens, level, total};
+    total += H * W;
+  }
+  if (total != num_value) return {LevelProblem::kTokenCountShort, -1, total};
+  int64_t start = 0;
+  for (int64_t level = 0; level < num_levels; ++level) {
+    if (levels.start(level) != start) return {LevelProblem::kWrongStart, level, start};
+    start += levels.height(level) * levels.width(level);
+  }
+  return {LevelProblem::kNone, -1, total};
+}
+
+// The layout of the op's index tensors: spatial_shapes (L, 2) row-major (H, W) and
+// level_start_index (L,), both contiguous int64.
+struct IndexTensorLevels {
+  const int64_t* spatial_shapes;
+  const int64_t* level_start_index;
+  MSDA_HOST_DEVICE int64_t height(int64_t level) const { return spatial_shapes[2 * level]; }
+  MSDA_HOST_DEVICE int64_t width(int64_t level) const { return spatial_shapes[2 * level + 1]; }
+  MSDA_HOST_DEVICE int64_t start(int64_t level) const { return level_start_index[level]; }
+};
+
 // Flat index of value[batch][token][head][channel] in a (B, S, heads, C) tensor.
 MSDA_HOST_DEVICE inline int64_t value_index(int64_t batch, int64_t token, int64_t head,
                                             int64_t channel, int64_t S, int64_t heads,

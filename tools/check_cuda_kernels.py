@@ -185,8 +185,17 @@ def build_emulator(nvcc, out_dir, verbose=False, sanitize=False):
 
 
 # Names of the emulator's dtypes; numpy has no bfloat16, so inputs travel as float64 and the
-# emulator rounds them (round-to-nearest-even, as torch's .to(dtype) does).
-EMULATOR_DTYPES = ('float', 'double', 'half', 'bfloat16')
+# emulator rounds them (round-to-nearest-even, as torch's .to(dtype) does). 'VALUE:COORDINATE'
+# names a mixed-precision pair: value (and output, grad_output, grad_value) in VALUE,
+# sampling_locations / attention_weights (and their gradients) in COORDINATE.
+EMULATOR_DTYPES = ('float', 'double', 'half', 'bfloat16', 'float:double', 'half:float',
+                   'half:double', 'bfloat16:float', 'bfloat16:double')
+
+
+def split_dtype(dtype):
+    """'bfloat16:float' -> ('bfloat16', 'float'); 'half' -> ('half', 'half')."""
+    value_dtype, _, coordinate_dtype = dtype.partition(':')
+    return value_dtype, coordinate_dtype or value_dtype
 
 
 def emulate(binary, work_dir, dtype, value, spatial_shapes, level_start_index,
@@ -246,12 +255,20 @@ def _torch_dtype(dtype):
                 bfloat16=torch.bfloat16)[dtype]
 
 
-def round_problem(dtype, *arrays):
-    """Rounds the floating arrays to `dtype` (kept as float64), as torch's .to(dtype) does: then
-    the emulator's own conversion is exact and both sides see identical inputs."""
+def round_problem(dtype, value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights, grad_output):
+    """Rounds the floating arrays to their dtype of the pair `dtype` (kept as float64), as
+    torch's .to(dtype) does: then the emulator's own conversion is exact and both sides see
+    identical inputs."""
     import torch
-    return tuple(a if a.dtype.kind == 'i' else
-                 torch.from_numpy(a).to(_torch_dtype(dtype)).double().numpy() for a in arrays)
+    value_dtype, coordinate_dtype = split_dtype(dtype)
+
+    def rounded(array, name):
+        return torch.from_numpy(array).to(_torch_dtype(name)).double().numpy()
+
+    return (rounded(value, value_dtype), spatial_shapes, level_start_index,
+            rounded(sampling_locations, coordinate_dtype),
+            rounded(attention_weights, coordinate_dtype), rounded(grad_output, value_dtype))
 
 
 def reference_outputs(value, spatial_shapes, level_start_index, sampling_locations,
@@ -271,22 +288,29 @@ def reference_outputs(value, spatial_shapes, level_start_index, sampling_locatio
 
 # Unit roundoff of each dtype (the final rounding of a result) and of its accumulation type.
 UNIT_ROUNDOFF = dict(double=2.0**-53, float=2.0**-24, half=2.0**-11, bfloat16=2.0**-8)
+# Spacing of each dtype's subnormals: the absolute error of rounding a tiny result.
+SUBNORMAL_SPACING = dict(double=2.0**-1074, float=2.0**-149, half=2.0**-24, bfloat16=2.0**-133)
 
 
 def emulation_error(actual, expected, dtype):
     """Largest error of the four results relative to the bound
-    2 * (u_dtype * |expected| + 16 * u_acc * max|expected|): the final rounding to dtype plus
-    fp32 (fp64 for double) accumulation error of ~16 terms of the tensor's scale. <= 1 passes."""
+    2 * (u_result * |expected| + s_result + 16 * u_acc * max|expected|): the final rounding to
+    the result's dtype (value's for output and grad_value, the coordinates' for the other two;
+    s_result covers results in its subnormal range) plus fp32 (fp64 for double coordinates)
+    accumulation error of ~16 terms of the tensor's scale. <= 1 passes."""
     import numpy as np
-    u_acc = UNIT_ROUNDOFF['double' if dtype == 'double' else 'float']
+    value_dtype, coordinate_dtype = split_dtype(dtype)
+    u_acc = UNIT_ROUNDOFF['double' if coordinate_dtype == 'double' else 'float']
+    result_dtypes = (value_dtype, value_dtype, coordinate_dtype, coordinate_dtype)
     worst = 0.0
-    for a, e in zip(actual, expected):
+    for a, e, result_dtype in zip(actual, expected, result_dtypes):
         if a.shape != e.shape:
             return float('inf')
         if e.size == 0:
             continue
         scale = np.abs(e).max()
-        bound = 2 * (UNIT_ROUNDOFF[dtype] * np.abs(e) + 16 * u_acc * scale) + 1e-300
+        bound = 2 * (UNIT_ROUNDOFF[result_dtype] * np.abs(e) + SUBNORMAL_SPACING[result_dtype]
+                     + 16 * u_acc * scale) + 1e-300
         worst = max(worst, float(np.nan_to_num(np.abs(a - e) / bound, nan=np.inf).max()))
     return worst
 
@@ -300,6 +324,9 @@ EMULATION_CASES = (
     ('float', dict(channels=8), dict(value_offset=1)),
     ('half', dict(channels=30), {}),
     ('bfloat16', dict(channels=4, heads=3), {}),
+    ('bfloat16:float', dict(channels=32), {}),
+    ('half:float', dict(channels=30), {}),
+    ('bfloat16:double', dict(channels=8), {}),
 )
 
 
@@ -336,7 +363,7 @@ def check_emulation(nvcc, out_dir, verbose, sanitize=False):
         error = emulation_error(actual, reference_outputs(*problem), dtype)
         passed = error <= 1
         ok = ok and passed
-        print(f'[emulate] {dtype:8s} {problem_kwargs} {emulate_kwargs}: '
+        print(f'[emulate] {dtype:15s} {problem_kwargs} {emulate_kwargs}: '
               f'{"ok" if passed else "FAILED"} (error {error:.3f} of tolerance)')
     results = emulate(binary, osp.join(out_dir, 'off_map'), 'float', *off_map_problem())
     passed = not any(result.any() for result in results)

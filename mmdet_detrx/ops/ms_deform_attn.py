@@ -17,8 +17,11 @@ Shapes (``L`` levels of sizes ``H_l x W_l``, ``S = sum_l H_l * W_l`` value token
 
 ``ms_deform_attn`` is a drop-in for mmcv's ``MultiScaleDeformableAttnFunction.apply``. It calls
 the native op ``torch.ops.detrx.ms_deform_attn_forward`` (C++ on CPU, CUDA on GPU, built into
-``mmdet_detrx._C``), which is registered with ``torch.library`` (fake kernel, autograd, autocast)
-so ``torch.compile(fullgraph=True)`` and ``torch.export`` see a single op. The native backward is
+``mmdet_detrx._C``), which is registered with ``torch.library`` (fake kernel, autograd) so
+``torch.compile(fullgraph=True)`` and ``torch.export`` see a single op. Mixed precision: a
+float16 / bfloat16 value may come with float32 (or float64) locations and weights; under
+autocast ``ms_deform_attn`` casts to exactly that (see ``_cast_for_autocast``, the one place
+where inputs are cast). The native backward is
 first-order only: double backward raises. ``ms_deform_attn_pytorch`` is the ``grid_sample``
 reference: the test oracle, the fallback where no native kernel exists (with a one-time warning)
 and the ONNX-exportable path (selected by ``use_pytorch_ms_deform_attn()``, by the environment
@@ -27,7 +30,7 @@ variable ``MMDET_DETRX_MSDA_PYTORCH=1``, or automatically inside ``torch.onnx.ex
 import contextlib
 import os
 import warnings
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -104,15 +107,83 @@ def _is_tracing(spatial_shapes: torch.Tensor) -> bool:
             or spatial_shapes.device.type == 'meta')
 
 
-def _autocast_enabled(value) -> bool:
+def _autocast_dtype(value) -> Optional[torch.dtype]:
+    """The lower-precision dtype of an active autocast region for value's device, else None."""
     if not isinstance(value, torch.Tensor):
-        return False
+        return None
     device_type = value.device.type
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
-def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                  attention_weights, im2col_step) -> None:
+# The op's dtype policy (the native op enforces the same in check_ms_deform_attn_inputs):
+# sampling_locations and attention_weights share one coordinate dtype, value's or a wider one
+# (float32 / float64 for a float16 / bfloat16 value, float64 for a float32 value). Output in
+# value's dtype, each gradient in its input's dtype, arithmetic in float32 (float64 when the
+# coordinates are float64).
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _coordinate_dtypes(value_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
+    """The dtypes that sampling_locations / attention_weights may have with this value dtype."""
+    if value_dtype in _LOW_PRECISION:
+        return (value_dtype, torch.float32, torch.float64)
+    if value_dtype == torch.float32:
+        return (value_dtype, torch.float64)
+    return (value_dtype, )
+
+
+def _cast_for_autocast(value, sampling_locations, attention_weights):
+    """Mixed precision under autocast, the only place where the op casts its inputs.
+
+    A float32 value is cast to the autocast dtype (the gathers are memory-bound: half the bytes),
+    float16 / bfloat16 locations and weights are cast up to float32 (a bfloat16 location is off
+    by up to ~0.3 pixel on a 167-pixel-wide level); float64 inputs are left alone, as autocast
+    leaves them. Outside autocast nothing is cast.
+    """
+    autocast_dtype = _autocast_dtype(value)
+    if autocast_dtype is None:
+        return value, sampling_locations, attention_weights
+    if autocast_dtype in _LOW_PRECISION and value.dtype == torch.float32:
+        value = value.to(autocast_dtype)
+    sampling_locations, attention_weights = (
+        t.float() if isinstance(t, torch.Tensor) and t.dtype in _LOW_PRECISION else t
+        for t in (sampling_locations, attention_weights))
+    return value, sampling_locations, attention_weights
+
+
+def _check_level_table(shapes: Sequence[Sequence[int]], starts: Optional[Sequence[int]],
+                       num_value: int) -> None:
+    """Validates a level table given as Python ints (exact: no overflow at any size).
+
+    The same rules as the native op's ``msda::check_levels``: every H_l, W_l > 0,
+    ``sum_l H_l * W_l == num_value`` and, when given, ``starts`` == the exclusive cumsum.
+    """
+    total = 0
+    for level, (height, width) in enumerate(shapes):
+        if height <= 0 or width <= 0:
+            raise ValueError(f'ms_deform_attn: spatial_shapes must be positive, got '
+                             f'({height}, {width}) at level {level}')
+        total += height * width
+    if total != num_value:
+        raise ValueError(f'ms_deform_attn: sum of H * W over spatial_shapes ({total}) must equal '
+                         f'value.shape[1] (S={num_value})')
+    if starts is None:
+        return
+    start = 0
+    for level, ((height, width), actual) in enumerate(zip(shapes, starts)):
+        if actual != start:
+            raise ValueError(f'ms_deform_attn: level_start_index[{level}] must be {start} '
+                             f'(exclusive cumsum of H * W), got {actual}')
+        start += height * width
+
+
+def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations,
+                    attention_weights, im2col_step, grad_output=None) -> None:
+    """Types, ranks, sizes, devices and dtypes; reads no tensor values. Raises TypeError /
+    ValueError naming the argument."""
     names = ('value', 'spatial_shapes', 'level_start_index', 'sampling_locations',
              'attention_weights')
     tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
@@ -138,19 +209,24 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
         if tensor.device != value.device:
             raise ValueError(f"ms_deform_attn: {name} must be on value's device {value.device}, "
                              f'got {tensor.device}')
-    if not value.is_floating_point():
-        raise TypeError(f'ms_deform_attn: value must be a floating tensor, got {value.dtype}')
-    for name, tensor in (('sampling_locations', sampling_locations),
-                         ('attention_weights', attention_weights)):
-        if tensor.dtype != value.dtype:
-            raise TypeError(f"ms_deform_attn: {name} must have value's dtype {value.dtype}, "
-                            f'got {tensor.dtype}')
+    if value.dtype not in _FLOATING:
+        raise TypeError('ms_deform_attn: value must be float16, bfloat16, float32 or float64, '
+                        f'got {value.dtype}')
+    if sampling_locations.dtype not in _coordinate_dtypes(value.dtype):
+        mixed = {torch.float16: ' or float32 / float64 (mixed precision)',
+                 torch.bfloat16: ' or float32 / float64 (mixed precision)',
+                 torch.float32: ' or float64'}.get(value.dtype, '')
+        raise TypeError(f"ms_deform_attn: sampling_locations must have value's dtype "
+                        f'{value.dtype}{mixed}, got {sampling_locations.dtype}')
+    if attention_weights.dtype != sampling_locations.dtype:
+        raise TypeError("ms_deform_attn: attention_weights must have sampling_locations' dtype "
+                        f'{sampling_locations.dtype}, got {attention_weights.dtype}')
     for name, tensor in (('spatial_shapes', spatial_shapes),
                          ('level_start_index', level_start_index)):
         if tensor.dtype != torch.int64:
             raise TypeError(f'ms_deform_attn: {name} must be int64, got {tensor.dtype}')
 
-    B, S, heads, _ = value.shape
+    B, S, heads, C = value.shape
     L = spatial_shapes.shape[0]
     if spatial_shapes.shape[1] != 2 or L == 0:
         raise ValueError('ms_deform_attn: spatial_shapes must have shape (L, 2) with L >= 1, '
@@ -167,22 +243,32 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
         raise ValueError(f'ms_deform_attn: attention_weights must have shape '
                          f'{locations_shape[:5]} (B, Q, heads, L, P), '
                          f'got {tuple(attention_weights.shape)}')
+    if grad_output is None:
+        return
+    if not isinstance(grad_output, torch.Tensor):
+        raise TypeError('ms_deform_attn: grad_output must be a torch.Tensor, '
+                        f'got {type(grad_output).__name__}')
+    if grad_output.device != value.device:
+        raise ValueError(f"ms_deform_attn: grad_output must be on value's device {value.device}, "
+                         f'got {grad_output.device}')
+    if grad_output.dtype != value.dtype:
+        raise TypeError(f"ms_deform_attn: grad_output must have value's dtype {value.dtype}, "
+                        f'got {grad_output.dtype}')
+    if tuple(grad_output.shape) != (B, locations_shape[1], heads * C):
+        raise ValueError(f'ms_deform_attn: grad_output must have shape (B={B}, '
+                         f'Q={locations_shape[1]}, heads*C={heads * C}), '
+                         f'got {tuple(grad_output.shape)}')
 
-    # Value checks on CPU index tensors only: on a GPU they would cost a device sync here, and
-    # the native op's own check (check_ms_deform_attn_inputs) repeats them anyway.
+
+def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights, im2col_step) -> None:
+    _check_metadata(value, spatial_shapes, level_start_index, sampling_locations,
+                    attention_weights, im2col_step)
+    # Values of CPU index tensors only (reading them is free): on a GPU it would cost a device
+    # sync, and the native op validates device index tensors itself, once per tensor.
     if spatial_shapes.device.type != 'cpu' or _is_tracing(spatial_shapes):
         return
-    if bool((spatial_shapes <= 0).any()):
-        raise ValueError(f'ms_deform_attn: spatial_shapes must be positive, '
-                         f'got {spatial_shapes.tolist()}')
-    sizes = spatial_shapes.prod(1)
-    if int(sizes.sum()) != S:
-        raise ValueError(f'ms_deform_attn: sum of H * W over spatial_shapes ({int(sizes.sum())})'
-                         f' must equal value.shape[1] (S={S})')
-    expected_starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-    if not torch.equal(level_start_index, expected_starts):
-        raise ValueError('ms_deform_attn: level_start_index must be the exclusive cumsum of '
-                         f'H * W, {expected_starts.tolist()}, got {level_start_index.tolist()}')
+    _check_level_table(spatial_shapes.tolist(), level_start_index.tolist(), value.shape[1])
 
 
 def ms_deform_attn(value: torch.Tensor,
@@ -195,14 +281,14 @@ def ms_deform_attn(value: torch.Tensor,
     attention_weights. Returns ``(B, Q, heads * C)`` in value's dtype.
 
     ``im2col_step`` only chunks the batch on devices whose kernel uses it; any batch size works.
-    Under autocast the three floating inputs are cast to float32 (mmcv instead casts the
-    locations and weights down to value's dtype): a bfloat16 location is off by up to ~0.3 pixel
-    on a 167-pixel-wide level. Outside autocast they must share value's dtype.
+    Dtypes: sampling_locations and attention_weights share one dtype, value's or (mixed
+    precision) float32 / float64 with a float16 / bfloat16 value; the arithmetic is float32
+    (float64 for float64 locations). Under autocast a float32 value is cast to the autocast dtype
+    and float16 / bfloat16 locations and weights to float32: the output has the autocast dtype
+    while the sampling runs at float32 locations.
     """
-    if _autocast_enabled(value):
-        value, sampling_locations, attention_weights = (
-            t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            for t in (value, sampling_locations, attention_weights))
+    value, sampling_locations, attention_weights = _cast_for_autocast(
+        value, sampling_locations, attention_weights)
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                   attention_weights, im2col_step)
     device_type = value.device.type
@@ -223,12 +309,20 @@ def ms_deform_attn_pytorch(value: torch.Tensor,
     """Reference implementation with ``F.grid_sample`` (standard ops only, ONNX-exportable).
 
     ``spatial_shapes`` may also be a list of ``(H, W)`` pairs. Shapes as in the module docstring.
+    Dtypes as for :func:`ms_deform_attn`: with mixed precision (float32 / float64 locations and
+    weights, float16 / bfloat16 value) the sampling runs in the locations' dtype and the output
+    is rounded to value's dtype.
     """
-    B, _, heads, C = value.shape
+    B, S, heads, C = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     if isinstance(spatial_shapes, torch.Tensor):
         spatial_shapes = spatial_shapes.tolist()
     shapes = [(int(H), int(W)) for H, W in spatial_shapes]
+    if not torch.compiler.is_compiling():
+        _check_level_table(shapes, None, S)  # Python ints: exact for any H, W
+    output_dtype = value.dtype
+    if sampling_locations.dtype != value.dtype:  # mixed precision: sample at the locations'
+        value = value.to(sampling_locations.dtype)
     value_per_level = value.split([H * W for H, W in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample expects [-1, 1]
     sampled = []
@@ -245,19 +339,34 @@ def ms_deform_attn_pytorch(value: torch.Tensor,
     # (B*heads, C, Q, L*P) -> (B*heads, C, Q)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
     # (B*heads, C, Q) -> (B, Q, heads*C)
-    return output.view(B, heads * C, Q).transpose(1, 2).contiguous()
+    output = output.view(B, heads * C, Q).transpose(1, 2).contiguous()
+    return output if output.dtype == output_dtype else output.to(output_dtype)
 
 
 # --- torch.library registrations of the native op -------------------------------------------
 
+def _check_fake_inputs(*args, grad_output=None) -> None:
+    """The native op's metadata checks for fake / meta tensors, as RuntimeError like the C++
+    check: the fake kernel also runs when only some inputs are on the meta device (the meta
+    dispatch key wins), which must fail instead of returning uninitialised memory."""
+    try:
+        _check_metadata(*args, grad_output=grad_output)
+    except (TypeError, ValueError) as error:
+        raise RuntimeError(str(error)) from None
+
+
 def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations,
                   attention_weights, im2col_step):
+    _check_fake_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                       attention_weights, im2col_step)
     B, _, heads, C = value.shape
     return value.new_empty((B, sampling_locations.shape[1], heads * C))
 
 
 def _backward_fake(value, spatial_shapes, level_start_index, sampling_locations,
                    attention_weights, grad_output, im2col_step):
+    _check_fake_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                       attention_weights, im2col_step, grad_output=grad_output)
     return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
             attention_weights.new_empty(attention_weights.shape))
 
@@ -295,6 +404,5 @@ if _C is not None:
     torch.library.register_autograd(_FORWARD_OP, _backward, setup_context=_setup_context)
     torch.library.register_autograd(_BACKWARD_OP, _double_backward,
                                     setup_context=_backward_setup_context)
-    for _device_type in ('cpu', 'cuda'):
-        torch.library.register_autocast(_FORWARD_OP, _device_type, torch.float32)
-        torch.library.register_autocast(_BACKWARD_OP, _device_type, torch.float32)
+    # No register_autocast: under autocast the raw ops take their inputs as given (autocast
+    # falls through), and ms_deform_attn applies the mixed-precision casts (_cast_for_autocast).

@@ -9,10 +9,12 @@
 // grad_value[b, level tokens, head, :] and of the location / attention gradients of its
 // (b, :, head, level, :) entries. No atomics, no races: the result is bitwise identical for any
 // thread count.
-// Half and bfloat16 inputs accumulate in float (at::opmath_type); grad_value is accumulated in a
-// float buffer and rounded once at the end. im2col_step is a CUDA chunking knob: the CPU kernel
-// validates it and otherwise ignores it.
-#include <ATen/Dispatch.h>
+// Dtypes follow the policy in ops/ms_deform_attn.h: scalar_t is value's (and the output's) c10
+// type, coord_t that of sampling_locations / attention_weights (value's or a wider one: float /
+// double for half / bfloat16 value, double for float). Arithmetic runs in
+// acc_t = at::opmath_type<coord_t> (float for half / bfloat16 / float, double for double);
+// grad_value is accumulated in an acc_t buffer and rounded to value's dtype once at the end.
+// im2col_step is a CUDA chunking knob: the CPU kernel validates it and otherwise ignores it.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -162,8 +164,8 @@ struct SamplePlan {
 };
 
 // Plans one sampling point; returns whether it touches the map.
-template <typename value_type, typename acc_t, typename scalar_t>
-inline bool plan_sample(const scalar_t* sampling_locations, const scalar_t* attention_weights,
+template <typename value_type, typename acc_t, typename coord_t>
+inline bool plan_sample(const coord_t* sampling_locations, const coord_t* attention_weights,
                         int64_t attn_idx, const Level& lv, const value_type* value_level,
                         int64_t token_stride, const value_type* zero_row, int64_t C,
                         SamplePlan<value_type, acc_t>& plan) {
@@ -183,12 +185,12 @@ inline bool plan_sample(const scalar_t* sampling_locations, const scalar_t* atte
   return true;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename coord_t>
 void forward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& levels,
-                    const scalar_t* sampling_locations, const scalar_t* attention_weights,
+                    const coord_t* sampling_locations, const coord_t* attention_weights,
                     scalar_t* output, int64_t B, int64_t S, int64_t heads, int64_t C, int64_t Q,
                     int64_t P) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = at::opmath_type<coord_t>;
   using value_type = value_t<scalar_t>;
   const int64_t L = static_cast<int64_t>(levels.size());
   const int64_t token_stride = heads * C;  // distance between two tokens of one (batch, head)
@@ -233,14 +235,14 @@ void forward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& le
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename coord_t>
 void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& levels,
-                     const scalar_t* sampling_locations, const scalar_t* attention_weights,
+                     const coord_t* sampling_locations, const coord_t* attention_weights,
                      const scalar_t* grad_output,
-                     at::opmath_type<scalar_t>* grad_value,  // uninitialised, zeroed here
-                     scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights,
+                     at::opmath_type<coord_t>* grad_value,  // uninitialised, zeroed here
+                     coord_t* grad_sampling_locations, coord_t* grad_attention_weights,
                      int64_t B, int64_t S, int64_t heads, int64_t C, int64_t Q, int64_t P) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = at::opmath_type<coord_t>;
   using value_type = value_t<scalar_t>;
   const int64_t L = static_cast<int64_t>(levels.size());
   const int64_t token_stride = heads * C;
@@ -310,9 +312,9 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
           const int64_t attn_idx = attn_begin + sample;
           const SamplePlan<value_type, acc_t>& plan = plans[sample];
           if (!plan.inside) {
-            grad_attention_weights[attn_idx] = scalar_t(0);
-            grad_sampling_locations[2 * attn_idx] = scalar_t(0);
-            grad_sampling_locations[2 * attn_idx + 1] = scalar_t(0);
+            grad_attention_weights[attn_idx] = coord_t(0);
+            grad_sampling_locations[2 * attn_idx] = coord_t(0);
+            grad_sampling_locations[2 * attn_idx + 1] = coord_t(0);
             continue;
           }
           const Level& lv = levels[level_begin + sample / P];
@@ -335,12 +337,12 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
             dsampled_dx += corners.dweight_dx[i] * dot[i];
             dsampled_dy += corners.dweight_dy[i] * dot[i];
           }
-          grad_attention_weights[attn_idx] = static_cast<scalar_t>(sampled);
+          grad_attention_weights[attn_idx] = static_cast<coord_t>(sampled);
           // d x_pixel / d x_normalised = W and likewise H for y.
           grad_sampling_locations[2 * attn_idx] =
-              static_cast<scalar_t>(plan.attention * static_cast<acc_t>(lv.W) * dsampled_dx);
+              static_cast<coord_t>(plan.attention * static_cast<acc_t>(lv.W) * dsampled_dx);
           grad_sampling_locations[2 * attn_idx + 1] =
-              static_cast<scalar_t>(plan.attention * static_cast<acc_t>(lv.H) * dsampled_dy);
+              static_cast<coord_t>(plan.attention * static_cast<acc_t>(lv.H) * dsampled_dy);
         }
       }
     }
@@ -362,12 +364,16 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   const at::Tensor locations_c = sampling_locations.contiguous();
   const at::Tensor weights_c = attention_weights.contiguous();
   const std::vector<Level> levels = read_levels(spatial_shapes, level_start_index);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-        forward_kernel<scalar_t>(value_c.const_data_ptr<value_t<scalar_t>>(), levels,
-                                 locations_c.const_data_ptr<scalar_t>(),
-                                 weights_c.const_data_ptr<scalar_t>(),
-                                 output.mutable_data_ptr<scalar_t>(), B, S, heads, C, Q, P);
+  dispatch_dtype_pair(
+      value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_forward_cpu",
+      [&](auto types) {
+        using scalar_t = typename decltype(types)::value_t;
+        using coord_t = typename decltype(types)::coordinate_t;
+        forward_kernel<scalar_t, coord_t>(value_c.const_data_ptr<value_t<scalar_t>>(), levels,
+                                          locations_c.const_data_ptr<coord_t>(),
+                                          weights_c.const_data_ptr<coord_t>(),
+                                          output.mutable_data_ptr<scalar_t>(), B, S, heads, C, Q,
+                                          P);
       });
   return output;
 }
@@ -382,30 +388,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const int64_t B = value.size(0), S = value.size(1), heads = value.size(2), C = value.size(3);
   const int64_t Q = sampling_locations.size(1), P = sampling_locations.size(4);
 
-  const auto acc_dtype = at::toOpMathType(value.scalar_type());
-  // The kernel zeroes grad_value itself (every row belongs to exactly one task).
-  at::Tensor grad_value = attention_weights.numel() > 0
-                              ? at::empty(value.sizes(), value.options().dtype(acc_dtype))
-                              : at::zeros(value.sizes(), value.options().dtype(acc_dtype));
-  at::Tensor grad_sampling_locations = at::empty(sampling_locations.sizes(),
-                                                 sampling_locations.options());
-  at::Tensor grad_attention_weights = at::empty(attention_weights.sizes(),
-                                                attention_weights.options());
-  if (attention_weights.numel() > 0) {
+  const auto acc_dtype = at::toOpMathType(sampling_locations.scalar_type());
+  // Without sampling points or without channels (C = 0: value is empty) every gradient is zero.
+  const bool has_work = attention_weights.numel() > 0 && value.numel() > 0;
+  // Otherwise the kernel writes every element, zeroing grad_value itself (every row belongs to
+  // exactly one task).
+  const auto make = [&](const at::Tensor& like, at::ScalarType dtype) {
+    return has_work ? at::empty(like.sizes(), like.options().dtype(dtype))
+                    : at::zeros(like.sizes(), like.options().dtype(dtype));
+  };
+  at::Tensor grad_value = make(value, acc_dtype);
+  at::Tensor grad_sampling_locations =
+      make(sampling_locations, sampling_locations.scalar_type());
+  at::Tensor grad_attention_weights = make(attention_weights, attention_weights.scalar_type());
+  if (has_work) {
     const at::Tensor value_c = widen_value(value).contiguous();
     const at::Tensor locations_c = sampling_locations.contiguous();
     const at::Tensor weights_c = attention_weights.contiguous();
     const at::Tensor grad_output_c = grad_output.contiguous();
     const std::vector<Level> levels = read_levels(spatial_shapes, level_start_index);
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-          backward_kernel<scalar_t>(
+    dispatch_dtype_pair(
+        value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_backward_cpu",
+        [&](auto types) {
+          using scalar_t = typename decltype(types)::value_t;
+          using coord_t = typename decltype(types)::coordinate_t;
+          backward_kernel<scalar_t, coord_t>(
               value_c.const_data_ptr<value_t<scalar_t>>(), levels,
-              locations_c.const_data_ptr<scalar_t>(), weights_c.const_data_ptr<scalar_t>(),
+              locations_c.const_data_ptr<coord_t>(), weights_c.const_data_ptr<coord_t>(),
               grad_output_c.const_data_ptr<scalar_t>(),
-              grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>(),
-              grad_sampling_locations.mutable_data_ptr<scalar_t>(),
-              grad_attention_weights.mutable_data_ptr<scalar_t>(), B, S, heads, C, Q, P);
+              grad_value.mutable_data_ptr<at::opmath_type<coord_t>>(),
+              grad_sampling_locations.mutable_data_ptr<coord_t>(),
+              grad_attention_weights.mutable_data_ptr<coord_t>(), B, S, heads, C, Q, P);
         });
   }
   if (grad_value.scalar_type() != value.scalar_type()) {

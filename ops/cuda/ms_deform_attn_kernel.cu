@@ -4,7 +4,11 @@
 //
 // im2col_step is validated and otherwise ignored: the kernels cover the whole batch in one
 // launch, so any batch size works and no im2col buffer is needed.
-#include <ATen/Dispatch.h>
+//
+// No per-call host synchronisation: the values of the (device) index tensors are validated by
+// check_ms_deform_attn_inputs once per tensor (validate_index_values caches the result by
+// identity and version counter) and re-checked on the device by every block (stage_levels), so
+// a call on already-validated tensors only enqueues work and can be captured in a CUDA graph.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -14,6 +18,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -47,6 +52,13 @@ typename CudaScalar<T>::type* cuda_mutable_ptr(at::Tensor& t) {
 }
 
 msda_cuda::MSDAShape make_shape(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  TORCH_CHECK(sampling_locations.size(3) <= msda_cuda::kMaxLevels,
+              "ms_deform_attn: the CUDA kernels support at most ", msda_cuda::kMaxLevels,
+              " levels, got spatial_shapes with ", sampling_locations.size(3), " rows");
+  TORCH_CHECK(sampling_locations.size(4) <= std::numeric_limits<int>::max(),
+              "ms_deform_attn: the CUDA kernels support at most ",
+              std::numeric_limits<int>::max(), " points per level, got sampling_locations.size(4)"
+              " = ", sampling_locations.size(4));
   msda_cuda::MSDAShape shape;
   shape.batch = value.size(0);
   shape.num_value = value.size(1);
@@ -62,6 +74,14 @@ msda_cuda::MSDAShape make_shape(const at::Tensor& value, const at::Tensor& sampl
 // runtime API rather than at::cuda::getCurrentDeviceProperties() so that this file needs only
 // c10/cuda headers, not ATen/cuda/CUDAContext.h's cuBLAS / cuSPARSE / cuSOLVER ones; that lets
 // tools/check_cuda_kernels.py compile it with a bare CUDA toolkit.
+// Whether the current stream is being captured into a CUDA graph: the index check must not copy
+// to the host then.
+bool stream_is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 int num_sms() {
   int count = 0;
   C10_CUDA_CHECK(
@@ -73,10 +93,12 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
                                        const at::Tensor& level_start_index,
                                        const at::Tensor& sampling_locations,
                                        const at::Tensor& attention_weights, int64_t im2col_step) {
-  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights, im2col_step);
   TORCH_CHECK(value.is_cuda(), "ms_deform_attn_forward_cuda: value must be a CUDA tensor");
   const c10::cuda::CUDAGuard device_guard(value.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights, im2col_step,
+                              /*host_sync_allowed=*/!stream_is_capturing(stream));
 
   const msda_cuda::MSDAShape shape = make_shape(value, sampling_locations);
   const std::vector<int64_t> output_size = {shape.batch, shape.num_query,
@@ -91,14 +113,16 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   const at::Tensor starts_c = level_start_index.contiguous();
   const at::Tensor locations_c = sampling_locations.contiguous();
   const at::Tensor weights_c = attention_weights.contiguous();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+  dispatch_dtype_pair(
+      value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_forward_cuda",
+      [&](auto types) {
+        using scalar_t = typename decltype(types)::value_t;
+        using coord_t = typename decltype(types)::coordinate_t;
         C10_CUDA_CHECK(msda_cuda::launch_ms_deform_attn_forward(
             cuda_ptr<scalar_t>(value_c), shapes_c.const_data_ptr<int64_t>(),
-            starts_c.const_data_ptr<int64_t>(), cuda_ptr<scalar_t>(locations_c),
-            cuda_ptr<scalar_t>(weights_c), cuda_mutable_ptr<scalar_t>(output), shape, num_sms(),
+            starts_c.const_data_ptr<int64_t>(), cuda_ptr<coord_t>(locations_c),
+            cuda_ptr<coord_t>(weights_c), cuda_mutable_ptr<scalar_t>(output), shape, num_sms(),
             stream));
       });
   return output;
@@ -108,24 +132,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
     const at::Tensor& grad_output, int64_t im2col_step) {
-  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights, im2col_step);
-  check_ms_deform_attn_grad_output(value, sampling_locations, grad_output);
   TORCH_CHECK(value.is_cuda(), "ms_deform_attn_backward_cuda: value must be a CUDA tensor");
   const c10::cuda::CUDAGuard device_guard(value.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights, im2col_step,
+                              /*host_sync_allowed=*/!stream_is_capturing(stream));
+  check_ms_deform_attn_grad_output(value, sampling_locations, grad_output);
 
   const msda_cuda::MSDAShape shape = make_shape(value, sampling_locations);
-  // fp32 (fp64 for double) buffer for the atomic scatter into grad_value; aliases grad_value
-  // when value is already float or double.
-  const at::ScalarType acc_dtype = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // fp32 (fp64 for double coordinates) buffer for the atomic scatter into grad_value; it is
+  // grad_value itself when value already has that dtype.
+  const at::ScalarType acc_dtype =
+      sampling_locations.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_dtype));
   const bool has_work = shape.batch * shape.num_query * shape.num_heads > 0 &&
                         shape.channels > 0 && shape.num_points > 0;
   // The kernel writes every location / weight gradient (zero for points off the map); without
   // channels there is nothing to differentiate and they are zero.
   const auto make_grad = [&](const at::Tensor& input) {
-    return has_work ? at::empty(input.sizes(), value.options())
-                    : at::zeros(input.sizes(), value.options());
+    return has_work ? at::empty(input.sizes(), input.options())
+                    : at::zeros(input.sizes(), input.options());
   };
   at::Tensor grad_sampling_locations = make_grad(sampling_locations);
   at::Tensor grad_attention_weights = make_grad(attention_weights);
@@ -137,18 +164,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor locations_c = sampling_locations.contiguous();
     const at::Tensor weights_c = attention_weights.contiguous();
     const at::Tensor grad_output_c = grad_output.contiguous();
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-          using acc_t = msda_cuda::acc_type<typename CudaScalar<scalar_t>::type>;
+    dispatch_dtype_pair(
+        value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_backward_cuda",
+        [&](auto types) {
+          using scalar_t = typename decltype(types)::value_t;
+          using coord_t = typename decltype(types)::coordinate_t;
+          using acc_t = msda_cuda::acc_type<typename CudaScalar<coord_t>::type>;
           C10_CUDA_CHECK(msda_cuda::launch_ms_deform_attn_backward(
               cuda_ptr<scalar_t>(value_c), shapes_c.const_data_ptr<int64_t>(),
-              starts_c.const_data_ptr<int64_t>(), cuda_ptr<scalar_t>(locations_c),
-              cuda_ptr<scalar_t>(weights_c), cuda_ptr<scalar_t>(grad_output_c),
+              starts_c.const_data_ptr<int64_t>(), cuda_ptr<coord_t>(locations_c),
+              cuda_ptr<coord_t>(weights_c), cuda_ptr<scalar_t>(grad_output_c),
               grad_value_acc.mutable_data_ptr<acc_t>(),
-              cuda_mutable_ptr<scalar_t>(grad_sampling_locations),
-              cuda_mutable_ptr<scalar_t>(grad_attention_weights), shape, num_sms(), stream));
+              cuda_mutable_ptr<coord_t>(grad_sampling_locations),
+              cuda_mutable_ptr<coord_t>(grad_attention_weights), shape, num_sms(), stream));
         });
   }
   at::Tensor grad_value = grad_value_acc.to(value.scalar_type());  // no-op for float / double

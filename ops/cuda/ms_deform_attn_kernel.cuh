@@ -20,7 +20,7 @@
 // two __half in one 32-bit load) and strides over the channels by G * VEC, so any C works
 // (odd C such as 71 or 1025 runs with VEC = 1). Loads of a corner are coalesced over channels.
 //   forward:  out[c] = sum_{level, point} a * sum_corner w_corner * value[corner][c], accumulated
-//             in acc_t (fp32, fp64 for double) and rounded once at the store.
+//             in acc_t and rounded once at the store.
 //   backward: grad_value is scattered with atomicAdd into an acc_t buffer (the caller casts it to
 //             half / bfloat16: native 16-bit atomics are slow and round every partial sum);
 //             grad_attention_weights and grad_sampling_locations of a (level, point) are sums
@@ -28,6 +28,16 @@
 //             without atomics, since exactly one group owns each (batch, query, head).
 // The batch is processed in one launch with a grid-stride loop over 64-bit group ids, so there is
 // no im2col_step chunking and no batch-divisibility requirement.
+//
+// Dtypes (policy in ops/ms_deform_attn.h): scalar_t is value's (and output / grad_output's)
+// type, coord_t that of sampling_locations / attention_weights (scalar_t or a wider type: float
+// / double for __half / __nv_bfloat16 value, i.e. mixed precision; double for float).
+// acc_t = acc_type<coord_t>: fp32, fp64 for double coordinates.
+//
+// Every block re-checks the level table it stages (msda::check_levels) and traps on an
+// inconsistent one before any thread reads value: the host validates index tensors once per
+// tensor (see validate_index_values), and this guard keeps a table changed behind the host
+// check's back from turning into out-of-bounds reads.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -35,6 +45,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 
 #include "ms_deform_attn_sampling.h"
 
@@ -51,8 +62,8 @@ constexpr int kWarpSize = 32;
 // The backward kernel needs ~100 registers unconstrained, i.e. 2 blocks (25% occupancy) per
 // SM; capping it for 3 blocks costs no spills for 32- and 16-bit types (ptxas -v, sm_80/sm_90)
 // and leaves more gathers in flight. fp64 (used for gradcheck) would spill, so it keeps 2.
-template <typename scalar_t>
-constexpr int kBackwardMinBlocks = sizeof(scalar_t) == 8 ? 2 : 3;
+template <typename acc_t>
+constexpr int kBackwardMinBlocks = sizeof(acc_t) == 8 ? 2 : 3;
 
 // Accumulation type: fp32 for float / half / bfloat16, fp64 for double.
 template <typename scalar_t>
@@ -66,6 +77,9 @@ struct AccType<double> {
 template <typename scalar_t>
 using acc_type = typename AccType<scalar_t>::type;
 
+// Levels a launch supports: their geometry (24 bytes each) is staged in shared memory.
+constexpr int kMaxLevels = 1024;
+
 // Explicit conversions: torch builds CUDA code with __CUDA_NO_HALF_CONVERSIONS__ and
 // __CUDA_NO_BFLOAT16_CONVERSIONS__, so the implicit __half <-> float operators are unavailable.
 __device__ __forceinline__ float to_acc(float x) { return x; }
@@ -73,17 +87,31 @@ __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// acc_t (float or double) -> scalar_t, round to nearest even.
 template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_acc(acc_type<scalar_t> x);
+struct FromAcc;
 template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
+struct FromAcc<float> {
+  __device__ __forceinline__ static float from(float x) { return x; }
+  __device__ __forceinline__ static float from(double x) { return static_cast<float>(x); }
+};
 template <>
-__device__ __forceinline__ double from_acc<double>(double x) { return x; }
+struct FromAcc<double> {
+  __device__ __forceinline__ static double from(double x) { return x; }
+};
 template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+struct FromAcc<__half> {
+  __device__ __forceinline__ static __half from(float x) { return __float2half_rn(x); }
+  __device__ __forceinline__ static __half from(double x) { return __double2half(x); }
+};
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
+struct FromAcc<__nv_bfloat16> {
+  __device__ __forceinline__ static __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+  __device__ __forceinline__ static __nv_bfloat16 from(double x) { return __double2bfloat16(x); }
+};
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t from_acc(acc_t x) {
+  return FromAcc<scalar_t>::from(x);
 }
 
 // VEC consecutive channels moved with one aligned vector load / store.
@@ -92,15 +120,15 @@ struct alignas(sizeof(scalar_t) * VEC) Pack {
   scalar_t v[VEC];
 };
 
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void load_pack(const scalar_t* ptr, acc_type<scalar_t> (&out)[VEC]) {
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void load_pack(const scalar_t* ptr, acc_t (&out)[VEC]) {
   const Pack<scalar_t, VEC> pack = *reinterpret_cast<const Pack<scalar_t, VEC>*>(ptr);
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) out[i] = to_acc(pack.v[i]);
+  for (int i = 0; i < VEC; ++i) out[i] = static_cast<acc_t>(to_acc(pack.v[i]));
 }
 
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void store_pack(scalar_t* ptr, const acc_type<scalar_t> (&in)[VEC]) {
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void store_pack(scalar_t* ptr, const acc_t (&in)[VEC]) {
   Pack<scalar_t, VEC> pack;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) pack.v[i] = from_acc<scalar_t>(in[i]);
@@ -171,34 +199,55 @@ __device__ __forceinline__ void atomic_add_pack(double* address, const double (&
   for (int i = 0; i < VEC; ++i) atomicAdd(address + i, v[i]);
 }
 
-// Copies spatial_shapes / level_start_index to shared memory. Must be reached by every thread of
-// the block (it synchronises).
-__device__ __forceinline__ LevelGeometry* stage_levels(const int64_t* __restrict__ spatial_shapes,
-                                                       const int64_t* __restrict__ level_start,
-                                                       int num_levels) {
+// Level geometry as msda::check_levels reads it.
+struct StagedLevels {
+  const LevelGeometry* levels;
+  __device__ int64_t height(int64_t level) const { return levels[level].height; }
+  __device__ int64_t width(int64_t level) const { return levels[level].width; }
+  __device__ int64_t start(int64_t level) const { return levels[level].start; }
+};
+
+// Copies spatial_shapes / level_start_index to shared memory and checks the staged copy against
+// num_value tokens (msda::check_levels; every thread checks, which costs a few integer
+// operations per level and needs no shared flag). On an inconsistent table thread 0 traps (a
+// loud, sticky CUDA error) and no thread reads value. Must be reached by every thread of the
+// block (it synchronises); returns nullptr when the caller must return at once.
+__device__ __forceinline__ const LevelGeometry* stage_levels(
+    const int64_t* __restrict__ spatial_shapes, const int64_t* __restrict__ level_start,
+    int num_levels, int64_t num_value) {
   extern __shared__ LevelGeometry msda_levels[];
   for (int level = threadIdx.x; level < num_levels; level += blockDim.x) {
     msda_levels[level] = {level_start[level], spatial_shapes[2 * level],
                           spatial_shapes[2 * level + 1]};
   }
   __syncthreads();
-  return msda_levels;
+  if (msda::check_levels(StagedLevels{msda_levels}, num_levels, num_value).problem ==
+      msda::LevelProblem::kNone) {
+    return msda_levels;
+  }
+  if (threadIdx.x == 0) {
+    printf("ms_deform_attn: spatial_shapes / level_start_index changed after validation "
+           "(inconsistent with value.size(1) = %lld)\n", static_cast<long long>(num_value));
+    __trap();
+  }
+  return nullptr;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Forward: output (B, Q, heads * C).
-template <typename scalar_t, int VEC>
+template <typename scalar_t, typename coord_t, int VEC>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     ms_deform_attn_forward_kernel(const scalar_t* __restrict__ value,
                                   const int64_t* __restrict__ spatial_shapes,
                                   const int64_t* __restrict__ level_start_index,
-                                  const scalar_t* __restrict__ sampling_locations,
-                                  const scalar_t* __restrict__ attention_weights,
+                                  const coord_t* __restrict__ sampling_locations,
+                                  const coord_t* __restrict__ attention_weights,
                                   scalar_t* __restrict__ output, MSDAShape shape,
                                   int group_size) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = acc_type<coord_t>;
   const LevelGeometry* levels =
-      stage_levels(spatial_shapes, level_start_index, shape.num_levels);
+      stage_levels(spatial_shapes, level_start_index, shape.num_levels, shape.num_value);
+  if (levels == nullptr) return;
 
   const int64_t S = shape.num_value, heads = shape.num_heads, C = shape.channels;
   const int64_t Q = shape.num_query;
@@ -255,21 +304,22 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 // Backward. grad_output (B, Q, heads * C) contiguous; grad_value_acc (B, S, heads, C) in acc_t and
 // zero-initialised by the caller; grad_sampling_locations / grad_attention_weights have the
 // layouts of their inputs and are fully written here (zero where a point is off the map).
-template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kThreadsPerBlock, kBackwardMinBlocks<scalar_t>)
+template <typename scalar_t, typename coord_t, int VEC>
+__global__ void __launch_bounds__(kThreadsPerBlock, kBackwardMinBlocks<acc_type<coord_t>>)
     ms_deform_attn_backward_kernel(const scalar_t* __restrict__ value,
                                    const int64_t* __restrict__ spatial_shapes,
                                    const int64_t* __restrict__ level_start_index,
-                                   const scalar_t* __restrict__ sampling_locations,
-                                   const scalar_t* __restrict__ attention_weights,
+                                   const coord_t* __restrict__ sampling_locations,
+                                   const coord_t* __restrict__ attention_weights,
                                    const scalar_t* __restrict__ grad_output,
-                                   acc_type<scalar_t>* __restrict__ grad_value_acc,
-                                   scalar_t* __restrict__ grad_sampling_locations,
-                                   scalar_t* __restrict__ grad_attention_weights,
+                                   acc_type<coord_t>* __restrict__ grad_value_acc,
+                                   coord_t* __restrict__ grad_sampling_locations,
+                                   coord_t* __restrict__ grad_attention_weights,
                                    MSDAShape shape, int group_size) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = acc_type<coord_t>;
   const LevelGeometry* levels =
-      stage_levels(spatial_shapes, level_start_index, shape.num_levels);
+      stage_levels(spatial_shapes, level_start_index, shape.num_levels, shape.num_value);
+  if (levels == nullptr) return;
 
   const int64_t S = shape.num_value, heads = shape.num_heads, C = shape.channels;
   const int64_t Q = shape.num_query;
@@ -336,11 +386,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kBackwardMinBlocks<scalar_t>
         grad_y = group_sum(grad_y, gl.mask, group_size);
         if (gl.lane == 0) {
           // Pixel coordinate = normalised * size - 0.5, so d pixel / d normalised = size.
-          grad_attention_weights[idx] = from_acc<scalar_t>(grad_attn);
+          grad_attention_weights[idx] = from_acc<coord_t>(grad_attn);
           grad_sampling_locations[2 * idx] =
-              from_acc<scalar_t>(attn * grad_x * static_cast<acc_t>(geo.width));
+              from_acc<coord_t>(attn * grad_x * static_cast<acc_t>(geo.width));
           grad_sampling_locations[2 * idx + 1] =
-              from_acc<scalar_t>(attn * grad_y * static_cast<acc_t>(geo.height));
+              from_acc<coord_t>(attn * grad_y * static_cast<acc_t>(geo.height));
         }
       }
     }
@@ -412,40 +462,42 @@ cudaError_t launch_kernel(void (*kernel)(KernelArgs...), const LaunchConfig& cfg
 #endif
 }
 
-// Forward over the whole batch; expects B * Q * heads * C > 0.
-template <typename scalar_t>
+// Forward over the whole batch; expects B * Q * heads * C > 0 and num_levels <= kMaxLevels.
+template <typename scalar_t, typename coord_t>
 cudaError_t launch_ms_deform_attn_forward(const scalar_t* value, const int64_t* spatial_shapes,
                                           const int64_t* level_start_index,
-                                          const scalar_t* sampling_locations,
-                                          const scalar_t* attention_weights, scalar_t* output,
+                                          const coord_t* sampling_locations,
+                                          const coord_t* attention_weights, scalar_t* output,
                                           const MSDAShape& shape, int num_sms,
                                           cudaStream_t stream) {
+  if (shape.num_levels > kMaxLevels) return cudaErrorInvalidValue;
   const void* ptrs[2] = {value, output};
   const LaunchConfig cfg =
       make_launch_config(shape, choose_vec(shape.channels, sizeof(scalar_t), ptrs, 2), num_sms);
-  auto kernel = cfg.vec == 4   ? ms_deform_attn_forward_kernel<scalar_t, 4>
-                : cfg.vec == 2 ? ms_deform_attn_forward_kernel<scalar_t, 2>
-                               : ms_deform_attn_forward_kernel<scalar_t, 1>;
+  auto kernel = cfg.vec == 4   ? ms_deform_attn_forward_kernel<scalar_t, coord_t, 4>
+                : cfg.vec == 2 ? ms_deform_attn_forward_kernel<scalar_t, coord_t, 2>
+                               : ms_deform_attn_forward_kernel<scalar_t, coord_t, 1>;
   return launch_kernel(kernel, cfg, stream, value, spatial_shapes, level_start_index,
                        sampling_locations, attention_weights, output, shape, cfg.group_size);
 }
 
-// Backward over the whole batch; grad_value_acc must be zeroed.
-template <typename scalar_t>
+// Backward over the whole batch; grad_value_acc must be zeroed; num_levels <= kMaxLevels.
+template <typename scalar_t, typename coord_t>
 cudaError_t launch_ms_deform_attn_backward(
     const scalar_t* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
-    const scalar_t* sampling_locations, const scalar_t* attention_weights,
-    const scalar_t* grad_output, acc_type<scalar_t>* grad_value_acc,
-    scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights, const MSDAShape& shape,
+    const coord_t* sampling_locations, const coord_t* attention_weights,
+    const scalar_t* grad_output, acc_type<coord_t>* grad_value_acc,
+    coord_t* grad_sampling_locations, coord_t* grad_attention_weights, const MSDAShape& shape,
     int num_sms, cudaStream_t stream) {
+  if (shape.num_levels > kMaxLevels) return cudaErrorInvalidValue;
   const void* ptrs[2] = {value, grad_output};
   int vec = choose_vec(shape.channels, sizeof(scalar_t), ptrs, 2);
   // Packed atomics (sm_90) need grad_value_acc aligned to a pack of acc_t.
-  while (vec > 1 && !is_aligned(grad_value_acc, vec * sizeof(acc_type<scalar_t>))) vec /= 2;
+  while (vec > 1 && !is_aligned(grad_value_acc, vec * sizeof(acc_type<coord_t>))) vec /= 2;
   const LaunchConfig cfg = make_launch_config(shape, vec, num_sms);
-  auto kernel = cfg.vec == 4   ? ms_deform_attn_backward_kernel<scalar_t, 4>
-                : cfg.vec == 2 ? ms_deform_attn_backward_kernel<scalar_t, 2>
-                               : ms_deform_attn_backward_kernel<scalar_t, 1>;
+  auto kernel = cfg.vec == 4   ? ms_deform_attn_backward_kernel<scalar_t, coord_t, 4>
+                : cfg.vec == 2 ? ms_deform_attn_backward_kernel<scalar_t, coord_t, 2>
+                               : ms_deform_attn_backward_kernel<scalar_t, coord_t, 1>;
   return launch_kernel(kernel, cfg, stream, value, spatial_shapes, level_start_index,
                        sampling_locations, attention_weights, grad_output, grad_value_acc,
                        grad_sampling_locations, grad_attention_weights, shape, cfg.group_size);

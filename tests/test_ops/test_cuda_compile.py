@@ -97,7 +97,10 @@ def run_emulation(emulator, tmp_path, dtype, problem_kwargs=None, **emulate_kwar
 # multi-stride channel loop (71 = 3 strides of 32 lanes).
 @pytest.mark.parametrize('dtype,channels', [
     ('double', 2), ('double', 71), ('float', 1), ('float', 4), ('float', 32), ('float', 30),
-    ('float', 71), ('half', 32), ('half', 30), ('half', 71), ('bfloat16', 4), ('bfloat16', 30)
+    ('float', 71), ('half', 32), ('half', 30), ('half', 71), ('bfloat16', 4), ('bfloat16', 30),
+    # mixed precision: value in the first dtype, locations / weights in the second
+    ('bfloat16:float', 32), ('bfloat16:float', 71), ('half:float', 30), ('half:double', 4),
+    ('bfloat16:double', 8), ('float:double', 30)
 ])
 def test_emulated_kernels_match_reference(emulator, tmp_path, dtype, channels):
     actual, expected = run_emulation(emulator, tmp_path, dtype, dict(channels=channels))
@@ -124,6 +127,35 @@ def test_emulated_misaligned_value_falls_back_to_scalar_loads(emulator, tmp_path
     assert emulator[0].emulation_error(actual, expected, dtype) <= 1
 
 
+@pytest.mark.parametrize('dtype', ['bfloat16:float', 'half:float'])
+def test_emulated_mixed_precision_keeps_wide_gradients(emulator, tmp_path, dtype):
+    """Location / weight gradients of mixed precision carry the coordinates' (fp32) precision:
+    far tighter than a bfloat16 / float16 result could be."""
+    tool, _ = emulator
+    actual, expected = run_emulation(emulator, tmp_path, dtype, dict(channels=32))
+    for a, e in zip(actual[2:], expected[2:]):
+        assert abs(a - e).max() <= 1e-5 * abs(e).max()
+
+
+@pytest.mark.parametrize('table', ['sum_overflows', 'wrong_start', 'too_few_tokens'])
+def test_emulated_kernels_trap_on_an_inconsistent_level_table(emulator, tmp_path, table):
+    """The device-side guard: a level table that does not describe value (which the host check
+    rejects, but which a write behind its back could produce) traps before any read."""
+    tool, binary = emulator
+    value, shapes, starts, locations, weights, grad_output = tool.emulation_problem(
+        shapes=((7, 8), (3, 4)))
+    if table == 'sum_overflows':  # 2^32 * 2^32 wraps to 0 in int64
+        shapes[0] = (2**32, 2**32)
+        starts[1] = 0
+    elif table == 'wrong_start':
+        starts[1] = -2**62
+    else:
+        value = value[:, :-1]
+    with pytest.raises(RuntimeError, match='kernel trapped'):
+        tool.emulate(binary, str(tmp_path), 'float', value, shapes, starts, locations, weights,
+                     grad_output)
+
+
 def test_emulated_points_off_the_maps_contribute_nothing(emulator, tmp_path):
     tool, binary = emulator
     for result in tool.emulate(binary, str(tmp_path), 'float', *tool.off_map_problem()):
@@ -142,15 +174,17 @@ def test_emulation_under_address_sanitizer():
 
 @pytest.mark.slow
 @needs_nvcc
-def test_address_sanitizer_catches_out_of_bounds_reads(tmp_path):
-    """The sanitized emulator is a real memory check: a value tensor shorter than the level table
-    promises (which the op's input check rejects) must abort it."""
+def test_level_guard_runs_before_any_out_of_bounds_read(tmp_path):
+    """Under AddressSanitizer: a value tensor shorter than the level table promises (which the
+    op's input check rejects) makes the kernels trap on their level-table guard, and ASan sees no
+    read out of bounds before it (it would abort first, with its own report)."""
     pytest.importorskip('numpy')
     tool = load_tool()
     binary = tool.build_emulator(shutil.which('nvcc'), str(tmp_path), sanitize=True)
     value, shapes, starts, locations, weights, grad_output = tool.emulation_problem(
         shapes=((13, 17), ))
     locations[...] = 0.999  # the bottom-right pixel: the last tokens of each batch element
-    with pytest.raises(RuntimeError, match='AddressSanitizer'):
+    with pytest.raises(RuntimeError, match='kernel trapped') as error:
         tool.emulate(binary, str(tmp_path / 'run'), 'float', value[:, :-3], shapes, starts,
                      locations, weights, grad_output)
+    assert 'AddressSanitizer' not in str(error.value)

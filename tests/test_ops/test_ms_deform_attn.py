@@ -346,21 +346,190 @@ def test_onnx_export_uses_standard_ops(tmp_path):
     assert 'GridSample' in op_types
 
 
-def test_autocast_bfloat16():
-    value, shapes, starts, locations, weights = make_inputs(dtype=torch.float32,
+class RecordDtypes(TorchDispatchMode):
+    """Records the input dtypes of every native forward call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if 'ms_deform_attn_forward' in str(func):
+            self.calls.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('locations_dtype', [torch.float32, torch.bfloat16])
+def test_autocast_runs_mixed_precision(device, locations_dtype):
+    """Under autocast: value in the autocast dtype, locations and weights in float32."""
+    value, shapes, starts, locations, weights = make_inputs(dtype=torch.float32, device=device,
                                                             requires_grad=True)
-    proj = torch.nn.Linear(8, 8)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    locations, weights = (t.detach().to(locations_dtype).requires_grad_()
+                          for t in (locations, weights))
+    proj = torch.nn.Linear(8, 8).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16), RecordDtypes() as recorder:
         projected = proj(value)  # bfloat16 under autocast
         assert projected.dtype == torch.bfloat16
         out = ms_deform_attn(projected, shapes, starts, locations, weights)
-    # Sampling runs in float32 (bfloat16 locations would be off by up to a pixel).
-    assert out.dtype == torch.float32
-    out.sum().backward()
-    assert value.grad is not None and locations.grad is not None
-    expected = ms_deform_attn(projected.detach().float(), shapes, starts, locations.detach(),
-                              weights.detach())
-    torch.testing.assert_close(out.detach(), expected)
+        # A float32 value is cast down as well.
+        out_from_float = ms_deform_attn(value, shapes, starts, locations, weights)
+    mixed = (torch.bfloat16, torch.int64, torch.int64, torch.float32, torch.float32)
+    assert recorder.calls == [mixed, mixed]
+    assert out.dtype == out_from_float.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert value.grad is not None and locations.grad.dtype == locations_dtype
+    assert weights.grad.dtype == locations_dtype
+    expected = ms_deform_attn(projected.detach().float(), shapes, starts,
+                              locations.detach().float(), weights.detach().float())
+    torch.testing.assert_close(out.detach().float(), expected, atol=2e-2, rtol=2**-8)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_autocast_leaves_float64_alone(device):
+    inputs = make_inputs(dtype=torch.float64, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = ms_deform_attn(*inputs)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(*inputs[:2], *inputs[3:]),
+                               atol=1e-10, rtol=0)
+
+
+# --- mixed precision: float16 / bfloat16 value with float32 / float64 locations and weights ---
+
+MIXED_PAIRS = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+               (torch.bfloat16, torch.float64), (torch.float16, torch.float64),
+               (torch.float32, torch.float64)]
+
+
+def mixed_inputs(value_dtype, coordinate_dtype, device, **kwargs):
+    value, shapes, starts, locations, weights = make_inputs(
+        channels=40, points=4, dtype=torch.float64, device=device, **kwargs)
+    return (value.to(value_dtype), shapes, starts, locations.to(coordinate_dtype),
+            weights.to(coordinate_dtype))
+
+
+def outputs_and_grads(value, shapes, starts, locations, weights, grad_output, fn=None):
+    fn = fn or ms_deform_attn
+    leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, grad_output))
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('value_dtype,coordinate_dtype', MIXED_PAIRS)
+def test_mixed_precision_is_the_wide_path_rounded_once(device, value_dtype, coordinate_dtype):
+    """Mixed precision computes exactly what the coordinates' dtype computes on the same
+    (rounded) value: output and grad_value are that result rounded once to value's dtype, and
+    the location / weight gradients are that result itself."""
+    value, shapes, starts, locations, weights = mixed_inputs(value_dtype, coordinate_dtype,
+                                                             device)
+    generator = torch.Generator().manual_seed(3)
+    grad_output = torch.randn(2, 5, 2 * 40, generator=generator).to(device, value_dtype)
+    mixed = outputs_and_grads(value, shapes, starts, locations, weights, grad_output)
+    wide = outputs_and_grads(value.to(coordinate_dtype), shapes, starts, locations, weights,
+                             grad_output.to(coordinate_dtype))
+    assert [t.dtype for t in mixed] == [value_dtype, value_dtype, coordinate_dtype,
+                                        coordinate_dtype]
+    if device == 'cpu':  # same arithmetic in the same order: bitwise
+        assert torch.equal(mixed[0], wide[0].to(value_dtype))
+        assert torch.equal(mixed[1], wide[1].to(value_dtype))
+        assert torch.equal(mixed[2], wide[2]) and torch.equal(mixed[3], wide[3])
+    else:  # atomics: summation order differs from run to run
+        eps = torch.finfo(value_dtype).eps
+        for actual, expected, tol in zip(mixed, wide, (eps, eps, 1e-5, 1e-5)):
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(actual.to(coordinate_dtype), expected, rtol=tol,
+                                       atol=tol * 1e-2 * scale)
+
+
+# Documented tolerance of mixed precision against the float32 op on unrounded inputs (the error
+# is the rounding of value to its dtype, then of the results): docs/msda.md.
+MIXED_TOLERANCE = {torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+                   torch.float16: dict(atol=3e-3, rtol=3e-3)}
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('value_dtype', [torch.bfloat16, torch.float16])
+def test_mixed_precision_matches_float32_within_tolerance(device, value_dtype):
+    value, shapes, starts, locations, weights = make_inputs(
+        channels=40, points=4, dtype=torch.float32, device=device, low=-0.1, high=1.1)
+    weights = weights / weights.sum((-1, -2), keepdim=True)  # softmax-like: outputs O(|value|)
+    grad_output = torch.randn(2, 5, 2 * 40, generator=torch.Generator().manual_seed(4)).to(device)
+    mixed = outputs_and_grads(value.to(value_dtype), shapes, starts, locations, weights,
+                              grad_output.to(value_dtype))
+    reference = outputs_and_grads(value, shapes, starts, locations, weights, grad_output)
+    for name, actual, expected in zip(('output', 'grad_value', 'grad_sampling_locations',
+                                       'grad_attention_weights'), mixed, reference):
+        scale = max(expected.abs().max().item(), 1.0)
+        tol = MIXED_TOLERANCE[value_dtype]
+        torch.testing.assert_close(actual.float(), expected, rtol=tol['rtol'],
+                                   atol=tol['atol'] * scale, msg=lambda m, n=name: f'{n}: {m}')
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_mixed_precision_matches_reference(device):
+    """float32 value with float64 locations: the reference samples in float64 as well."""
+    value, shapes, starts, locations, weights = mixed_inputs(torch.float32, torch.float64,
+                                                             device)
+    grad_output = torch.randn(2, 5, 80, generator=torch.Generator().manual_seed(5)).to(device)
+    native = outputs_and_grads(value, shapes, starts, locations, weights, grad_output)
+    reference = outputs_and_grads(
+        value, shapes, starts, locations, weights, grad_output,
+        fn=lambda v, s, i, loc, w: ms_deform_attn_pytorch(v, s, loc, w))
+    for actual, expected in zip(native, reference):
+        assert actual.dtype == expected.dtype
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_opcheck_mixed_precision(device):
+    value, shapes, starts, locations, weights = mixed_inputs(torch.bfloat16, torch.float32,
+                                                             device)
+    inputs = [value.requires_grad_(), shapes, starts, locations.requires_grad_(),
+              weights.requires_grad_()]
+    torch.library.opcheck(torch.ops.detrx.ms_deform_attn_forward, (*inputs, 64))
+    grad_output = torch.randn(2, 5, 80, device=device).bfloat16()
+    torch.library.opcheck(torch.ops.detrx.ms_deform_attn_backward,
+                          (value.detach(), shapes, starts, locations.detach(), weights.detach(),
+                           grad_output, 64))
+
+
+def test_meta_tensors_give_mixed_precision_dtypes():
+    value, shapes, starts, locations, weights = mixed_inputs(torch.bfloat16, torch.float32,
+                                                             'meta')
+    out = torch.ops.detrx.ms_deform_attn_forward(value, shapes, starts, locations, weights, 64)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 5, 80)
+    grads = torch.ops.detrx.ms_deform_attn_backward(value, shapes, starts, locations, weights,
+                                                    out, 64)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+
+
+UNSUPPORTED_MIXES = [  # (value, locations, weights, argument named in the error)
+    (torch.float16, torch.bfloat16, torch.bfloat16, 'sampling_locations'),
+    (torch.bfloat16, torch.float16, torch.float16, 'sampling_locations'),
+    (torch.float32, torch.bfloat16, torch.bfloat16, 'sampling_locations'),
+    (torch.float64, torch.float32, torch.float32, 'sampling_locations'),
+    (torch.bfloat16, torch.float32, torch.bfloat16, 'attention_weights'),
+    (torch.bfloat16, torch.float32, torch.float64, 'attention_weights'),
+]
+
+
+@pytest.mark.parametrize('value_dtype,locations_dtype,weights_dtype,argument', UNSUPPORTED_MIXES)
+def test_unsupported_dtype_mixes_are_rejected(value_dtype, locations_dtype, weights_dtype,
+                                              argument):
+    value, shapes, starts, locations, weights = make_inputs()
+    inputs = (value.to(value_dtype), shapes, starts, locations.to(locations_dtype),
+              weights.to(weights_dtype))
+    with pytest.raises(TypeError, match=argument):
+        ms_deform_attn(*inputs)
+    with pytest.raises(RuntimeError, match=argument):
+        torch.ops.detrx.ms_deform_attn_forward(*inputs, 64)
+    grad_output = torch.zeros(2, 5, 16, dtype=value_dtype)
+    with pytest.raises(RuntimeError, match=argument):
+        torch.ops.detrx.ms_deform_attn_backward(*inputs, grad_output, 64)
+    with pytest.raises(RuntimeError, match=argument):  # the fake kernel agrees
+        torch.ops.detrx.ms_deform_attn_forward(*(t.to('meta') for t in inputs), 64)
 
 
 @settings(max_examples=25, deadline=None)
@@ -434,9 +603,8 @@ def test_wrapper_rejects_bad_input(case, argument, error):
 
 @pytest.mark.parametrize('case,argument,error', BAD_CASES)
 def test_native_op_rejects_bad_input(case, argument, error):
-    if case == 'value_device' and 'cuda' not in DEVICES:
-        pytest.skip('needs a second device with a native kernel (meta dispatches to the fake)')
-    inputs = _bad_inputs(case, other_device='cuda')
+    # meta dispatches to the fake kernel, which runs the same checks
+    inputs = _bad_inputs(case, other_device='cuda' if 'cuda' in DEVICES else 'meta')
     with pytest.raises(RuntimeError, match=argument):
         torch.ops.detrx.ms_deform_attn_forward(*inputs, 64)
     value, shapes, starts, locations, weights = inputs
@@ -454,3 +622,81 @@ def test_bad_im2col_step_and_grad_output():
         torch.ops.detrx.ms_deform_attn_forward(*inputs, 0)
     with pytest.raises(RuntimeError, match='grad_output'):
         torch.ops.detrx.ms_deform_attn_backward(*inputs, torch.zeros(2, 5, 15), 64)
+
+
+NAMES = ('value', 'spatial_shapes', 'level_start_index', 'sampling_locations',
+         'attention_weights', 'grad_output')
+
+
+@pytest.mark.parametrize('on_meta', NAMES)
+def test_raw_ops_refuse_one_input_on_meta(on_meta):
+    """The meta dispatch key wins when any input is on meta: the fake kernel must refuse the
+    mix instead of returning uninitialised memory."""
+    value, shapes, starts, locations, weights = make_inputs(dtype=torch.float32)
+    tensors = dict(zip(NAMES, (value, shapes, starts, locations, weights,
+                               torch.zeros(2, 5, 16))))
+    tensors[on_meta] = tensors[on_meta].to('meta')
+    forward_args = [tensors[name] for name in NAMES[:5]]
+    named = 'spatial_shapes' if on_meta == 'value' else on_meta
+    if on_meta != 'grad_output':
+        with pytest.raises(RuntimeError, match=f'{named} must be on'):
+            torch.ops.detrx.ms_deform_attn_forward(*forward_args, 64)
+    with pytest.raises(RuntimeError, match=f'{named} must be on'):
+        torch.ops.detrx.ms_deform_attn_backward(*forward_args, tensors['grad_output'], 64)
+
+
+# --- validation of device index tensors: once per tensor (no per-call host copy) --------------
+
+validate_index_values = getattr(torch.ops.detrx, '_ms_deform_attn_validate_index_values', None)
+
+
+def _index_tensors(spatial_shapes=((6, 7), (3, 4), (1, 2))):
+    shapes = torch.tensor(spatial_shapes)
+    sizes = shapes.prod(1)
+    return shapes, torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]]), int(sizes.sum())
+
+
+def test_index_validation_is_cached_per_tensor_state():
+    shapes, starts, num_value = _index_tensors()
+    assert validate_index_values(shapes, starts, num_value) is False  # read (a copy on a GPU)
+    assert validate_index_values(shapes, starts, num_value) is True  # cached
+    # The same values in new tensors are new tensors.
+    assert validate_index_values(shapes.clone(), starts, num_value) is False
+    # Another token count is another question.
+    with pytest.raises(RuntimeError, match='spatial_shapes'):
+        validate_index_values(shapes, starts, num_value + 1)
+    # An in-place change bumps the version counter: read again, and rejected.
+    shapes[0, 0] = 2**32
+    with pytest.raises(RuntimeError, match='spatial_shapes'):
+        validate_index_values(shapes, starts, num_value)
+    shapes[0, 0] = 6  # back to valid values: a new version, read again
+    assert validate_index_values(shapes, starts, num_value) is False
+    assert validate_index_values(shapes, starts, num_value) is True
+    starts[1] = -5  # either tensor
+    with pytest.raises(RuntimeError, match='level_start_index'):
+        validate_index_values(shapes, starts, num_value)
+
+
+def test_index_validation_never_caches_a_rejection():
+    shapes, starts, num_value = _index_tensors(((2**32, 2**32), (7, 8)))
+    starts.zero_()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match='spatial_shapes'):
+            validate_index_values(shapes, starts, 56)
+
+
+def test_index_validation_sees_writes_through_views():
+    shapes, starts, num_value = _index_tensors()
+    assert validate_index_values(shapes, starts, num_value) is False
+    view = shapes[:]  # another tensor: not known to be valid
+    assert validate_index_values(view, starts, num_value) is False
+    view.mul_(2)  # writes through a view bump the shared version counter
+    with pytest.raises(RuntimeError, match='spatial_shapes'):
+        validate_index_values(shapes, starts, num_value)
+
+
+def test_index_validation_does_not_cache_inference_tensors():
+    with torch.inference_mode():
+        shapes, starts, num_value = _index_tensors()
+        for _ in range(2):  # no version counter to trust: read every time
+            assert validate_index_values(shapes, starts, num_value) is False

@@ -309,3 +309,101 @@ def test_indices_beyond_int32():
     torch.testing.assert_close(grad_weights.view(heads), last_rows.sum(1), rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(grad_locations, torch.zeros_like(grad_locations), rtol=0,
                                atol=1e-2)
+
+
+@pytest.mark.parametrize('value_dtype,coordinate_dtype',
+                         [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                          (torch.bfloat16, torch.float64), (torch.float32, torch.float64)])
+def test_mixed_precision_matches_the_wide_path(value_dtype, coordinate_dtype):
+    """Low-precision value with wide locations / weights: the coordinates' dtype's result on the
+    same rounded value, output and grad_value rounded once to value's dtype."""
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(channels=30)
+    value = value.to(value_dtype)
+    locations, weights = locations.to(coordinate_dtype), weights.to(coordinate_dtype)
+    gen = torch.Generator().manual_seed(1)
+    grad_output = torch.randn(2, 11, 60, generator=gen).to(DEVICE, value_dtype)
+    actual = output_and_grads(native, value, spatial_shapes, level_start_index, locations,
+                              weights, grad_output=grad_output)
+    expected = output_and_grads(native, value.to(coordinate_dtype), spatial_shapes,
+                                level_start_index, locations, weights,
+                                grad_output=grad_output.to(coordinate_dtype))
+    assert [t.dtype for t in actual] == [value_dtype, value_dtype, coordinate_dtype,
+                                         coordinate_dtype]
+    eps = torch.finfo(value_dtype).eps
+    for a, e, tol in zip(actual, expected, (eps, eps, 1e-5, 1e-5)):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(a.to(coordinate_dtype), e, rtol=tol, atol=tol * 1e-2 * scale)
+
+
+def test_validated_index_tensors_cost_no_host_sync():
+    """After the first call on a pair of index tensors, forward and backward only enqueue
+    work: torch's sync debug mode turns any synchronising call into an error."""
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        dtype=torch.float32, requires_grad=True)
+    ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights).sum().backward()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        out = torch.ops.detrx.ms_deform_attn_forward(value.detach(), spatial_shapes,
+                                                     level_start_index, locations.detach(),
+                                                     weights.detach(), 64)
+        torch.ops.detrx.ms_deform_attn_backward(value.detach(), spatial_shapes,
+                                                level_start_index, locations.detach(),
+                                                weights.detach(), torch.ones_like(out), 64)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def test_cuda_graph_capture_and_replay():
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        dtype=torch.float32)
+    static_value = value.clone()
+    expected = forward_native(value, spatial_shapes, level_start_index, locations, weights)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs requires
+        forward_native(static_value, spatial_shapes, level_start_index, locations, weights)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = forward_native(static_value, spatial_shapes, level_start_index, locations,
+                                    weights)
+    static_value.copy_(value * 2)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_out, 2 * expected, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_with_unvalidated_index_tensors_fails_clearly():
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        dtype=torch.float32)
+    fresh_shapes = spatial_shapes.clone()  # never validated
+    forward_native(value, spatial_shapes, level_start_index, locations, weights)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match='before CUDA graph capture'):
+        with torch.cuda.graph(graph):
+            forward_native(value, fresh_shapes, level_start_index, locations, weights)
+
+
+def test_index_tensors_changed_behind_the_check_trap_instead_of_reading_out_of_bounds():
+    """A write that bypasses the version counter (.data) cannot fool the device-side guard. It
+    traps, which ruins the CUDA context: run it in a child process."""
+    import subprocess
+    import sys
+    code = (
+        'import torch\n'
+        'import mmdet_detrx.ops\n'
+        'value = torch.randn(1, 12, 1, 4, device="cuda")\n'
+        'shapes = torch.tensor([[3, 4]], device="cuda")\n'
+        'starts = torch.tensor([0], device="cuda")\n'
+        'loc = torch.rand(1, 2, 1, 1, 1, 2, device="cuda")\n'
+        'w = torch.rand(1, 2, 1, 1, 1, device="cuda")\n'
+        'torch.ops.detrx.ms_deform_attn_forward(value, shapes, starts, loc, w, 64)\n'
+        'shapes.data[0, 0] = 2**32\n'  # bypasses the version counter
+        'torch.ops.detrx.ms_deform_attn_forward(value, shapes, starts, loc, w, 64)\n'
+        'torch.cuda.synchronize()\n')
+    proc = subprocess.run([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert 'changed after validation' in proc.stdout

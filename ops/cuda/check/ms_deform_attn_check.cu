@@ -1,34 +1,42 @@
 // Torch-free translation unit for tools/check_cuda_kernels.py: explicitly instantiates every
-// multi-scale deformable attention kernel and launcher for every scalar type, so `nvcc -c` on a
-// machine without a CUDA build of torch type-checks and compiles all device code for the target
-// architectures. Not part of the extension (setup.py only globs ops/cuda/*.cu).
+// multi-scale deformable attention kernel and launcher for every supported dtype pair, so
+// `nvcc -c` on a machine without a CUDA build of torch type-checks and compiles all device code
+// for the target architectures. Not part of the extension (setup.py only globs ops/cuda/*.cu).
 #include "cuda/ms_deform_attn_kernel.cuh"
 
 namespace detrx {
 namespace msda_cuda {
 
-#define DETRX_MSDA_INSTANTIATE_KERNELS(T, VEC)                                                   \
-  template __global__ void ms_deform_attn_forward_kernel<T, VEC>(                                \
-      const T*, const int64_t*, const int64_t*, const T*, const T*, T*, MSDAShape, int);         \
-  template __global__ void ms_deform_attn_backward_kernel<T, VEC>(                               \
-      const T*, const int64_t*, const int64_t*, const T*, const T*, const T*, acc_type<T>*, T*, \
-      T*, MSDAShape, int);
+#define DETRX_MSDA_INSTANTIATE_KERNELS(T, U, VEC)                                               \
+  template __global__ void ms_deform_attn_forward_kernel<T, U, VEC>(                             \
+      const T*, const int64_t*, const int64_t*, const U*, const U*, T*, MSDAShape, int);         \
+  template __global__ void ms_deform_attn_backward_kernel<T, U, VEC>(                            \
+      const T*, const int64_t*, const int64_t*, const U*, const U*, const T*, acc_type<U>*, U*, \
+      U*, MSDAShape, int);
 
-#define DETRX_MSDA_INSTANTIATE(T)                                                               \
-  DETRX_MSDA_INSTANTIATE_KERNELS(T, 1)                                                          \
-  DETRX_MSDA_INSTANTIATE_KERNELS(T, 2)                                                          \
-  DETRX_MSDA_INSTANTIATE_KERNELS(T, 4)                                                          \
-  template cudaError_t launch_ms_deform_attn_forward<T>(const T*, const int64_t*,               \
-                                                        const int64_t*, const T*, const T*, T*, \
-                                                        const MSDAShape&, int, cudaStream_t);   \
-  template cudaError_t launch_ms_deform_attn_backward<T>(                                       \
-      const T*, const int64_t*, const int64_t*, const T*, const T*, const T*, acc_type<T>*, T*, \
-      T*, const MSDAShape&, int, cudaStream_t);
+// T: value's type, U: the type of sampling_locations / attention_weights.
+#define DETRX_MSDA_INSTANTIATE(T, U)                                                            \
+  DETRX_MSDA_INSTANTIATE_KERNELS(T, U, 1)                                                       \
+  DETRX_MSDA_INSTANTIATE_KERNELS(T, U, 2)                                                       \
+  DETRX_MSDA_INSTANTIATE_KERNELS(T, U, 4)                                                       \
+  template cudaError_t launch_ms_deform_attn_forward<T, U>(const T*, const int64_t*,            \
+                                                           const int64_t*, const U*, const U*,  \
+                                                           T*, const MSDAShape&, int,           \
+                                                           cudaStream_t);                       \
+  template cudaError_t launch_ms_deform_attn_backward<T, U>(                                    \
+      const T*, const int64_t*, const int64_t*, const U*, const U*, const T*, acc_type<U>*, U*, \
+      U*, const MSDAShape&, int, cudaStream_t);
 
-DETRX_MSDA_INSTANTIATE(float)
-DETRX_MSDA_INSTANTIATE(double)
-DETRX_MSDA_INSTANTIATE(__half)
-DETRX_MSDA_INSTANTIATE(__nv_bfloat16)
+// The pairs of DETRX_MSDA_FOR_EACH_DTYPE_PAIR (ops/ms_deform_attn.h), in CUDA's type names.
+DETRX_MSDA_INSTANTIATE(double, double)
+DETRX_MSDA_INSTANTIATE(float, float)
+DETRX_MSDA_INSTANTIATE(float, double)
+DETRX_MSDA_INSTANTIATE(__half, __half)
+DETRX_MSDA_INSTANTIATE(__half, float)
+DETRX_MSDA_INSTANTIATE(__half, double)
+DETRX_MSDA_INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
+DETRX_MSDA_INSTANTIATE(__nv_bfloat16, float)
+DETRX_MSDA_INSTANTIATE(__nv_bfloat16, double)
 
 #undef DETRX_MSDA_INSTANTIATE
 #undef DETRX_MSDA_INSTANTIATE_KERNELS

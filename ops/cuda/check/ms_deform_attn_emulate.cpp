@@ -11,9 +11,12 @@
 // that needs a GPU (see docs/cuda.md).
 //
 // Usage: ms_deform_attn_emulate DIR. DIR/meta.txt holds "dtype B S heads C Q L P num_sms
-// value_offset" (dtype: float, double, half or bfloat16); DIR/{spatial_shapes,level_start_index}
-// .bin are int64, DIR/{value,sampling_locations,attention_weights,grad_output}.bin float64. Writes
+// value_offset" (dtype: float, double, half or bfloat16, or VALUE:COORDINATE such as
+// bfloat16:float for mixed precision, the second naming the dtype of sampling_locations /
+// attention_weights); DIR/{spatial_shapes,level_start_index}.bin are int64,
+// DIR/{value,sampling_locations,attention_weights,grad_output}.bin float64. Writes
 // DIR/{output,grad_value,grad_sampling_locations,grad_attention_weights}.bin as float64.
+// A kernel that traps (an inconsistent level table) ends the process with status 3.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -141,6 +144,11 @@ T atomic_add(T* address, T value) {  // fibers never switch inside: trivially at
 #define __shfl_xor_sync emu::shfl_xor_sync
 #define atomicAdd emu::atomic_add
 #define __ffs __builtin_ffs
+#define __trap()                                      \
+  do {                                                \
+    std::fprintf(stderr, "emulation: kernel trapped\n"); \
+    std::exit(3);                                     \
+  } while (0)
 
 template <typename... KernelArgs>
 cudaError_t detrx_emulate_launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
@@ -256,7 +264,8 @@ std::vector<double> to_doubles(const T* data, size_t count) {
   return out;
 }
 
-template <typename T>
+// T: value's type, U: that of sampling_locations / attention_weights.
+template <typename T, typename U>
 void run(const std::string& dir, const detrx::msda_cuda::MSDAShape& shape, int num_sms,
          size_t value_offset) {
   const size_t B = shape.batch, S = shape.num_value, heads = shape.num_heads,
@@ -272,19 +281,19 @@ void run(const std::string& dir, const detrx::msda_cuda::MSDAShape& shape, int n
   value_storage.insert(value_storage.end(), value_data.begin(), value_data.end());
   const T* value = value_storage.data() + value_offset;
   const auto locations =
-      convert<T>(read_bin<double>(dir + "/sampling_locations.bin", 2 * num_points));
-  const auto weights = convert<T>(read_bin<double>(dir + "/attention_weights.bin", num_points));
+      convert<U>(read_bin<double>(dir + "/sampling_locations.bin", 2 * num_points));
+  const auto weights = convert<U>(read_bin<double>(dir + "/attention_weights.bin", num_points));
   const auto grad_output = convert<T>(read_bin<double>(dir + "/grad_output.bin", num_output));
 
   std::vector<T> output(num_output);
-  if (detrx::msda_cuda::launch_ms_deform_attn_forward<T>(
+  if (detrx::msda_cuda::launch_ms_deform_attn_forward<T, U>(
           value, spatial_shapes.data(), level_start.data(), locations.data(), weights.data(),
           output.data(), shape, num_sms, nullptr) != cudaSuccess) {
     emu::fail("forward launch failed");
   }
-  std::vector<acc_type<T>> grad_value(num_value, acc_type<T>(0));
-  std::vector<T> grad_locations(2 * num_points), grad_weights(num_points);
-  if (detrx::msda_cuda::launch_ms_deform_attn_backward<T>(
+  std::vector<acc_type<U>> grad_value(num_value, acc_type<U>(0));
+  std::vector<U> grad_locations(2 * num_points), grad_weights(num_points);
+  if (detrx::msda_cuda::launch_ms_deform_attn_backward<T, U>(
           value, spatial_shapes.data(), level_start.data(), locations.data(), weights.data(),
           grad_output.data(), grad_value.data(), grad_locations.data(), grad_weights.data(),
           shape, num_sms, nullptr) != cudaSuccess) {
@@ -315,16 +324,18 @@ int main(int argc, char** argv) {
     emu::fail("cannot parse " + dir + "/meta.txt");
   }
   if (shape.num_levels > emu::kMaxThreads) emu::fail("too many levels");
-  if (dtype == "float") {
-    run<float>(dir, shape, num_sms, value_offset);
-  } else if (dtype == "double") {
-    run<double>(dir, shape, num_sms, value_offset);
-  } else if (dtype == "half") {
-    run<__half>(dir, shape, num_sms, value_offset);
-  } else if (dtype == "bfloat16") {
-    run<__nv_bfloat16>(dir, shape, num_sms, value_offset);
-  } else {
-    emu::fail("unknown dtype " + dtype);
-  }
+  // The pairs of DETRX_MSDA_FOR_EACH_DTYPE_PAIR (ops/ms_deform_attn.h).
+  using Run = void (*)(const std::string&, const detrx::msda_cuda::MSDAShape&, int, size_t);
+  const std::map<std::string, Run> runs = {
+      {"double", run<double, double>},           {"float", run<float, float>},
+      {"float:double", run<float, double>},
+      {"half", run<__half, __half>},             {"half:float", run<__half, float>},
+      {"half:double", run<__half, double>},      {"bfloat16", run<__nv_bfloat16, __nv_bfloat16>},
+      {"bfloat16:float", run<__nv_bfloat16, float>},
+      {"bfloat16:double", run<__nv_bfloat16, double>},
+  };
+  const auto found = runs.find(dtype);
+  if (found == runs.end()) emu::fail("unknown dtype " + dtype);
+  found->second(dir, shape, num_sms, value_offset);
   return 0;
 }
