@@ -445,8 +445,10 @@ def test_mixed_precision_is_the_wide_path_rounded_once(device, value_dtype, coor
 
 # Documented tolerance of mixed precision against the float32 op on unrounded inputs (the error
 # is the rounding of value to its dtype, then of the results): docs/msda.md.
-MIXED_TOLERANCE = {torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-                   torch.float16: dict(atol=3e-3, rtol=3e-3)}
+# Measured worst |error| / (|expected| + max(max|expected|, 1)) over 5 seeds: 3.5e-3 (bf16),
+# 3.1e-4 (fp16).
+MIXED_TOLERANCE = {torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+                   torch.float16: dict(atol=1.5e-3, rtol=1.5e-3)}
 
 
 @pytest.mark.parametrize('device', DEVICES)

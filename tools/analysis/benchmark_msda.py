@@ -13,10 +13,14 @@ Example::
         --out-png work_dirs/msda_cpu.png
     python tools/analysis/benchmark_msda.py --device cpu --threads 1 --timer cpu  # shared machine
     python tools/analysis/benchmark_msda.py --device cuda --dtype float16 --peak-gbps 3350
+    python tools/analysis/benchmark_msda.py --device cpu --mixed bfloat16  # + bf16-value rows
 
 Prints a markdown table of median milliseconds for the forward (no grad) and forward+backward,
 the speed-up of the native op over the reference and, with ``--peak-gbps``, the achieved DRAM
-bandwidth (compulsory bytes moved / time) as a fraction of the given peak.
+bandwidth (compulsory bytes moved / time) as a fraction of the given peak. ``--mixed DTYPE``
+adds the native op in mixed precision: value in DTYPE (bfloat16 / float16), sampling locations
+and attention weights in ``--dtype`` (what ``ms_deform_attn`` runs under autocast), with its
+speed-up over the native op in ``--dtype`` alone.
 """
 import argparse
 import statistics
@@ -53,6 +57,9 @@ def parse_args():
                         'load on a shared machine; meaningful as a latency with --threads 1')
     parser.add_argument('--peak-gbps', type=float,
                         help='peak DRAM bandwidth of the device in GB/s (CUDA)')
+    parser.add_argument('--mixed', choices=['bfloat16', 'float16'],
+                        help='also time the native op with value in this dtype and locations / '
+                        'weights in --dtype (mixed precision)')
     parser.add_argument('--skip-reference', action='store_true',
                         help='time only the native op (the reference is slow on CPU)')
     parser.add_argument('--out-png', help='save a bar chart of forward+backward times')
@@ -127,14 +134,16 @@ def time_ms(fn, device, repeat, warmup, clock=time.perf_counter):
 
 def compulsory_bytes(value, locations, weights, backward):
     """Bytes every implementation must move at least once (inputs read, outputs written)."""
-    elt = value.element_size()
+    elt = value.element_size()  # output and grad_output have value's dtype
     output = value.shape[0] * locations.shape[1] * value.shape[2] * value.shape[3]
-    forward = (value.numel() + locations.numel() + weights.numel() + output) * elt
+    coordinates = locations.numel() * locations.element_size() + \
+        weights.numel() * weights.element_size()
+    forward = (value.numel() + output) * elt + coordinates
     if not backward:
         return forward
     # forward + backward: reads value, locations, weights, grad_output again and writes the
     # three gradients (grad_value at least once, as fp32 when the kernel accumulates in fp32).
-    grads = (value.numel() * max(elt, 4) + locations.numel() * elt + weights.numel() * elt)
+    grads = value.numel() * max(elt, 4) + coordinates
     return 2 * forward + grads
 
 
@@ -175,6 +184,12 @@ def main():
     clock = time.process_time if args.timer == 'cpu' else time.perf_counter
     if args.skip_reference:
         impls.pop('pytorch')
+    mixed_name = None
+    if args.mixed:
+        if dtype not in (torch.float32, torch.float64):
+            raise SystemExit('--mixed: --dtype must be float32 or float64 (the locations\' dtype)')
+        mixed_name = f'native {args.mixed} value'
+        impls[mixed_name] = impls['native']
 
     if device == 'cuda':
         machine = torch.cuda.get_device_name()
@@ -196,17 +211,27 @@ def main():
         for num_threads in threads:
             if num_threads is not None:
                 torch.set_num_threads(num_threads)
-            results = {name: benchmark(impl, inputs, device, args.repeat, args.warmup, clock)
-                       for name, impl in impls.items()}
+            results, impl_inputs_of = {}, {}
+            for name, impl in impls.items():
+                impl_inputs = inputs
+                if name == mixed_name:  # low-precision value, locations / weights in --dtype
+                    impl_inputs = (inputs[0].to(DTYPES[args.mixed]), *inputs[1:])
+                impl_inputs_of[name] = impl_inputs
+                results[name] = benchmark(impl, impl_inputs, device, args.repeat, args.warmup,
+                                          clock)
             baseline = results.get('pytorch')
             for name, (forward, forward_backward) in results.items():
                 speed_up = f'{baseline[1] / forward_backward:.1f}x' if baseline else '-'
+                if name == mixed_name:
+                    native = results['native']
+                    speed_up += (f' ({native[0] / forward:.2f}x fwd, '
+                                 f'{native[1] / forward_backward:.2f}x fwd+bwd vs native)')
                 cells = [shape_name, str(inputs[3].shape[1]), str(num_threads or '-'), name,
                          f'{forward:.2f}', f'{forward_backward:.2f}', speed_up]
                 if args.peak_gbps:
                     for ms, backward in ((forward, False), (forward_backward, True)):
-                        gbps = compulsory_bytes(inputs[0], inputs[3], inputs[4],
-                                                backward) / ms / 1e6
+                        value, _, _, locations, weights = impl_inputs_of[name]
+                        gbps = compulsory_bytes(value, locations, weights, backward) / ms / 1e6
                         cells.append(f'{gbps:.0f} ({100 * gbps / args.peak_gbps:.0f}%)')
                 print('| ' + ' | '.join(cells) + ' |', flush=True)
                 rows.append((f'{shape_name}\n{num_threads or ""}'
