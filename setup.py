@@ -1,16 +1,44 @@
 """Build mmdet-detrx and its native extension ``mmdet_detrx._C``.
 
+The extension is compiled against the torch of the environment it is built in and only works
+with that torch minor version, so the built metadata pins ``torch==X.Y.*``. ``pip install .``
+works with or without build isolation (``pyproject.toml`` names an in-tree backend,
+``build_tools/detrx_backend.py``, that compiles against the environment's own torch instead of
+downloading one); without torch the build stops with what to run.
+
 C++ sources under ``ops/`` (``ops/*.cpp``, ``ops/cpu/*.cpp``) are always built. The CUDA sources
-(``ops/cuda/*.cu``) are added when torch sees a GPU with a CUDA toolkit, or when ``FORCE_CUDA=1``
-(cross-building on a machine without a GPU); ``TORCH_CUDA_ARCH_LIST`` is honoured and defaults to
-sm_80 + sm_90. ``MMDET_DETRX_NO_EXT=1`` skips the extension (the ops then fall back to PyTorch).
+(``ops/cuda/*.cu``) are added when torch sees a GPU and a CUDA toolkit, or with ``FORCE_CUDA=1``
+(cross-building without a GPU; needs a CUDA build of torch). Architectures:
+``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs (torch's choice), else
+``build_tools/cuda_arch.py``'s ``DEFAULT_CROSS_ARCH_LIST`` (sm_70..sm_90 + PTX).
+``MMDET_DETRX_NO_EXT=1`` skips the extension (the ops then fall back to PyTorch).
+
+The configs under ``configs/`` ship inside the package as ``mmdet_detrx/.mim/configs`` (a
+symlink in the repository, real files in the wheel), where mmengine looks for
+``mmdet_detrx::...`` configs, as for ``mmdet::...``.
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, 'build_tools'))
+from cuda_arch import CudaArchError, nvcc_supported_archs, resolve_arch_list  # noqa: E402
+
+NO_TORCH = """
+mmdet-detrx compiles a C++ (and CUDA) extension against the torch of the environment it is
+installed into, but this build cannot import torch ({error}).
+
+  * Install torch first (the build for your platform: https://pytorch.org/get-started/locally/),
+    then run the same command again, e.g.
+        pip install .                         # or: pip install -e .
+  * If torch is installed but the build still cannot see it (an unusual layout, PYTHONPATH, ...):
+        pip install --no-build-isolation .
+  * Or install without the extension (the ops then run the slower PyTorch fallback):
+        MMDET_DETRX_NO_EXT=1 pip install .
+"""
 
 
 def _read_version():
@@ -25,10 +53,37 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _import_torch():
+    try:
+        import torch
+    except ImportError as error:
+        sys.exit(NO_TORCH.format(error=error))
+    return torch
+
+
+def _torch_requirement(torch):
+    """The extension's C++ ABI is that of the torch it was compiled against: same minor only."""
+    major, minor = torch.__version__.split('+')[0].split('.')[:2]
+    return f'torch=={major}.{minor}.*'
+
+
+def _cuda_arch_list(torch, cuda_home):
+    """Validates / chooses TORCH_CUDA_ARCH_LIST (see build_tools/cuda_arch.py)."""
+    nvcc = os.path.join(cuda_home, 'bin', 'nvcc')
+    try:
+        arch_list = resolve_arch_list(os.environ.get('TORCH_CUDA_ARCH_LIST'),
+                                      gpu_visible=torch.cuda.device_count() > 0,
+                                      supported=nvcc_supported_archs(nvcc), nvcc=nvcc)
+    except CudaArchError as error:
+        sys.exit(f'error: {error}')
+    if arch_list is not None:
+        os.environ['TORCH_CUDA_ARCH_LIST'] = arch_list
+
+
 def _extensions():
     if os.getenv('MMDET_DETRX_NO_EXT') == '1':
-        return [], {}
-    import torch
+        return [], {}, 'torch>=2.4'
+    torch = _import_torch()
     from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
                                            CUDAExtension)
 
@@ -42,10 +97,17 @@ def _extensions():
         cxx_flags.append('-fopenmp')
         link_flags.append('-fopenmp')
 
-    with_cuda = os.getenv('FORCE_CUDA') == '1' or (torch.cuda.is_available()
-                                                    and CUDA_HOME is not None)
+    force_cuda = os.getenv('FORCE_CUDA') == '1'
+    with_cuda = force_cuda or (torch.cuda.is_available() and CUDA_HOME is not None)
     if with_cuda:
-        os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0')
+        if torch.version.cuda is None:
+            sys.exit(f'error: FORCE_CUDA=1 needs a CUDA build of torch; torch '
+                     f'{torch.__version__} is CPU-only. Install a CUDA torch, or unset FORCE_CUDA '
+                     'to build the CPU extension only.')
+        if CUDA_HOME is None:
+            sys.exit('error: FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to it '
+                     '(the directory with bin/nvcc).')
+        _cuda_arch_list(torch, CUDA_HOME)
         ext = CUDAExtension(
             'mmdet_detrx._C',
             sources + _sources('ops/cuda/*.cu'),
@@ -60,10 +122,18 @@ def _extensions():
             include_dirs=include_dirs,
             extra_compile_args={'cxx': cxx_flags},
             extra_link_args=link_flags)
-    return [ext], {'build_ext': BuildExtension.with_options(use_ninja=True)}
+    cmdclass = {'build_ext': BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass, _torch_requirement(torch)
 
 
-ext_modules, cmdclass = _extensions()
+ext_modules, cmdclass, torch_requirement = _extensions()
+
+# The op layer (mmdet_detrx.ops) needs torch and numpy only; everything registering into mmdet
+# needs the OpenMMLab stack. It is an extra rather than a requirement because mmcv (with ops) has
+# no PyTorch-matching wheel on PyPI: pip would build it from source in an isolated environment
+# against a freshly downloaded torch. In an existing mmdet environment it is already there.
+MMDET_STACK = ['mmengine>=0.10.4,<0.11', 'mmcv>=2.0.0,<2.2.0', 'mmdet>=3.3.0,<3.4', 'scipy',
+               'pycocotools', 'matplotlib']
 
 setup(
     name='mmdet-detrx',
@@ -76,10 +146,14 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.9',
     packages=find_packages(include=['mmdet_detrx', 'mmdet_detrx.*']),
-    install_requires=['torch>=2.4', 'numpy'],
+    # mmengine resolves `mmdet_detrx::dir/config.py` to mmdet_detrx/.mim/configs/dir/config.py.
+    package_data={'mmdet_detrx': ['.mim/model-index.yml', '.mim/configs/**/*.py',
+                                  '.mim/configs/**/*.md']},
+    install_requires=[torch_requirement, 'numpy'],
     extras_require={
-        'mmdet': ['mmengine>=0.10.4,<0.11', 'mmcv>=2.0.0,<2.2.0', 'mmdet==3.3.0', 'scipy',
-                  'pycocotools', 'matplotlib'],
+        'mmdet': MMDET_STACK,
+        # mmdet's analysis tools (benchmark.py, analyze_logs.py) and the TensorBoard backend.
+        'analysis': ['tensorboard', 'psutil', 'seaborn'],
         'tests': ['pytest', 'pytest-timeout', 'hypothesis'],
     },
     ext_modules=ext_modules,
