@@ -342,8 +342,9 @@ sys.exit(pytest.main(sys.argv[2:]))
 
 def run_tests(venv_python, stage_dir, build_dir, tests, timings):
     start = time.perf_counter()
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))
-    env.pop('PYTHONPATH', None)
+    # PYTHONPATH too, so that tests which start worker processes import the staged package.
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'),
+               PYTHONPATH=stage_dir)
     args = ['-q', '-rs', '-c', osp.join(ROOT, 'pytest.ini'), '--rootdir', ROOT]
     args += [osp.join(ROOT, t) for t in tests]
     run([venv_python, '-c', PYTEST_RUNNER, stage_dir] + args, 'tests', env=env, cwd=build_dir)
