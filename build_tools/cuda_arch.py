@@ -133,8 +133,8 @@ def resolve_arch_list(env_value: Optional[str], gpu_visible: bool,
         if not kept[-1].endswith('+PTX'):
             kept[-1] += '+PTX'
         if dropped:
-            log(f'mmdet-detrx: {nvcc} no longer supports sm_{", sm_".join(d.replace(".", "") for d in dropped)}'
-                '; building without it')
+            names = ', '.join('sm_' + d.replace('.', '') for d in dropped)
+            log(f'mmdet-detrx: {nvcc} no longer supports {names}; building without it')
         entries = kept
     value = ';'.join(entries)
     log(f'mmdet-detrx: no GPU visible, cross-building for TORCH_CUDA_ARCH_LIST="{value}" '
