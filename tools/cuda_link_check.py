@@ -10,7 +10,9 @@ The CPU wheel of torch has no ``libtorch_cuda`` / ``libc10_cuda``, so the CUDA h
    CUDA 13.0) plus ninja and the op tests' packages (no mmcv / mmdet), once: a stamp file records
    the spec, and pip's cache keeps downloaded wheels;
 3. refuses, with a message naming both versions and what to install, when torch's CUDA major
-   differs from nvcc's (the extension would not link, or not load);
+   differs from nvcc's (the extension would not link, or not load): before the install, from
+   the metadata of the wheel pip resolves the spec to (no download where the index serves
+   wheel metadata), and again after it, from the installed torch;
 4. builds the extension with ``FORCE_CUDA=1`` into ``build/cuda-link`` (never in place: the
    ``mmdet_detrx/_C*.so`` of the main venv stays untouched) for ``--arch`` (default ``8.0``, one
    architecture to keep the check quick; ``--arch default`` uses setup.py's cross-build list).
@@ -117,12 +119,15 @@ def check_cuda_majors(torch_version, torch_cuda, nvcc_version, nvcc_path, torch_
     nvcc_str = '{}.{}'.format(*nvcc_version)
     if torch_cuda is None:
         raise CheckError(
-            f'torch {torch_version} (from {torch_spec!r}) is a CPU-only build (torch.version.cuda '
-            f'is None): it has no libtorch_cuda to link the CUDA kernels against. Install a CUDA '
+            f'torch {torch_version} (from {torch_spec!r}) is a CPU-only build: it has no '
+            f'libtorch_cuda to link the CUDA kernels against. Install a CUDA '
             f'{nvcc_version[0]}.x build of torch, e.g. --torch-spec "{DEFAULT_TORCH_SPEC}" (PyPI\'s '
             f'default Linux wheel, CUDA 13.0) or one from '
             f'https://download.pytorch.org/whl/cu{nvcc_version[0]}{nvcc_version[1]}.', 2)
     torch_major = int(str(torch_cuda).split('.')[0])
+    # The nvcc wheels are nvidia-cuda-nvcc-cu12 up to CUDA 12, nvidia-cuda-nvcc from CUDA 13.
+    nvcc_wheel = (f'nvidia-cuda-nvcc=={torch_major}.*' if torch_major >= 13 else
+                  f'nvidia-cuda-nvcc-cu{torch_major}')
     if torch_major != nvcc_version[0]:
         raise CheckError(
             f'CUDA major version mismatch: torch {torch_version} was built with CUDA {torch_cuda}, '
@@ -131,7 +136,7 @@ def check_cuda_majors(torch_version, torch_cuda, nvcc_version, nvcc_path, torch_
             f'{nvcc_version[0]}.x (--torch-spec, e.g. "{DEFAULT_TORCH_SPEC}" for CUDA 13.0, or '
             f'`pip install torch --index-url https://download.pytorch.org/whl/'
             f'cu{nvcc_version[0]}{nvcc_version[1]}`), or point CUDA_HOME / --nvcc at a CUDA '
-            f'{torch_major}.x toolkit (e.g. `pip install "nvidia-cuda-nvcc=={torch_major}.*"`).', 2)
+            f'{torch_major}.x toolkit (e.g. `pip install "{nvcc_wheel}"`).', 2)
 
 
 def run(cmd, stage, env=None, cwd=ROOT, nice=True, capture=False):
@@ -177,7 +182,54 @@ def dir_bytes(path):
     return total
 
 
-def install(venv, python, torch_spec, timings, info):
+def predicted_torch_cuda(report):
+    """From a ``pip install --dry-run --report`` of the torch spec alone: ``(version, cuda)``
+    where cuda is ``'13.x'``-like, None for a CPU build, or ``'unknown'``. Read from the local
+    version label (``+cu130``, ``+cpu``: the download.pytorch.org wheels) or from the CUDA
+    packages the wheel requires (PyPI's Linux wheels: ``cuda-toolkit==13.0.3``,
+    ``nvidia-*-cu12``), so a mismatch is found before several GB are downloaded."""
+    items = [i for i in report.get('install', [])
+             if i.get('metadata', {}).get('name', '').lower() == 'torch']
+    if not items:
+        return None, 'unknown'
+    metadata = items[0]['metadata']
+    version = metadata.get('version', '?')
+    label = re.search(r'\+(cu(\d+)|cpu|rocm[\d.]+)', version)
+    if label:
+        if label.group(2):
+            return version, f'{label.group(2)[:-1]}.x'
+        return version, None
+    requires = [r for r in metadata.get('requires_dist', []) if 'extra ==' not in r]
+    for pattern in (r'^cuda-toolkit\b.*?==\s*(\d+)\.', r'^nvidia-\S*?-cu(\d+)\b'):
+        for requirement in requires:
+            match = re.search(pattern, requirement)
+            if match:
+                return version, f'{match.group(1)}.x'
+    if any(r.startswith(('nvidia-', 'cuda-')) for r in requires):
+        return version, 'unknown'
+    return version, None  # no CUDA libraries required: a CPU build
+
+
+def precheck_torch_spec(venv_python, torch_spec, nvcc_version, nvcc_path, venv):
+    """Refuse a torch spec whose CUDA major cannot match nvcc's before installing it."""
+    report_path = osp.join(venv, 'cuda-link-precheck.json')
+    proc = subprocess.run([venv_python, '-m', 'pip', 'install', '--dry-run', '--no-deps',
+                           '--ignore-installed', '--quiet', '--report', report_path, torch_spec],
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not osp.isfile(report_path):
+        log(f'install: could not resolve {torch_spec!r} ahead of the install; checking after it')
+        return
+    with open(report_path) as f:
+        version, cuda = predicted_torch_cuda(json.load(f))
+    if cuda == 'unknown':
+        log(f'install: CUDA version of torch {version} not known ahead; checking after install')
+        return
+    log(f'install: {torch_spec!r} resolves to torch {version} '
+        f'({"CUDA " + cuda if cuda else "CPU build"})')
+    check_cuda_majors(version, cuda, nvcc_version, nvcc_path, torch_spec)
+
+
+def install(venv, python, torch_spec, timings, info, nvcc_version=None, nvcc_path=None):
     """Create the venv and install torch + test packages once (stamp: the requested specs)."""
     venv_python = osp.join(venv, 'bin', 'python')
     wanted = '\n'.join([torch_spec] + EXTRA_PACKAGES) + '\n'
@@ -189,6 +241,8 @@ def install(venv, python, torch_spec, timings, info):
     start = time.perf_counter()
     if not osp.isfile(venv_python):
         run([python, '-m', 'venv', venv], 'venv')
+    if nvcc_version is not None:
+        precheck_torch_spec(venv_python, torch_spec, nvcc_version, nvcc_path, venv)
     report = osp.join(venv, 'cuda-link-pip-report.json')
     # The torch spec is passed on every install so a later package cannot swap torch.
     run([venv_python, '-m', 'pip', 'install', '--progress-bar', 'off', '--report', report,
@@ -380,7 +434,8 @@ def main(argv=None):
                                   stderr=subprocess.STDOUT).stdout
         nvcc_version = parse_nvcc_version(nvcc_out)
         log(f'nvcc: {nvcc} (CUDA {nvcc_version[0]}.{nvcc_version[1]})')
-        venv_python = install(osp.abspath(args.venv), args.python, args.torch_spec, timings, info)
+        venv_python = install(osp.abspath(args.venv), args.python, args.torch_spec, timings, info,
+                              nvcc_version, nvcc)
         tinfo = torch_info(venv_python)
         log(f'torch: {tinfo["version"]} (CUDA {tinfo["cuda"]}; GPU visible: '
             f'{tinfo["cuda_available"]})')

@@ -55,7 +55,9 @@ def test_major_mismatch_names_both_versions_and_the_fix():
     assert '/opt/cuda/bin/nvcc' in message and 'CUDA 13.0' in message
     # what to install, both ways round
     assert 'torch==2.14.1' in message and 'cu130' in message
-    assert 'nvidia-cuda-nvcc==12.*' in message
+    assert 'nvidia-cuda-nvcc-cu12' in message
+    with pytest.raises(tool.CheckError, match='nvidia-cuda-nvcc==13'):
+        tool.check_cuda_majors('2.14.1', '13.0', (12, 8), 'nvcc', 'torch==2.14.1')
 
 
 def test_cpu_only_torch_is_refused():
@@ -63,6 +65,27 @@ def test_cpu_only_torch_is_refused():
     with pytest.raises(tool.CheckError, match='CPU-only build') as error:
         tool.check_cuda_majors('2.13.0+cpu', None, (13, 0), 'nvcc', 'torch==2.13.0')
     assert 'torch 2.13.0+cpu' in str(error.value) and 'torch==2.14.1' in str(error.value)
+
+
+def torch_report(version, requires=()):
+    return {'install': [{'metadata': {'name': 'torch', 'version': version,
+                                      'requires_dist': list(requires)}}]}
+
+
+def test_torch_cuda_predicted_from_the_resolved_wheel():
+    """The CUDA major of a spec is known before the multi-GB install: local version label
+    (download.pytorch.org wheels) or the CUDA packages a PyPI wheel requires."""
+    predict = load_tool().predicted_torch_cuda
+    assert predict(torch_report('2.5.1+cu121')) == ('2.5.1+cu121', '12.x')
+    assert predict(torch_report('2.7.0+cu118')) == ('2.7.0+cu118', '11.x')
+    assert predict(torch_report('2.13.0+cpu')) == ('2.13.0+cpu', None)
+    assert predict(torch_report('2.14.1', [
+        'filelock', 'cuda-toolkit[cublas,cudart]==13.0.3; platform_system == "Linux"',
+        'nvidia-cudnn-cu13==9.24.0.43; platform_system == "Linux"'])) == ('2.14.1', '13.x')
+    assert predict(torch_report('2.9.1', [
+        'nvidia-cuda-runtime-cu12==12.8.90; platform_system == "Linux"'])) == ('2.9.1', '12.x')
+    assert predict(torch_report('2.4.1', ['filelock', 'sympy'])) == ('2.4.1', None)  # macOS-like
+    assert predict({'install': []}) == (None, 'unknown')
 
 
 def test_find_nvcc(tmp_path):
