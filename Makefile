@@ -10,6 +10,7 @@ TORCH_SPEC  ?= torch==2.13.0
 MMCV_SPEC   ?= mmcv==2.1.0
 MMENGINE_SPEC ?= mmengine>=0.10.4,<0.11
 MMDET_SPEC  ?= mmdet==3.3.0
+EXTRA_SPECS ?= "onnx==1.23.2" "onnxruntime==1.32.0" "tensorboard==2.21.0" "psutil==7.2.2" "seaborn==0.13.2"
 PYTEST_ARGS ?=
 NPROC       ?= $(shell nproc 2>/dev/null || echo 2)
 
@@ -38,6 +39,9 @@ $(STAMP_DEPS): $(PY) Makefile
 	MMCV_WITH_OPS=1 MAX_JOBS=$(NPROC) $(PIP) install -c $(CONSTRAINTS) --no-build-isolation "$(MMCV_SPEC)"
 	$(PIP) install -q -c $(CONSTRAINTS) "$(MMENGINE_SPEC)" "$(MMDET_SPEC)" scipy pycocotools \
 		matplotlib pytest pytest-timeout hypothesis
+	# mmdet's analysis tools and TensorBoard backend (psutil, seaborn, tensorboard) and ONNX
+	# export/parity tests (onnx, onnxruntime), pinned to versions tested together.
+	$(PIP) install -q -c $(CONSTRAINTS) $(EXTRA_SPECS)
 	touch $(STAMP_DEPS)
 
 $(STAMP_PKG): $(STAMP_DEPS) setup.py $(wildcard ops/*.h ops/*.cpp ops/*/*.cpp ops/*/*.h ops/cuda/*.cu ops/cuda/*.cuh)
