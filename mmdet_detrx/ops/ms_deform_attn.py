@@ -318,7 +318,7 @@ def ms_deform_attn_pytorch(value: torch.Tensor,
     if isinstance(spatial_shapes, torch.Tensor):
         spatial_shapes = spatial_shapes.tolist()
     shapes = [(int(H), int(W)) for H, W in spatial_shapes]
-    if not torch.compiler.is_compiling():
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):  # eager: S is an int
         _check_level_table(shapes, None, S)  # Python ints: exact for any H, W
     output_dtype = value.dtype
     if sampling_locations.dtype != value.dtype:  # mixed precision: sample at the locations'

@@ -385,6 +385,20 @@ def test_autocast_runs_mixed_precision(device, locations_dtype):
     torch.testing.assert_close(out.detach().float(), expected, atol=2e-2, rtol=2**-8)
 
 
+def test_torch_compile_fullgraph_under_autocast():
+    """The autocast casts live in ms_deform_attn, so torch.compile traces them in one graph."""
+    value, shapes, starts, locations, weights = make_inputs(dtype=torch.float32)
+
+    def layer(value, locations, weights):
+        return ms_deform_attn(value * 2, shapes, starts, locations, weights)
+
+    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        actual, expected = compiled(value, locations, weights), layer(value, locations, weights)
+    assert actual.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize('device', DEVICES)
 def test_autocast_leaves_float64_alone(device):
     inputs = make_inputs(dtype=torch.float64, device=device)

@@ -20,7 +20,6 @@ Shapes (``batch_first=True``; otherwise query/value/output are ``(N, B, C)``):
 """
 from typing import Optional, Tuple
 
-import torch
 from mmcv.ops import MultiScaleDeformableAttention
 from mmdet.registry import MODELS
 from torch import Tensor
@@ -38,8 +37,10 @@ class MSDeformAttn(MultiScaleDeformableAttention):
     ``num_levels``, ``num_points``, ``im2col_step``, ``dropout``, ``batch_first``, ``norm_cfg``,
     ``init_cfg``, ``value_proj_ratio``).
 
-    Under autocast (or with half-precision inputs) the sampling itself runs in float32: sampling
-    locations in bf16 are off by up to ~0.4% of the map, a pixel or more on large levels.
+    Dtypes are the op's (``mmdet_detrx.ops.ms_deform_attn``, the one place that casts): under
+    autocast the op runs in mixed precision, gathering bfloat16 / float16 values at float32
+    sampling locations with float32 weights and float32 accumulation, and returns the autocast
+    dtype; outside autocast it runs in the module's dtype.
     """
 
     def sampling_points(self, query: Tensor, reference_points: Tensor,
@@ -58,10 +59,6 @@ class MSDeformAttn(MultiScaleDeformableAttention):
         batch_size, num_queries, _ = query.shape
         offsets = self.sampling_offsets(query).view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2)
-        weights = self.attention_weights(query).view(
-            batch_size, num_queries, self.num_heads, self.num_levels * self.num_points)
-        weights = weights.softmax(-1).view(  # softmax over all levels and points of a head
-            batch_size, num_queries, self.num_heads, self.num_levels, self.num_points)
 
         # reference_points[:, :, None, :, None] is (B, Q, 1, levels, 1, 2|4)
         reference_points = reference_points[:, :, None, :, None]
@@ -77,6 +74,14 @@ class MSDeformAttn(MultiScaleDeformableAttention):
         else:
             raise ValueError('reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got '
                              f'shape {tuple(reference_points.shape)}')
+
+        # Softmax over all levels and points of a head, computed in the locations' dtype: the op
+        # takes locations and weights in one dtype (float32 under autocast, where the bfloat16
+        # logits would otherwise give bfloat16 weights).
+        weights = self.attention_weights(query).view(
+            batch_size, num_queries, self.num_heads, self.num_levels * self.num_points)
+        weights = weights.softmax(-1, dtype=locations.dtype).view(
+            batch_size, num_queries, self.num_heads, self.num_levels, self.num_points)
         return locations, weights
 
     def forward(self,
@@ -110,14 +115,9 @@ class MSDeformAttn(MultiScaleDeformableAttention):
 
         locations, weights = self.sampling_points(query, reference_points, spatial_shapes)
 
-        # One dtype for the kernel: float32 unless in float64, also for fp16/bf16/autocast.
-        output_dtype = value.dtype
-        dtypes = (value.dtype, locations.dtype, weights.dtype)
-        op_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
-        output = ms_deform_attn(value.to(op_dtype), spatial_shapes, level_start_index,
-                                locations.to(op_dtype), weights.to(op_dtype),
-                                self.im2col_step)  # (B, Q, heads * C)
-        output = self.output_proj(output.to(output_dtype))
+        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
+                                self.im2col_step)  # (B, Q, heads * C), value's dtype
+        output = self.output_proj(output)
 
         if not self.batch_first:
             output = output.transpose(0, 1)  # (Q, B, C)

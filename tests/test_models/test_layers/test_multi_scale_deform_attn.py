@@ -5,6 +5,8 @@ from mmcv.ops import MultiScaleDeformableAttention
 from mmdet.registry import MODELS
 
 from mmdet_detrx.models.layers import MSDeformAttn
+from mmdet_detrx.models.layers import multi_scale_deform_attn as layer_module
+from mmdet_detrx.ops import ms_deform_attn
 
 EMBED_DIMS, NUM_HEADS, NUM_LEVELS, NUM_POINTS = 32, 4, 3, 2
 SPATIAL_SHAPES = torch.tensor([[6, 8], [3, 5], [2, 2]])  # (H, W); non-square on purpose
@@ -123,19 +125,71 @@ def test_gradients_match_mmcv():
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_autocast_cpu():
+def _record_op_dtypes(monkeypatch):
+    """Patches the op as the layer calls it; returns the list of its input dtypes per call."""
+    calls = []
+
+    def recording(value, spatial_shapes, level_start_index, locations, weights, *args):
+        calls.append((value.dtype, locations.dtype, weights.dtype))
+        return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
+                              *args)
+
+    monkeypatch.setattr(layer_module, 'ms_deform_attn', recording)
+    return calls
+
+
+@pytest.mark.parametrize('ref_dim', [2, 4])
+def test_bf16_autocast_cpu_runs_the_op_in_mixed_precision(ref_dim, monkeypatch):
     ours, _ = _pair()
-    inputs = _inputs(2, with_mask=True)
+    inputs = _inputs(ref_dim, with_mask=True)
+    calls = _record_op_dtypes(monkeypatch)
     with torch.no_grad():
         expected = ours(**inputs)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             actual = ours(**inputs)
+    # bfloat16 values (value_proj ran in bf16), float32 locations and weights: no upcast of
+    # value anywhere, so the kernel's bf16 gathers are what runs.
+    assert calls == [(torch.float32, ) * 3,
+                     (torch.bfloat16, torch.float32, torch.float32)]
     assert torch.isfinite(actual).all()
     torch.testing.assert_close(actual.float(), expected, atol=0.1, rtol=0.05)
 
 
+def test_bf16_autocast_training_step_matches_fp32():
+    ours, _ = _pair()
+    inputs = _inputs(4, with_mask=True)
+    grads = []
+    for autocast in (False, True):
+        ours.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            loss = ours(**inputs).float().square().mean()
+        loss.backward()
+        grads.append({name: p.grad.clone() for name, p in ours.named_parameters()})
+    for name, grad in grads[1].items():
+        scale = grads[0][name].abs().max().item()
+        torch.testing.assert_close(grad, grads[0][name], rtol=0.05, atol=0.05 * scale,
+                                   msg=lambda m, n=name: f'{n}: {m}')
+
+
+def test_half_model_with_float32_reference_points(monkeypatch):
+    # mmdet computes reference points in float32: a float16 module then gets float32 locations,
+    # and the op runs float16 values at float32 locations and weights.
+    ours, _ = _pair()
+    inputs = _inputs(2)
+    calls = _record_op_dtypes(monkeypatch)
+    with torch.no_grad():
+        expected = ours(**inputs)
+        half = {k: v.half() if torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in inputs.items()}
+        half['reference_points'] = inputs['reference_points']
+        actual = ours.half()(**half)
+    assert calls[-1] == (torch.float16, torch.float32, torch.float32)
+    assert actual.dtype == torch.float16
+    torch.testing.assert_close(actual.float(), expected, atol=0.02, rtol=0.02)
+
+
 def test_bf16_weights_and_inputs():
-    # A model cast to bf16 entirely (no autocast): the sampling still runs in float32.
+    # A model cast to bf16 entirely (no autocast): the op runs in bf16 (float32 arithmetic).
     ours, _ = _pair()
     inputs = _inputs(4, with_mask=True)
     with torch.no_grad():
