@@ -1,4 +1,11 @@
+from .act_calibration import *  # noqa: F401,F403
 from .adaptive_clustering_attention import *  # noqa: F401,F403
 from .bottleneck_attention import *  # noqa: F401,F403
 from .e2lsh import *  # noqa: F401,F403
 from .multi_scale_deform_attn import *  # noqa: F401,F403
+from .layer_norm_2d import *  # noqa: F401,F403
+from .pixel_embed import *  # noqa: F401,F403
+from .pos_embed import *  # noqa: F401,F403
+from .self_attention import *  # noqa: F401,F403
+from .tnt_block import *  # noqa: F401,F403
+from .vit_block import *  # noqa: F401,F403

@@ -16,14 +16,23 @@ modified copy of ``torch.nn.functional.multi_head_attention_forward``, which sca
 attention call), with ``r = 8`` and ``L = 32`` (its ``q_hashes`` argument is ignored: 32 rounds
 always). We do the same, so ``bucket_width`` is measured in units of ``q / sqrt(head_dims)``.
 
+Scale-free width (``relative_bucket_width=rho``): an absolute ``r`` only suits queries of one
+scale. With ``rho``, each (image, head) uses ``r = rho * spread``, the root mean squared distance
+of its real (non-padded) scaled queries to their mean (:func:`query_spread`), and hashes the
+projections centred on that mean: the clusters do not change when a model's queries are scaled
+or shifted, so one ``rho`` transfers across models. Per-layer values: a list, one entry per
+encoder layer (:func:`resolve_act_layers`). To pick a width from data instead of by hand, see
+:mod:`~mmdet_detrx.models.layers.act_calibration`.
+
 Differences from the official code, all deliberate: the hash is seeded and fixed (kept in
 checkpoints) instead of redrawn every forward; the ``L`` codes are grouped exactly (no lossy
 packing into one int64); padded positions are masked out as keys and never join a real cluster;
-batches of any size give the same per-image result.
+batches of any size (0 included) give the same per-image result; hash codes cannot overflow
+(:class:`E2LSH`).
 """
 import contextlib
 import math
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +40,13 @@ from mmcv.cnn.bricks.transformer import MultiheadAttention
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
-from .e2lsh import E2LSH
+from .e2lsh import E2LSH, all_finite
 
 __all__ = ['AdaptiveClusteringAttention', 'act_exact_mode', 'adaptive_clustering_attention',
-           'group_codes']
+           'group_codes', 'hash_queries', 'query_spread', 'resolve_act_layers']
 
 _INT64_SAFE = 2**62
+_SPREAD_RESOLUTION = 2.0**-20
 
 
 def group_codes(prefix: Tensor, codes: Tensor) -> Tensor:
@@ -44,48 +54,114 @@ def group_codes(prefix: Tensor, codes: Tensor) -> Tensor:
 
     Args:
         prefix (Tensor): (M,) non-negative int64, the most significant key (e.g. image*head).
-        codes (Tensor): (M, L) int64 hash codes.
+        codes (Tensor): (M, L) int64 hash codes, any values (the whole int64 range).
 
     Returns:
         Tensor: (M,) int64 ids in ``[0, T)``, equal iff the rows are equal. Columns are packed
-        into a mixed-radix number whose radix is each column's exact range, a chunk of columns
-        at a time, and the running key is re-densified with ``torch.unique`` before it could
-        overflow int64, so distinct rows never collide.
+        one at a time into a mixed-radix number whose radix is the column's exact range (or its
+        number of distinct values, for a range wider than M), and the running key is
+        re-densified with ``torch.unique`` before it could overflow int64, so distinct rows
+        never collide.
     """
     num_rows = prefix.numel()
     if num_rows == 0:
         return prefix.clone()
-    codes = codes - codes.min(dim=0).values  # (M, L), non-negative
-    radices = (codes.max(dim=0).values + 1).tolist()
-    for column, radix in enumerate(radices):
-        if radix > num_rows:  # very narrow buckets: rank the column first to bound its radix
-            codes[:, column] = torch.unique(codes[:, column], return_inverse=True)[1]
-            radices[column] = int(codes[:, column].max()) + 1
-
-    def pack(ids, columns, chunk_radices):
-        weights, weight = [], 1
-        for radix in reversed(chunk_radices):
-            weights.append(weight)
-            weight *= radix
-        weights = torch.tensor(weights[::-1], dtype=torch.int64, device=codes.device)
-        digits = codes[:, torch.tensor(columns, device=codes.device)]  # (M, len(columns))
-        return ids * weight + (digits * weights).sum(dim=1)
-
+    rounds = codes.t().contiguous()  # (L, M): each hash round contiguous
+    lows, highs = (t.tolist() for t in torch.aminmax(rounds, dim=1))
     ids = prefix
-    bound = int(prefix.max()) + 1
-    columns, chunk_radices = [], []
-    for column, radix in enumerate(radices):
-        if radix == 1:
+    bound = int(prefix.max()) + 1  # ids < bound
+    for column, (low, high) in enumerate(zip(lows, highs)):
+        if high == low:
             continue  # a constant column separates nothing
-        if bound * math.prod(chunk_radices) * radix >= _INT64_SAFE:
-            ids = torch.unique(pack(ids, columns, chunk_radices), return_inverse=True)[1]
+        if high - low >= num_rows:  # very narrow buckets: rank the column to bound its radix
+            digit = torch.unique(rounds[column], return_inverse=True)[1]
+            radix = int(digit.max()) + 1
+        else:
+            digit = rounds[column] - low  # Python ints above: the range test cannot overflow
+            radix = high - low + 1
+        if bound * radix >= _INT64_SAFE:  # re-densify before the key could overflow
+            ids = torch.unique(ids, return_inverse=True)[1]
             bound = int(ids.max()) + 1
-            columns, chunk_radices = [], []
-        columns.append(column)
-        chunk_radices.append(radix)
-    if columns:
-        ids = pack(ids, columns, chunk_radices)
+        ids = ids * radix + digit  # mixed radix: lexicographic order is kept
+        bound *= radix
     return torch.unique(ids, return_inverse=True)[1]
+
+
+def query_spread(query: Tensor, query_padding_mask: Optional[Tensor] = None
+                 ) -> Tuple[Tensor, Tensor]:
+    """Mean and spread of each (image, head)'s queries over its real tokens, in float64.
+
+    Args:
+        query (Tensor): (B, heads, N, d).
+        query_padding_mask (Tensor, optional): (B, N) bool, True marks padding (excluded).
+
+    Returns:
+        tuple: mean (B, heads, 1, d) and spread (B, heads, 1, 1), the root mean squared
+        distance of the real queries to their mean, ``sqrt(mean_n ||q_n - mean||^2)``. A random
+        projection ``a . q`` (``a ~ N(0, I)``) of the queries has this standard deviation on
+        average over ``a``, so a bucket width of ``rho * spread`` cuts every E2LSH round into
+        buckets ``rho`` standard deviations wide whatever the scale of the queries. Zero when
+        there is no real token or all real queries are equal.
+    """
+    batch, heads, num_queries, _ = query.shape
+    q = query.detach().double()
+    if query_padding_mask is None:
+        real = torch.ones(batch, 1, num_queries, 1, dtype=torch.bool, device=query.device)
+    else:
+        real = ~query_padding_mask.view(batch, 1, num_queries, 1)
+    count = real.sum(dim=2, keepdim=True).clamp(min=1).double()  # (B, 1, 1, 1)
+    q = q.masked_fill(~real, 0.0)
+    mean = q.sum(dim=2, keepdim=True) / count  # (B, heads, 1, d)
+    centred = (q - mean).masked_fill(~real, 0.0)
+    spread = (centred.square().sum(dim=(2, 3), keepdim=True) / count).sqrt()  # (B, heads, 1, 1)
+    return mean, spread
+
+
+def hash_queries(scaled_query: Tensor, lsh: E2LSH,
+                 query_padding_mask: Optional[Tensor] = None,
+                 bucket_width: Optional[float] = None,
+                 relative_bucket_width: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """E2LSH codes of the scaled per-head queries, with an absolute or a scale-free width.
+
+    Args:
+        scaled_query (Tensor): (B, heads, N, d), ``q / sqrt(d)``.
+        lsh (E2LSH): the hash (projections, offsets, own width).
+        query_padding_mask (Tensor, optional): (B, N) bool; padded queries all get code 0
+            (they are grouped apart from real tokens by the caller).
+        bucket_width (float, optional): absolute ``r``; None for ``lsh.bucket_width``.
+        relative_bucket_width (float, optional): scale-free mode: ``r = rho * spread`` per
+            (image, head) (:func:`query_spread`) and the projections are centred on the real
+            queries' mean, so codes are invariant to scaling and shifting that head's queries.
+            A spread below 2**-20 of the queries' RMS norm (equal queries up to rounding) gives
+            one cluster.
+
+    Returns:
+        tuple: codes (B, heads, N, L) int64, and the absolute widths used (B, heads) float64.
+    """
+    batch, heads, num_queries, _ = scaled_query.shape
+    projected = lsh.project(scaled_query)  # (B, heads, N, L)
+    if relative_bucket_width is None:
+        width = float(lsh.bucket_width if bucket_width is None else bucket_width)
+        widths = torch.full((batch, heads), width, dtype=torch.float64,
+                            device=scaled_query.device)
+        if query_padding_mask is not None:
+            projected = projected.masked_fill(query_padding_mask.view(batch, 1, num_queries, 1),
+                                              0.0)
+        return lsh.bucket(projected, None if bucket_width is None else width), widths
+    mean, spread = query_spread(scaled_query, query_padding_mask)
+    centre = mean @ lsh.projections.double().t()  # (B, heads, 1, L)
+    projected = projected - centre.to(projected.dtype)  # (B, heads, N, L)
+    if query_padding_mask is not None:
+        projected = projected.masked_fill(query_padding_mask.view(batch, 1, num_queries, 1), 0.0)
+    # A spread below what fp32 projections resolve (2**-20 of the queries' RMS norm) is rounding
+    # noise of equal queries: one cluster, with a width far above that noise (the RMS norm).
+    magnitude = (spread.square() + mean.square().sum(dim=-1, keepdim=True)).sqrt()
+    resolvable = spread > _SPREAD_RESOLUTION * magnitude
+    fallback = torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
+    widths = torch.where(resolvable, relative_bucket_width * spread, fallback)
+    if projected.dtype != torch.float64:
+        widths = widths.to(projected.dtype).double()  # the width the hash actually uses
+    return lsh.bucket(projected, widths), widths.view(batch, heads)
 
 
 def adaptive_clustering_attention(
@@ -95,7 +171,10 @@ def adaptive_clustering_attention(
         lsh: E2LSH,
         key_padding_mask: Optional[Tensor] = None,
         query_padding_mask: Optional[Tensor] = None,
-        dropout_p: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+        dropout_p: float = 0.0,
+        bucket_width: Optional[float] = None,
+        relative_bucket_width: Optional[float] = None,
+        return_widths: bool = False) -> Tuple[Tensor, ...]:
     """Clustered-query attention on per-head tensors.
 
     Args:
@@ -107,25 +186,34 @@ def adaptive_clustering_attention(
         query_padding_mask (Tensor, optional): (B, N) bool, True marks padded queries: they are
             clustered among themselves only, so they never change a real token's prototype.
         dropout_p (float): dropout on the prototype attention weights.
+        bucket_width (float, optional): absolute width instead of ``lsh.bucket_width``.
+        relative_bucket_width (float, optional): scale-free width (see :func:`hash_queries`);
+            takes precedence over ``bucket_width``.
+        return_widths (bool): also return the absolute widths used, (B, heads) float64.
 
     Returns:
         tuple: output (B, heads, N, head_dims_v); cluster ids (B, heads, N) int64, numbered per
-        (image, head) from 0, -1 for padded queries; number of real clusters (B, heads) int64.
-        Images whose keys are all padded get a zero output.
+        (image, head) from 0, -1 for padded queries; number of real clusters (B, heads) int64;
+        with ``return_widths`` the widths. Images whose keys are all padded get a zero output.
     """
     batch, heads, num_queries, head_dims = query.shape
     num_keys = key.shape[2]
     device = query.device
-    if num_queries == 0 or num_keys == 0:
+    if batch == 0 or num_queries == 0 or num_keys == 0:
         output = value.new_zeros(batch, heads, num_queries, value.shape[-1])
-        return (output, torch.full((batch, heads, num_queries), -1, device=device),
-                torch.zeros(batch, heads, dtype=torch.int64, device=device))
-    if not bool(torch.isfinite(query).all()):
+        result = (output, torch.full((batch, heads, num_queries), -1, device=device),
+                  torch.zeros(batch, heads, dtype=torch.int64, device=device))
+        if return_widths:
+            result += (torch.full((batch, heads), float('nan'), dtype=torch.float64,
+                                  device=device), )
+        return result
+    if not all_finite(query):
         raise ValueError('query contains non-finite values (inf/nan): the queries cannot be '
                          'hashed into clusters')
 
     scale = head_dims**-0.5
-    codes = lsh(query * scale)  # (B, heads, N, L)
+    codes, widths = hash_queries(query * scale, lsh, query_padding_mask, bucket_width,
+                                 relative_bucket_width)  # (B, heads, N, L)
     group = torch.arange(batch * heads, device=device).view(batch, heads, 1)
     group = group.expand(batch, heads, num_queries)  # (B, heads, N)
     if query_padding_mask is not None:
@@ -175,7 +263,11 @@ def adaptive_clustering_attention(
         real_clusters = torch.bincount(cluster_group, minlength=2 * batch * heads)[0::2]
     else:
         real_clusters = per_bh
-    return output, local, real_clusters.view(batch, heads)
+    result = (output, local, real_clusters.view(batch, heads))
+    return result + (widths, ) if return_widths else result
+
+
+_PER_LAYER_ARGS = ('num_hashes', 'bucket_width', 'relative_bucket_width')
 
 
 @MODELS.register_module()
@@ -188,18 +280,31 @@ class AdaptiveClusteringAttention(MultiheadAttention):
     Args:
         embed_dims, num_heads, attn_drop, proj_drop, dropout_layer, init_cfg, batch_first:
             as mmcv's ``MultiheadAttention``.
-        num_hashes (int): E2LSH rounds ``L``. Default: 32 (official).
-        bucket_width (float): E2LSH bucket width ``r`` on ``q / sqrt(head_dims)``. Default: 8.0
-            (official).
+        num_hashes (int | list[int]): E2LSH rounds ``L``. Default: 32 (official).
+        bucket_width (float | list[float]): E2LSH bucket width ``r`` on ``q / sqrt(head_dims)``,
+            absolute. Default: 8.0 (official).
         seed (int): Seed of the hash projections. Default: 0.
         record_clusters (bool): Keep the last forward's cluster ids in ``last_cluster_ids``
             (B, heads, N) for visualisation. Default: False.
+        relative_bucket_width (float | list, optional): Scale-free width ``rho``: each
+            (image, head) uses ``r = rho * spread`` of its real scaled queries
+            (:func:`query_spread`), with projections centred on their mean, so clusters do not
+            change when a model's queries are scaled or shifted. None (default): the absolute
+            ``bucket_width``. Takes precedence over ``bucket_width`` when set.
+        layer_index (int, optional): Index of the encoder layer this attention belongs to; it
+            picks the entry of every per-layer list above. Usually left None and set by
+            :func:`resolve_act_layers` (or the detector) once the encoder is built.
+
+    A list for ``num_hashes``, ``bucket_width`` or ``relative_bucket_width`` gives one value per
+    encoder layer (an entry ``None`` in ``relative_bucket_width`` means "absolute width for this
+    layer"); its length must equal the number of layers.
 
     Attributes:
         use_exact (bool): When True, forward is exactly mmcv's ``MultiheadAttention.forward``
             (full softmax attention with the same weights). Default: False.
         last_num_clusters (Tensor | None): (B, heads) real clusters of the last ACT forward
             (None after an exact forward).
+        last_bucket_width (Tensor | None): (B, heads) absolute widths of the last ACT forward.
         last_num_queries, last_num_keys (Tensor | None): (B,) real tokens of the last forward;
             :meth:`last_flops` turns them into a cost.
     """
@@ -212,20 +317,30 @@ class AdaptiveClusteringAttention(MultiheadAttention):
                  dropout_layer: Optional[dict] = dict(type='Dropout', drop_prob=0.),
                  init_cfg: Optional[dict] = None,
                  batch_first: bool = False,
-                 num_hashes: int = 32,
-                 bucket_width: float = 8.0,
+                 num_hashes: Union[int, Sequence[int]] = 32,
+                 bucket_width: Union[float, Sequence[float]] = 8.0,
                  seed: int = 0,
                  record_clusters: bool = False,
+                 relative_bucket_width: Union[None, float, Sequence[Optional[float]]] = None,
+                 layer_index: Optional[int] = None,
                  **kwargs) -> None:
         if not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f'num_heads must be a positive int, got {num_heads!r}')
         if embed_dims % num_heads != 0:
             raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads '
                              f'({num_heads})')
-        if not isinstance(num_hashes, int) or num_hashes < 1:
-            raise ValueError(f'num_hashes must be an int >= 1, got {num_hashes!r}')
-        if not bucket_width > 0:
-            raise ValueError(f'bucket_width must be > 0, got {bucket_width!r}')
+        settings = dict(num_hashes=num_hashes, bucket_width=bucket_width,
+                        relative_bucket_width=relative_bucket_width)
+        per_layer = {}
+        for name, value in settings.items():
+            if isinstance(value, (list, tuple)):
+                if len(value) == 0:
+                    raise ValueError(f'{name} is an empty per-layer list')
+                for entry in value:
+                    _check_setting(name, entry)
+                per_layer[name] = list(value)
+            else:
+                _check_setting(name, value)
         if dropout_layer is not None:
             dropout_layer = dict(dropout_layer)  # mmcv edits it in place for `dropout=`
         super().__init__(embed_dims, num_heads, attn_drop=attn_drop, proj_drop=proj_drop,
@@ -236,11 +351,19 @@ class AdaptiveClusteringAttention(MultiheadAttention):
             raise ValueError('AdaptiveClusteringAttention supports neither kdim/vdim, '
                              'add_bias_kv nor add_zero_attn')
         self.head_dims = embed_dims // num_heads
-        self.lsh = E2LSH(self.head_dims, num_hashes, bucket_width, seed)
+        first = {name: values[0] for name, values in per_layer.items()}
+        self.lsh = E2LSH(self.head_dims, first.get('num_hashes', num_hashes),
+                         first.get('bucket_width', bucket_width), seed)
+        self._relative_bucket_width = first.get('relative_bucket_width', relative_bucket_width)
+        self.per_layer = per_layer
+        self.layer_index: Optional[int] = None
+        if layer_index is not None:
+            self.select_layer(layer_index)
         self.use_exact = False
         self.record_clusters = record_clusters
         self.last_num_clusters: Optional[Tensor] = None
         self.last_cluster_ids: Optional[Tensor] = None
+        self.last_bucket_width: Optional[Tensor] = None
         self.last_num_queries: Optional[Tensor] = None
         self.last_num_keys: Optional[Tensor] = None
 
@@ -248,9 +371,41 @@ class AdaptiveClusteringAttention(MultiheadAttention):
     def num_hashes(self) -> int:
         return self.lsh.num_hashes
 
+    @num_hashes.setter
+    def num_hashes(self, value: int) -> None:
+        self.lsh.set_num_hashes(value)
+
     @property
     def bucket_width(self) -> float:
         return self.lsh.bucket_width
+
+    @bucket_width.setter
+    def bucket_width(self, value: float) -> None:
+        self.lsh.set_bucket_width(value)
+
+    @property
+    def relative_bucket_width(self) -> Optional[float]:
+        return self._relative_bucket_width
+
+    @relative_bucket_width.setter
+    def relative_bucket_width(self, value: Optional[float]) -> None:
+        _check_setting('relative_bucket_width', value)
+        self._relative_bucket_width = None if value is None else float(value)
+
+    def select_layer(self, index: int, num_layers: Optional[int] = None) -> None:
+        """Take entry ``index`` of every per-layer list (checked to have ``num_layers``)."""
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f'layer_index must be an int >= 0, got {index!r}')
+        for name, values in self.per_layer.items():  # check all before changing any
+            if num_layers is not None and len(values) != num_layers:
+                raise ValueError(f'{name} has {len(values)} per-layer values {values} but the '
+                                 f'encoder has {num_layers} layers')
+            if index >= len(values):
+                raise ValueError(f'layer_index {index} is out of range for the {len(values)} '
+                                 f'per-layer values of {name} {values}')
+        for name, values in self.per_layer.items():
+            setattr(self, name, values[index])
+        self.layer_index = index
 
     def forward(self,
                 query: Tensor,
@@ -271,17 +426,49 @@ class AdaptiveClusteringAttention(MultiheadAttention):
         if self.use_exact:
             self.last_num_clusters = None
             self.last_cluster_ids = None
+            self.last_bucket_width = None
             return super().forward(query, key, value, identity, query_pos, key_pos, attn_mask,
                                    key_padding_mask, **kwargs)
+        if self.per_layer and self.layer_index is None:
+            raise RuntimeError(
+                f'{sorted(self.per_layer)} hold per-layer lists but this attention does not know '
+                'its layer: call mmdet_detrx.models.layers.resolve_act_layers(model) after '
+                'building the model (or pass layer_index=)')
         if attn_mask is not None:
             raise ValueError('attn_mask is not supported by AdaptiveClusteringAttention; use '
                              'key_padding_mask, or use_exact=True for full attention')
+        identity = query if identity is None else identity
+        q, k, v, key_padding_mask, query_padding_mask = self.project_heads(
+            query, key, value, query_pos, key_pos, key_padding_mask)
+        batch, _, num_queries, _ = q.shape
+
+        out, cluster_ids, num_clusters, widths = adaptive_clustering_attention(
+            q, k, v, self.lsh, key_padding_mask=key_padding_mask,
+            query_padding_mask=query_padding_mask,
+            dropout_p=self.attn.dropout if self.training else 0.0,
+            relative_bucket_width=self.relative_bucket_width, return_widths=True)
+        self.last_num_clusters = num_clusters
+        self.last_bucket_width = widths
+        self.last_cluster_ids = cluster_ids if self.record_clusters else None
+
+        out = out.transpose(1, 2).reshape(batch, num_queries, self.embed_dims)  # (B, N, C)
+        out = self.attn.out_proj(out)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return identity + self.dropout_layer(self.proj_drop(out))
+
+    def project_heads(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
+                      query_pos: Optional[Tensor], key_pos: Optional[Tensor],
+                      key_padding_mask: Optional[Tensor]) -> Tuple[Tensor, ...]:
+        """Per-head ``q, k, v`` (B, heads, N|S, head_dims) as forward computes them.
+
+        Returns ``(q, k, v, key_padding_mask, query_padding_mask)`` with the masks checked and
+        boolean (the query mask is the key mask in self-attention, else None).
+        """
         if key is None:
             key = query
         if value is None:
             value = key
-        if identity is None:
-            identity = query
         if key_pos is None and query_pos is not None and query_pos.shape == key.shape:
             key_pos = query_pos
         if query_pos is not None:
@@ -310,19 +497,7 @@ class AdaptiveClusteringAttention(MultiheadAttention):
         k = F.linear(key, w_k, b_k).view(batch, num_keys, self.num_heads, self.head_dims)
         v = F.linear(value, w_v, b_v).view(batch, num_keys, self.num_heads, self.head_dims)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, heads, N, head_dims)
-
-        out, cluster_ids, num_clusters = adaptive_clustering_attention(
-            q, k, v, self.lsh, key_padding_mask=key_padding_mask,
-            query_padding_mask=query_padding_mask,
-            dropout_p=self.attn.dropout if self.training else 0.0)
-        self.last_num_clusters = num_clusters
-        self.last_cluster_ids = cluster_ids if self.record_clusters else None
-
-        out = out.transpose(1, 2).reshape(batch, num_queries, self.embed_dims)  # (B, N, C)
-        out = self.attn.out_proj(out)
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        return identity + self.dropout_layer(self.proj_drop(out))
+        return q, k, v, key_padding_mask, query_padding_mask
 
     def _record_sizes(self, query: Tensor, key: Optional[Tensor],
                       key_padding_mask: Optional[Tensor]) -> None:
@@ -358,7 +533,44 @@ class AdaptiveClusteringAttention(MultiheadAttention):
         return flops + n * self.num_hashes * e + n * e + 2 * s * self.head_dims * clusters
 
     def extra_repr(self) -> str:
-        return f'use_exact={self.use_exact}, record_clusters={self.record_clusters}'
+        width = (f'relative_bucket_width={self.relative_bucket_width}'
+                 if self.relative_bucket_width is not None else
+                 f'bucket_width={self.bucket_width}')
+        return (f'num_hashes={self.num_hashes}, {width}, layer_index={self.layer_index}, '
+                f'use_exact={self.use_exact}, record_clusters={self.record_clusters}')
+
+
+def _check_setting(name: str, value) -> None:
+    if name == 'num_hashes':
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f'num_hashes must be an int >= 1, got {value!r}')
+        return
+    if value is None and name == 'relative_bucket_width':
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or not value > 0:
+        raise ValueError(f'{name} must be a finite number > 0, got {value!r}')
+
+
+def resolve_act_layers(model: nn.Module) -> List[AdaptiveClusteringAttention]:
+    """Tell every ACT attention of ``model`` its layer index, applying per-layer settings.
+
+    Walks every ``layers`` ``ModuleList`` (the encoder's, as mmdet's transformer encoders name
+    it) and calls :meth:`AdaptiveClusteringAttention.select_layer` with the layer's position
+    and the number of layers (a per-layer list of another length is an error naming it).
+    Idempotent. Returns the ACT attentions found, in layer order.
+    """
+    found = []
+    for module in model.modules():
+        layers = getattr(module, 'layers', None)
+        if not isinstance(layers, nn.ModuleList):
+            continue
+        for index, layer in enumerate(layers):
+            for child in layer.children():
+                if isinstance(child, AdaptiveClusteringAttention):
+                    child.select_layer(index, len(layers))
+                    found.append(child)
+    return found
 
 
 @contextlib.contextmanager

@@ -259,3 +259,201 @@ def test_mmdet_detr_state_dict_loads_strictly(tmp_path):
     # An ACT checkpoint keeps its hash projections.
     extra = set(act_detr.state_dict()) - set(detr.state_dict())
     assert extra and all('.lsh.' in k for k in extra)
+
+
+# --- Scale-free (relative) bucket width --------------------------------------------------------
+
+def scale_query_projection(module, factor):
+    """The same attention with its per-head queries q multiplied by ``factor``."""
+    embed = module.embed_dims
+    with torch.no_grad():
+        module.attn.in_proj_weight[:embed] *= factor
+        module.attn.in_proj_bias[:embed] *= factor
+    return module
+
+
+@pytest.mark.parametrize('factor', [2.0**-6, 2.0**5, 10.0, 1e3])
+def test_relative_width_clusters_do_not_change_with_the_query_scale(factor):
+    x, pos, mask = make_redundant_inputs()
+    _, act = make_pair(relative_bucket_width=0.5, record_clusters=True)
+    _, scaled = make_pair(relative_bucket_width=0.5, record_clusters=True)
+    scale_query_projection(scaled, factor)
+    self_attn(act, x, pos, mask)
+    self_attn(scaled, x, pos, mask)
+    assert torch.equal(act.last_cluster_ids, scaled.last_cluster_ids)
+    assert (act.last_num_clusters > 1).all() and (act.last_num_clusters < 20).all()
+    torch.testing.assert_close(scaled.last_bucket_width, factor * act.last_bucket_width)
+    # The absolute width is not scale-free: the same factor changes the clusters.
+    _, absolute = make_pair(bucket_width=act.last_bucket_width.median().item())
+    _, absolute_scaled = make_pair(bucket_width=act.last_bucket_width.median().item())
+    scale_query_projection(absolute_scaled, factor)
+    self_attn(absolute, x, pos, mask)
+    self_attn(absolute_scaled, x, pos, mask)
+    assert not torch.equal(absolute.last_num_clusters, absolute_scaled.last_num_clusters)
+
+
+def test_relative_width_ignores_a_shift_of_the_queries():
+    g = torch.Generator().manual_seed(0)
+    q = 3 * torch.randn(2, HEADS, 30, EMBED_DIMS // HEADS, generator=g)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    lsh = E2LSH(EMBED_DIMS // HEADS, 16, 1.0, seed=0)
+    _, ids, num = adaptive_clustering_attention(q, k, v, lsh, relative_bucket_width=0.7)
+    _, shifted_ids, _ = adaptive_clustering_attention(q + 64.0, k, v, lsh,
+                                                      relative_bucket_width=0.7)
+    assert torch.equal(ids, shifted_ids) and (num > 1).all()
+
+
+@pytest.mark.parametrize('batch_first', [True, False])
+def test_tiny_relative_width_gives_exact_attention(batch_first):
+    exact, act = make_pair(batch_first=batch_first, relative_bucket_width=1e-7)
+    x, pos, mask = make_inputs()
+    if not batch_first:
+        x, pos = x.transpose(0, 1), pos.transpose(0, 1)
+    out, ref = self_attn(act, x, pos, mask), self_attn(exact, x, pos, mask)
+    real = ~mask if batch_first else ~mask.t()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=0)
+    assert act.last_num_clusters.tolist() == [[40] * HEADS, [int((~mask[1]).sum())] * HEADS]
+
+
+def test_relative_width_padding_batch_and_determinism():
+    _, act = make_pair(relative_bucket_width=0.5, seed=3)
+    x, pos, mask = make_redundant_inputs(batch=3)
+    mask[2] = mask[1]
+    real = ~mask[1]
+    x[1, ~real] = 1e3  # garbage in padding must not move the spread, clusters or keys
+    batch_out = self_attn(act, x, pos, mask)
+    clusters, widths = act.last_num_clusters.clone(), act.last_bucket_width.clone()
+    assert (clusters[1] > 1).all() and (clusters[1] < real.sum()).all()
+    alone = self_attn(act, x[1:2, real], pos[1:2, real], None)
+    torch.testing.assert_close(batch_out[1, real], alone[0], atol=1e-6, rtol=1e-5)
+    assert torch.equal(act.last_num_clusters[0], clusters[1])
+    torch.testing.assert_close(act.last_bucket_width[0], widths[1], rtol=1e-12, atol=0)
+    for i in range(3):  # each image of the batch as if alone
+        single = self_attn(act, x[i:i + 1], pos[i:i + 1], mask[i:i + 1])
+        torch.testing.assert_close(batch_out[i:i + 1][~mask[i:i + 1]], single[~mask[i:i + 1]],
+                                   atol=1e-6, rtol=1e-5)
+    _, same = make_pair(relative_bucket_width=0.5, seed=3)
+    assert torch.equal(batch_out, self_attn(same, x, pos, mask))
+    assert torch.equal(batch_out, self_attn(act, x, pos, mask))
+
+
+def test_relative_width_all_padded_image_and_constant_queries():
+    _, act = make_pair(relative_bucket_width=0.5)
+    x, pos, mask = make_inputs()
+    mask[1] = True
+    out = self_attn(act, x, pos, mask)
+    assert torch.isfinite(out).all() and act.last_num_clusters[1].tolist() == [0] * HEADS
+    for value in (0.0, 1.0, 1e4):  # zero or rounding-noise spread: one cluster, finite output
+        same = torch.full((2, 6, EMBED_DIMS), value)
+        assert torch.isfinite(act(same)).all()
+        assert act.last_num_clusters.tolist() == [[1] * HEADS] * 2
+
+
+def test_relative_width_bad_input():
+    for value in [0.0, -1.0, float('nan'), float('inf'), True, '1']:
+        with pytest.raises(ValueError, match='relative_bucket_width'):
+            AdaptiveClusteringAttention(EMBED_DIMS, HEADS, relative_bucket_width=value)
+    for value in [float('inf'), float('nan')]:
+        with pytest.raises(ValueError, match='bucket_width'):
+            AdaptiveClusteringAttention(EMBED_DIMS, HEADS, bucket_width=value)
+    _, act = make_pair()
+    with pytest.raises(ValueError, match='relative_bucket_width'):
+        act.relative_bucket_width = -0.5
+    act.relative_bucket_width = 0.25
+    assert act.relative_bucket_width == 0.25
+    act.relative_bucket_width = None  # back to the absolute width
+    assert act.relative_bucket_width is None
+
+
+# --- Per-layer settings ------------------------------------------------------------------------
+
+def test_per_layer_lists_select_by_layer_index():
+    act = AdaptiveClusteringAttention(EMBED_DIMS, HEADS, num_hashes=[8, 16, 24],
+                                      bucket_width=[4.0, 2.0, 1.0],
+                                      relative_bucket_width=[None, 0.5, None], layer_index=1)
+    assert (act.num_hashes, act.bucket_width, act.relative_bucket_width) == (16, 2.0, 0.5)
+    assert act.lsh.projections.shape[0] == 16
+    act.select_layer(2, num_layers=3)
+    assert (act.num_hashes, act.bucket_width, act.relative_bucket_width) == (24, 1.0, None)
+    with pytest.raises(ValueError, match='has 3 per-layer values .* 6 layers'):
+        act.select_layer(0, num_layers=6)
+    assert act.layer_index == 2 and act.num_hashes == 24  # a refused selection changes nothing
+    with pytest.raises(ValueError, match='out of range'):
+        AdaptiveClusteringAttention(EMBED_DIMS, HEADS, bucket_width=[1.0, 2.0], layer_index=2)
+    unresolved = AdaptiveClusteringAttention(EMBED_DIMS, HEADS, bucket_width=[1.0, 2.0])
+    with pytest.raises(RuntimeError, match='resolve_act_layers'):
+        unresolved(torch.randn(1, 4, EMBED_DIMS))
+    for kwargs, name in [(dict(bucket_width=[]), 'bucket_width'),
+                         (dict(bucket_width=[1.0, -1.0]), 'bucket_width'),
+                         (dict(relative_bucket_width=[0.5, float('nan')]), 'relative_bucket_width'),
+                         (dict(num_hashes=[8, 0]), 'num_hashes')]:
+        with pytest.raises(ValueError, match=name):
+            AdaptiveClusteringAttention(EMBED_DIMS, HEADS, **kwargs)
+
+
+def build_act_detr(**attn_cfg):
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    cfg = Config.fromfile(osp.join(ROOT, 'configs/act/act-detr_r18-dc5_1xb8-3000i_synthetic-'
+                                   'shapes.py')).model
+    cfg.backbone.init_cfg = None
+    cfg.encoder.layer_cfg.self_attn_cfg.update(attn_cfg)
+    return MODELS.build(cfg)
+
+
+def test_per_layer_settings_from_the_config_reach_their_layers():
+    from mmdet_detrx.models.layers import resolve_act_layers
+    model = build_act_detr(bucket_width=[8.0, 4.0, 2.0], num_hashes=[32, 24, 16],
+                           relative_bucket_width=[None, None, 0.25])
+    found = resolve_act_layers(model)
+    assert found == [layer.self_attn for layer in model.encoder.layers]
+    assert [(a.layer_index, a.bucket_width, a.num_hashes, a.relative_bucket_width)
+            for a in found] == [(0, 8.0, 32, None), (1, 4.0, 24, None), (2, 2.0, 16, 0.25)]
+    assert resolve_act_layers(model) == found  # idempotent
+    # Keys are unchanged; a checkpoint hashed with L = 32 everywhere loads into L = 24 / 16.
+    plain = build_act_detr()
+    model.load_state_dict(plain.state_dict(), strict=True)
+    saved = plain.encoder.layers[2].self_attn.lsh.projections
+    assert torch.equal(found[2].lsh.projections, saved[:16])
+    x = torch.randn(2, 12, 128)
+    model.encoder(query=x, query_pos=torch.zeros_like(x), key_padding_mask=None)
+    assert all(a.last_num_clusters is not None for a in found)
+    with pytest.raises(ValueError, match='bucket_width has 2 per-layer values .* 3 layers'):
+        resolve_act_layers(build_act_detr(bucket_width=[8.0, 4.0]))
+
+
+# --- Hardening: tiny widths, huge queries, empty batches ---------------------------------------
+
+@pytest.mark.parametrize('width', [1e-20, 1e-200])
+def test_extremely_narrow_buckets_do_not_overflow(width):
+    exact, act = make_pair(bucket_width=width)
+    x, pos, mask = make_inputs()
+    out, ref = self_attn(act, x, pos, mask), self_attn(exact, x, pos, mask)
+    assert act.last_num_clusters.tolist() == [[40] * HEADS, [int((~mask[1]).sum())] * HEADS]
+    torch.testing.assert_close(out[~mask], ref[~mask], atol=1e-5, rtol=0)
+
+
+def test_huge_finite_queries_keep_distinct_clusters():
+    _, act = make_pair(bucket_width=8.0)
+    x = torch.randn(1, 20, EMBED_DIMS) * 1e30
+    out = act(x)
+    assert (act.last_num_clusters == 20).all()
+    assert out.shape == x.shape
+
+
+def test_width_below_the_float64_limit_is_a_clear_error():
+    _, act = make_pair(bucket_width=1e-310)
+    with pytest.raises(ValueError, match='too small.*limit is bucket_width >'):
+        act(torch.randn(1, 5, EMBED_DIMS))
+
+
+@pytest.mark.parametrize('batch_first', [True, False])
+def test_empty_batch_with_tokens(batch_first):
+    _, act = make_pair(batch_first=batch_first, relative_bucket_width=0.5)
+    x = torch.randn(0, 7, EMBED_DIMS) if batch_first else torch.randn(7, 0, EMBED_DIMS)
+    out = act(x, query_pos=torch.zeros_like(x),
+              key_padding_mask=torch.zeros(0, 7, dtype=torch.bool))
+    assert out.shape == x.shape
+    assert act.last_num_clusters.shape == (0, HEADS)
+    assert act.last_flops().shape == (0, )
