@@ -14,3 +14,7 @@ model = dict(
             self_attn_cfg=dict(
                 type='AdaptiveClusteringAttention', num_hashes=32, bucket_width=8.0,
                 seed=0))))
+
+# Upstream's auto_scale_lr lacks `enable`, without which mmdet's tools/train.py --auto-scale-lr
+# refuses the config; base_batch_size stays upstream's.
+auto_scale_lr = dict(enable=False)

@@ -39,3 +39,14 @@ def test_unknown_type_names_it():
     cfg = Config(dict(model=dict(type='NoSuchDetectorX')))
     with pytest.raises(KeyError, match='NoSuchDetectorX'):
         MODELS.build(cfg.model)
+
+
+@pytest.mark.parametrize('config', CONFIGS)
+def test_auto_scale_lr_is_usable_by_mmdet_train(config):
+    """mmdet's tools/train.py --auto-scale-lr needs both keys, and sets enable=True itself."""
+    cfg = Config.fromfile(osp.join(ROOT, config))
+    auto_scale_lr = cfg.get('auto_scale_lr')
+    assert auto_scale_lr is not None, f'{config}: no auto_scale_lr'
+    assert 'enable' in auto_scale_lr and 'base_batch_size' in auto_scale_lr, (
+        f'{config}: auto_scale_lr={auto_scale_lr} lacks enable / base_batch_size')
+    assert auto_scale_lr.base_batch_size > 0

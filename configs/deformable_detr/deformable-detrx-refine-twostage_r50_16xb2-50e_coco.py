@@ -9,3 +9,7 @@ model = dict(
     type='DeformableDETRX',
     encoder=dict(layer_cfg=dict(self_attn_cfg=dict(type='MSDeformAttn'))),
     decoder=dict(layer_cfg=dict(cross_attn_cfg=dict(type='MSDeformAttn'))))
+
+# Upstream's auto_scale_lr lacks `enable`, without which mmdet's tools/train.py --auto-scale-lr
+# refuses the config; base_batch_size stays upstream's.
+auto_scale_lr = dict(enable=False)

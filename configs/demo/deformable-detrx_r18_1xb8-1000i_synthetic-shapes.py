@@ -98,4 +98,6 @@ default_hooks = dict(
     logger=dict(type='LoggerHook', interval=25),
     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=500, max_keep_ckpts=2))
 log_processor = dict(by_epoch=False)
-auto_scale_lr = dict(base_batch_size=8)
+# mmdet's tools/train.py --auto-scale-lr needs both keys (it sets enable=True); the lr above is
+# for 1 GPU x batch 8.
+auto_scale_lr = dict(enable=False, base_batch_size=8)
