@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mmdet_detrx.models.layers import E2LSH, AdaptiveClusteringAttention  # noqa: E402
+from mmdet_detrx.models.layers import (AdaptiveClusteringAttention,  # noqa: E402
+                                       resolve_act_layers)
 
 
 def parse_args(argv=None):
@@ -91,14 +92,15 @@ class EncoderMeter:
 
 
 def set_num_hashes(model: torch.nn.Module, num_hashes: Optional[int]) -> None:
-    """``None``: exact attention; else ACT with ``num_hashes`` rounds (same r and seed)."""
+    """``None``: exact attention; else ACT with ``num_hashes`` rounds (same r and seed).
+
+    The layer's hash keeps its first rounds (loaded or seeded) and is completed from its seed.
+    """
     for module in model.modules():
         if isinstance(module, AdaptiveClusteringAttention):
             module.use_exact = num_hashes is None
-            if num_hashes is not None and module.num_hashes != num_hashes:
-                lsh = module.lsh
-                module.lsh = E2LSH(lsh.dim, num_hashes, lsh.bucket_width,
-                                   lsh.seed).to(lsh.projections.device)
+            if num_hashes is not None:
+                module.num_hashes = num_hashes
 
 
 def ap_keys(metrics: Dict) -> Dict:
@@ -181,6 +183,7 @@ def main(argv=None):
     runner._test_loop = runner.build_test_loop(runner._test_loop)
     runner.call_hook('before_run')
     runner.load_or_resume()
+    resolve_act_layers(runner.model)  # per-layer settings (lists) take their layer's entry
     rows = run_sweep(runner, [None] + sorted(args.num_hashes))
     runner.call_hook('after_run')
     table = to_markdown(rows)

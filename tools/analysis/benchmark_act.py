@@ -1,8 +1,8 @@
 """Benchmark ACT's attention alone against exact attention, on tokens with realistic redundancy.
 
     python tools/analysis/benchmark_act.py [--tokens 1024 4096 16384] [--heads 8]
-        [--embed-dims 256] [--num-hashes 32] [--bucket-width 2.0] [--repeat 3]
-        [--out-dir DIR] [--device cpu]
+        [--embed-dims 256] [--num-hashes 32] [--bucket-width 2.0] [--target-error 0.04]
+        [--no-calibrate] [--repeat 3] [--out-dir DIR] [--device cpu]
 
 Tokens: a documented clustered mixture standing in for a DETR encoder feature map, whose large
 flat regions (sky, road, wall) repeat nearly the same feature. ``--regions`` centres
@@ -16,8 +16,12 @@ Two comparisons per size:
     with projections and the output projection);
   * core: ACT's clustered attention on the projected per-head q, k, v vs
     ``torch.nn.functional.scaled_dot_product_attention`` on the same q, k, v.
-Reported: mean clusters per head, relative output error ``||act - exact|| / ||exact||`` (core),
-median wall time of ``--repeat`` runs and the speed-ups. Writes ``benchmark_act.csv`` and
+Two settings per size: the hand-chosen ``--bucket-width`` (skipped with ``--bucket-width 0``) and,
+unless ``--no-calibrate``, the width :func:`mmdet_detrx.models.layers.calibrate_bucket_width`
+picks for ``--target-error`` on a *held-out* draw of the same mixture (another seed, same size):
+nobody chooses r. Reported: mean clusters per head, relative output error
+``||act - exact|| / ||exact||`` (core) on the benchmark draw, the median wall time of ``--repeat``
+runs and the speed-ups. Writes ``benchmark_act.csv`` and
 ``benchmark_act.md`` and ``benchmark_act.png`` to ``--out-dir`` when given.
 """
 import argparse
@@ -37,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from mmcv.cnn.bricks.transformer import MultiheadAttention  # noqa: E402
 
 from mmdet_detrx.models.layers import (AdaptiveClusteringAttention,  # noqa: E402
-                                       adaptive_clustering_attention)
+                                       adaptive_clustering_attention, calibrate_bucket_width)
 
 
 def parse_args(argv=None):
@@ -47,7 +51,13 @@ def parse_args(argv=None):
     parser.add_argument('--embed-dims', type=int, default=256)
     parser.add_argument('--num-hashes', type=int, default=32)
     parser.add_argument('--bucket-width', type=float, default=2.0,
-                        help='E2LSH r on q / sqrt(head_dims) (default 2.0)')
+                        help='hand-chosen E2LSH r on q / sqrt(head_dims) (default 2.0; 0: '
+                        'only the calibrated setting)')
+    parser.add_argument('--target-error', type=float, default=0.04,
+                        help='relative error the calibrated r is chosen for on a held-out '
+                        'draw (default 0.04, a margin under the 5%% goal)')
+    parser.add_argument('--no-calibrate', action='store_true',
+                        help='skip the calibrated setting')
     parser.add_argument('--regions', type=int, default=None,
                         help='mixture centres (default: tokens // 64)')
     parser.add_argument('--noise', type=float, default=0.05, help='sigma of the token noise')
@@ -81,46 +91,65 @@ def timed(fn, repeat, device):
     return out, statistics.median(times)
 
 
+def make_tokens(args, num_tokens, seed):
+    generator = torch.Generator().manual_seed(seed)
+    regions = args.regions or max(1, num_tokens // 64)
+    x = clustered_tokens(num_tokens, args.embed_dims, regions, args.noise, generator)
+    return x.to(args.device), regions
+
+
 @torch.no_grad()
 def bench_size(args, num_tokens):
-    generator = torch.Generator().manual_seed(args.seed)
+    """Rows (one per setting) for ``num_tokens`` tokens."""
     torch.manual_seed(args.seed)
-    regions = args.regions or max(1, num_tokens // 64)
-    x = clustered_tokens(num_tokens, args.embed_dims, regions, args.noise,
-                         generator).to(args.device)
+    x, regions = make_tokens(args, num_tokens, args.seed)
     exact = MultiheadAttention(args.embed_dims, args.heads, batch_first=True).eval()
     act = AdaptiveClusteringAttention(args.embed_dims, args.heads, batch_first=True,
-                                      num_hashes=args.num_hashes,
-                                      bucket_width=args.bucket_width, seed=args.seed).eval()
+                                      num_hashes=args.num_hashes, seed=args.seed).eval()
     act.load_state_dict(exact.state_dict())
     exact.to(args.device)
     act.to(args.device)
 
-    ref_module, t_mmcv = timed(lambda: exact(x), args.repeat, args.device)
-    out_module, t_act_module = timed(lambda: act(x), args.repeat, args.device)
+    settings = []
+    if args.bucket_width > 0:
+        settings.append((f'r={args.bucket_width:g} (hand)', args.bucket_width, None))
+    if not args.no_calibrate:
+        held_out, _ = make_tokens(args, num_tokens, args.seed + 1000)
+        start = time.perf_counter()
+        width = calibrate_bucket_width(act, held_out, target_error=args.target_error)
+        settings.append((f'calibrated ({100 * args.target_error:g}%)', width,
+                         time.perf_counter() - start))
 
+    ref_module, t_mmcv = timed(lambda: exact(x), args.repeat, args.device)
     head_dims = args.embed_dims // args.heads
     qkv = F.linear(x, act.attn.in_proj_weight, act.attn.in_proj_bias)
     q, k, v = (t.reshape(1, num_tokens, args.heads, head_dims).transpose(1, 2).contiguous()
                for t in qkv.chunk(3, dim=-1))  # (1, heads, N, head_dims)
     ref_core, t_sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeat,
                              args.device)
-    (out_core, _, clusters), t_act_core = timed(
-        lambda: adaptive_clustering_attention(q, k, v, act.lsh), args.repeat, args.device)
-
-    return dict(
-        tokens=num_tokens,
-        regions=regions,
-        clusters=round(clusters.float().mean().item(), 1),
-        rel_err=((out_core - ref_core).norm() / ref_core.norm()).item(),
-        rel_err_module=((out_module - ref_module).norm() / (ref_module - x).norm()).item(),
-        sdpa_s=t_sdpa,
-        act_core_s=t_act_core,
-        speedup_vs_sdpa=t_sdpa / t_act_core,
-        mmcv_s=t_mmcv,
-        act_module_s=t_act_module,
-        speedup_vs_mmcv=t_mmcv / t_act_module,
-    )
+    rows = []
+    for name, width, calibration_s in settings:
+        act.bucket_width = width
+        out_module, t_act_module = timed(lambda: act(x), args.repeat, args.device)
+        (out_core, _, clusters), t_act_core = timed(
+            lambda: adaptive_clustering_attention(q, k, v, act.lsh), args.repeat, args.device)
+        rows.append(dict(
+            tokens=num_tokens,
+            regions=regions,
+            setting=name,
+            bucket_width=width,
+            calibration_s=calibration_s,
+            clusters=round(clusters.float().mean().item(), 1),
+            rel_err=((out_core - ref_core).norm() / ref_core.norm()).item(),
+            rel_err_module=((out_module - ref_module).norm() / (ref_module - x).norm()).item(),
+            sdpa_s=t_sdpa,
+            act_core_s=t_act_core,
+            speedup_vs_sdpa=t_sdpa / t_act_core,
+            mmcv_s=t_mmcv,
+            act_module_s=t_act_module,
+            speedup_vs_mmcv=t_mmcv / t_act_module,
+        ))
+    return rows
 
 
 def machine():
@@ -132,11 +161,13 @@ def machine():
 
 
 def to_markdown(rows):
-    header = ('| tokens | regions | clusters/head | rel. err (core) | SDPA (s) | ACT core (s) '
-              '| speed-up vs SDPA | mmcv MHA (s) | ACT module (s) | speed-up vs mmcv |')
-    lines = [header, '|' + '---|' * 10]
+    header = ('| tokens | regions | setting | r | clusters/head | rel. err (core) | SDPA (s) '
+              '| ACT core (s) | speed-up vs SDPA | mmcv MHA (s) | ACT module (s) '
+              '| speed-up vs mmcv |')
+    lines = [header, '|' + '---|' * 12]
     for r in rows:
-        lines.append(f"| {r['tokens']} | {r['regions']} | {r['clusters']} | "
+        lines.append(f"| {r['tokens']} | {r['regions']} | {r['setting']} | "
+                     f"{r['bucket_width']:.3g} | {r['clusters']} | "
                      f"{100 * r['rel_err']:.2f}% | {r['sdpa_s']:.3f} | {r['act_core_s']:.3f} | "
                      f"{r['speedup_vs_sdpa']:.2f}x | {r['mmcv_s']:.3f} | "
                      f"{r['act_module_s']:.3f} | {r['speedup_vs_mmcv']:.2f}x |")
@@ -144,18 +175,29 @@ def to_markdown(rows):
 
 
 def plot(rows, path):
+    """Speed-up of the ACT core over SDPA per size and setting; linear axis, ratio on each bar."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    tokens = [r['tokens'] for r in rows]
-    for key, label in [('sdpa_s', 'SDPA (exact)'), ('mmcv_s', 'mmcv MultiheadAttention'),
-                       ('act_core_s', 'ACT core'), ('act_module_s', 'ACT module')]:
-        ax.plot(tokens, [r[key] for r in rows], marker='o', label=label)
-    ax.set_xscale('log', base=2)
-    ax.set_yscale('log')
+    sizes = list(dict.fromkeys(r['tokens'] for r in rows))
+    settings = list(dict.fromkeys(r['setting'] for r in rows))
+    bar = 0.8 / len(settings)
+    for j, setting in enumerate(settings):
+        sub = {r['tokens']: r for r in rows if r['setting'] == setting}
+        xs = [i + (j - (len(settings) - 1) / 2) * bar for i in range(len(sizes))]
+        heights = [sub[n]['speedup_vs_sdpa'] if n in sub else 0.0 for n in sizes]
+        bars = ax.bar(xs, heights, width=bar, label=setting)
+        for rect, n in zip(bars, sizes):
+            if n in sub:
+                ax.annotate(f"{sub[n]['speedup_vs_sdpa']:.1f}x\n{100 * sub[n]['rel_err']:.1f}%",
+                            (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+                            ha='center', va='bottom', fontsize=7)
+    ax.axhline(1.0, color='grey', linewidth=0.8)
+    ax.set_xticks(range(len(sizes)))
+    ax.set_xticklabels([str(n) for n in sizes])
     ax.set_xlabel('tokens')
-    ax.set_ylabel('seconds (median)')
-    ax.set_title('ACT vs exact attention')
-    ax.grid(True, which='both', alpha=0.3)
-    ax.legend()
+    ax.set_ylabel('speed-up of ACT core vs SDPA (x)')
+    ax.set_title('ACT vs exact attention (label: speed-up, rel. error)')
+    ax.margins(y=0.2)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -165,10 +207,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.embed_dims % args.heads:
         raise ValueError('--embed-dims must be divisible by --heads')
-    rows = [bench_size(args, n) for n in args.tokens]
+    if args.bucket_width <= 0 and args.no_calibrate:
+        raise ValueError('nothing to measure: --bucket-width 0 and --no-calibrate')
+    rows = [row for n in args.tokens for row in bench_size(args, n)]
     table = to_markdown(rows)
     print(f'machine: {machine()}; heads={args.heads}, embed_dims={args.embed_dims}, '
-          f'L={args.num_hashes}, r={args.bucket_width}, noise={args.noise}')
+          f'L={args.num_hashes}, noise={args.noise}, calibration target={args.target_error}')
     print(table)
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)

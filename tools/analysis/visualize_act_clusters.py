@@ -28,7 +28,8 @@ import torch  # noqa: E402
 from mmdet.apis import inference_detector, init_detector  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
-from mmdet_detrx.models.layers import AdaptiveClusteringAttention  # noqa: E402
+from mmdet_detrx.models.layers import (AdaptiveClusteringAttention,  # noqa: E402
+                                       resolve_act_layers)
 from mmdet_detrx.utils import list_images  # noqa: E402
 
 PANEL_COLS = 4
@@ -179,6 +180,7 @@ def main(argv=None):
     if cfg.model.get('backbone', {}).get('init_cfg') is not None:
         cfg.model.backbone.init_cfg = None  # the checkpoint holds every weight
     model = init_detector(cfg, args.checkpoint, device=args.device)
+    resolve_act_layers(model)  # per-layer settings (lists) take their layer's entry
     written = [visualize(model, f, args.out_dir, args.head, args.panel_size)
                for f in list_images(args.image)]
     for path in written:
