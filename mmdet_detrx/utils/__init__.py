@@ -1,8 +1,12 @@
-from .checkpoint_compat import patch_mmengine_checkpoint_loading
 from .image_files import IMAGE_EXTENSIONS, list_images
+from .safe_checkpoint import (TRUSTED_CHECKPOINTS_ENV, UnsafeCheckpointError,
+                              load_checkpoint_file, mmengine_checkpoint_globals,
+                              patch_mmengine_checkpoint_loading, trusted_checkpoints)
 from .setup_env import check_dataset_files, distributed_teardown, setup_cpu_distributed
 
 __all__ = [
     'check_dataset_files', 'setup_cpu_distributed', 'distributed_teardown',
-    'patch_mmengine_checkpoint_loading', 'IMAGE_EXTENSIONS', 'list_images'
+    'patch_mmengine_checkpoint_loading', 'IMAGE_EXTENSIONS', 'list_images',
+    'TRUSTED_CHECKPOINTS_ENV', 'UnsafeCheckpointError', 'load_checkpoint_file',
+    'mmengine_checkpoint_globals', 'trusted_checkpoints'
 ]
