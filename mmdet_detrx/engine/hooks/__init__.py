@@ -1,1 +1,2 @@
+from .checkpoint_match_hook import *  # noqa: F401,F403
 from .distillation_hook import *  # noqa: F401,F403

@@ -1,0 +1,99 @@
+"""Refuse a checkpoint whose weights do not match the model, before they are loaded.
+
+mmengine's ``Runner.load_checkpoint`` (``load_from``, ``--resume``, ``tools/test.py``'s
+checkpoint) loads with ``strict=False``: an empty or unrelated ``state_dict`` only logs "missing
+keys" and the run continues from random weights (a test reports their mAP, exit status 0).
+``CheckpointMatchHook`` runs at mmengine's ``after_load_checkpoint`` extension point, compares
+the checkpoint's ``state_dict`` (after mmengine's own ``^module.`` key revision) with the model's,
+and raises listing the missing, unexpected and shape-mismatched keys.
+
+Tolerated, as mmengine's ``load_state_dict`` also tolerates them: missing ``num_batches_tracked``
+BatchNorm counters (absent from pre-0.4.1 checkpoints); plus any key matching one of
+``ignore_keys`` (regular expressions, ``re.search``). Our tools add this hook unless
+``--allow-partial-load`` is given; with mmdet's tools add it in the config::
+
+    custom_hooks = [dict(type='CheckpointMatchHook')]
+"""
+import re
+from collections import OrderedDict
+from typing import Sequence
+
+from mmdet.registry import HOOKS
+from mmengine.hooks import Hook
+from mmengine.model import BaseTTAModel, is_model_wrapper
+
+__all__ = ['CheckpointMatchHook', 'CheckpointMismatchError']
+
+_SHOWN = 20  # keys listed per category; the counts are always complete
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint's state_dict does not fit the model (see the message for the keys)."""
+
+
+def _listing(title: str, keys: Sequence[str]) -> str:
+    shown = ', '.join(keys[:_SHOWN])
+    more = f', ... ({len(keys) - _SHOWN} more)' if len(keys) > _SHOWN else ''
+    return f'{len(keys)} {title}: {shown}{more}'
+
+
+@HOOKS.register_module()
+class CheckpointMatchHook(Hook):
+    """Raise :class:`CheckpointMismatchError` when a loaded checkpoint does not fit the model.
+
+    Args:
+        ignore_keys (Sequence[str]): regular expressions of state-dict keys that may be missing
+            from, or unexpected in, the checkpoint. Default: none.
+        revise_keys (Sequence[tuple]): ``(pattern, replacement)`` applied to checkpoint keys
+            first, as mmengine's ``Runner.load_checkpoint`` does. Default ``[('^module.', '')]``.
+    """
+
+    priority = 'VERY_LOW'  # after hooks that rewrite the checkpoint in after_load_checkpoint
+
+    def __init__(self, ignore_keys: Sequence[str] = (),
+                 revise_keys: Sequence[tuple] = ((r'^module.', ''), )):
+        if isinstance(ignore_keys, str):
+            ignore_keys = [ignore_keys]
+        self.ignore_keys = [re.compile(pattern) for pattern in ignore_keys]
+        self.revise_keys = [(re.compile(p), r) for p, r in revise_keys]
+
+    def _ignored(self, key: str) -> bool:
+        return any(pattern.search(key) for pattern in self.ignore_keys)
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        state_dict = checkpoint.get('state_dict', checkpoint) if isinstance(
+            checkpoint, dict) else checkpoint
+        if not isinstance(state_dict, dict):
+            raise CheckpointMismatchError(
+                f'the checkpoint holds a {type(state_dict).__name__}, not a state_dict')
+        revised = OrderedDict()
+        for key, value in state_dict.items():
+            for pattern, replacement in self.revise_keys:
+                key = pattern.sub(replacement, str(key))
+            revised[key] = value
+        model = runner.model
+        while is_model_wrapper(model) or isinstance(model, BaseTTAModel):  # as mmengine loads
+            model = model.module
+        expected = model.state_dict()
+
+        missing = [key for key in expected if key not in revised and not self._ignored(key)
+                   and not key.endswith('num_batches_tracked')]
+        unexpected = [key for key in revised if key not in expected and not self._ignored(key)]
+        mismatched = [
+            f'{key} {tuple(revised[key].shape)} vs model {tuple(expected[key].shape)}'
+            for key in expected if key in revised and hasattr(revised[key], 'shape')
+            and tuple(revised[key].shape) != tuple(expected[key].shape)
+            and not self._ignored(key)
+        ]
+        if not (missing or unexpected or mismatched):
+            return
+        parts = [_listing(title, keys) for title, keys in (
+            ('missing keys (in the model, not in the checkpoint)', missing),
+            ('unexpected keys (in the checkpoint, not in the model)', unexpected),
+            ('shape mismatches', mismatched)) if keys]
+        raise CheckpointMismatchError(
+            f'the checkpoint does not match the model ({len(expected)} keys in the model, '
+            f'{len(revised)} in the checkpoint): ' + '; '.join(parts) + '. Evaluating or '
+            'resuming from it would run partly random weights. If a partial load is intended '
+            '(e.g. fine-tuning with another head), pass --allow-partial-load to tools/train.py '
+            'or tools/test.py, or list the keys in CheckpointMatchHook(ignore_keys=[...]).')
