@@ -1,3 +1,4 @@
+from .cfg_options import check_cfg_option_keys, merge_cfg_options, rebase_data_root
 from .image_files import IMAGE_EXTENSIONS, list_images
 from .safe_checkpoint import (TRUSTED_CHECKPOINTS_ENV, UnsafeCheckpointError,
                               load_checkpoint_file, mmengine_checkpoint_globals,
@@ -8,5 +9,6 @@ __all__ = [
     'check_dataset_files', 'setup_cpu_distributed', 'distributed_teardown',
     'patch_mmengine_checkpoint_loading', 'IMAGE_EXTENSIONS', 'list_images',
     'TRUSTED_CHECKPOINTS_ENV', 'UnsafeCheckpointError', 'load_checkpoint_file',
-    'mmengine_checkpoint_globals', 'trusted_checkpoints'
+    'mmengine_checkpoint_globals', 'trusted_checkpoints', 'check_cfg_option_keys',
+    'merge_cfg_options', 'rebase_data_root'
 ]

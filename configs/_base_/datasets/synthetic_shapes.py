@@ -1,9 +1,12 @@
 # The embedded synthetic-shapes dataset (mmdet_detrx.datasets.SyntheticShapesDataset): written
 # into data_root on first use, then loaded by mmdet's CocoDataset pipeline and scored by CocoMetric.
+# Move it with ONE key: `--cfg-options data_root=DIR` (our tools/train.py and tools/test.py move
+# the dataloaders and evaluators with it), or MMDET_DETRX_DATA_ROOT=DIR in the environment (any
+# tool, mmdet's own included: mmengine substitutes it when the config is read).
 custom_imports = dict(imports=['mmdet_detrx'], allow_failed_imports=False)
 
 dataset_type = 'SyntheticShapesDataset'
-data_root = 'data/synthetic_shapes/'
+data_root = '{{$MMDET_DETRX_DATA_ROOT:data/synthetic_shapes}}/'
 # Every dataset sharing data_root must use the same spec (it is checked against spec.json).
 shapes_spec = dict(seed=0, num_train=600, num_val=100, image_size=(160, 160), max_objects=6)
 img_scale = (160, 160)
@@ -55,6 +58,24 @@ val_dataloader = dict(
         pipeline=test_pipeline,
         backend_args=backend_args))
 test_dataloader = val_dataloader
+
+# Test-time augmentation (tools/test.py --tta, ours or mmdet's): original + horizontal flip,
+# merged by mmdet's DetTTAModel with NMS.
+tta_model = dict(
+    type='DetTTAModel',
+    tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
+tta_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=backend_args),
+    dict(type='TestTimeAug',
+         transforms=[
+             [dict(type='Resize', scale=img_scale, keep_ratio=True)],
+             [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)],
+             [dict(type='LoadAnnotations', with_bbox=True)],
+             [dict(type='PackDetInputs',
+                   meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor',
+                              'flip', 'flip_direction'))],
+         ])
+]
 
 val_evaluator = dict(
     type='CocoMetric',
