@@ -1,4 +1,7 @@
+from .atomic_checkpoint import (AtomicLocalBackend, atomic_write, checkpoint_problem,
+                                find_resumable_checkpoint, use_atomic_checkpoints)
 from .cfg_options import check_cfg_option_keys, merge_cfg_options, rebase_data_root
+from .file_mode import current_umask
 from .image_files import IMAGE_EXTENSIONS, list_images
 from .safe_checkpoint import (TRUSTED_CHECKPOINTS_ENV, UnsafeCheckpointError,
                               load_checkpoint_file, mmengine_checkpoint_globals,
@@ -9,6 +12,7 @@ __all__ = [
     'check_dataset_files', 'setup_cpu_distributed', 'distributed_teardown',
     'patch_mmengine_checkpoint_loading', 'IMAGE_EXTENSIONS', 'list_images',
     'TRUSTED_CHECKPOINTS_ENV', 'UnsafeCheckpointError', 'load_checkpoint_file',
-    'mmengine_checkpoint_globals', 'trusted_checkpoints', 'check_cfg_option_keys',
-    'merge_cfg_options', 'rebase_data_root'
+    'mmengine_checkpoint_globals', 'trusted_checkpoints', 'AtomicLocalBackend', 'atomic_write',
+    'checkpoint_problem', 'find_resumable_checkpoint', 'use_atomic_checkpoints',
+    'check_cfg_option_keys', 'merge_cfg_options', 'rebase_data_root', 'current_umask'
 ]
