@@ -28,6 +28,8 @@ from mmdet.datasets import CocoDataset
 from mmdet.registry import DATASETS
 from pycocotools import mask as mask_utils
 
+from ..utils.file_mode import current_umask
+
 __all__ = ['SyntheticShapesDataset', 'generate_synthetic_shapes', 'SHAPE_CLASSES']
 
 SHAPE_CLASSES = ('circle', 'square', 'triangle')
@@ -136,17 +138,49 @@ def _normalise_spec(spec: dict) -> dict:
     return spec
 
 
+_TMP_PREFIX = '.synthetic-shapes-'
+_TMP_MARKER = '.detrx-synthetic-shapes-tmp'  # written first into every temporary folder
+
+
+def _clean_stale_tmp(parent: str) -> None:
+    """Remove temporary folders a killed generation left in ``parent``.
+
+    Called with the parent's lock held: every generation into ``parent`` holds that lock from
+    creating its temporary folder until renaming it, so any folder of ours found now is stale.
+    Only folders carrying our marker file are touched.
+    """
+    for name in os.listdir(parent):
+        path = osp.join(parent, name)
+        if (name.startswith(_TMP_PREFIX) and osp.isdir(path) and not osp.islink(path)
+                and osp.exists(osp.join(path, _TMP_MARKER))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _make_parent(data_root: str) -> str:
+    parent = osp.dirname(data_root)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as error:
+        raise PermissionError(
+            f'cannot create the synthetic-shapes data_root {data_root!r}: {error.strerror} '
+            f'({error.filename}). Point it at a writable folder, e.g. --cfg-options '
+            'data_root=DIR with tools/train.py / tools/test.py, or MMDET_DETRX_DATA_ROOT=DIR '
+            'for the embedded-dataset configs with any tool') from None
+    return parent
+
+
 def generate_synthetic_shapes(data_root: str, **spec) -> dict:
     """Write the dataset into ``data_root`` unless it already holds this spec; return the spec.
 
     Safe for concurrent callers (DDP ranks): generation runs under a file lock into a temporary
-    folder renamed into place, so ``data_root`` is either complete or absent, never half-written.
+    folder renamed into place, so ``data_root`` is either complete or absent, never half-written;
+    a temporary folder left by a killed generation is removed by the next one. The folder gets
+    the usual permissions (``0o777 & ~umask``), so other users can read it.
     """
     spec = _normalise_spec(spec)
     data_root = osp.abspath(data_root)
     spec_file = osp.join(data_root, 'spec.json')
-    parent = osp.dirname(data_root)
-    os.makedirs(parent, exist_ok=True)
+    parent = _make_parent(data_root)
     # Lock the parent folder itself: no lock file is left behind.
     lock = os.open(parent, os.O_RDONLY)
     try:
@@ -162,8 +196,16 @@ def generate_synthetic_shapes(data_root: str, **spec) -> dict:
         if osp.exists(data_root) and os.listdir(data_root):
             raise FileExistsError(f'{data_root} exists and is not a synthetic-shapes dataset '
                                   '(no spec.json); choose another data_root')
-        tmp = tempfile.mkdtemp(prefix='.synthetic-shapes-', dir=parent)
         try:
+            _clean_stale_tmp(parent)
+            tmp = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=parent)
+        except OSError as error:
+            raise PermissionError(
+                f'cannot write the synthetic-shapes dataset into {parent!r}: {error}. Point '
+                'data_root at a writable folder (--cfg-options data_root=DIR, or '
+                'MMDET_DETRX_DATA_ROOT=DIR)') from None
+        try:
+            open(osp.join(tmp, _TMP_MARKER), 'w').close()
             rng = np.random.default_rng(spec['seed'])
             os.makedirs(osp.join(tmp, 'annotations'))
             for split in ('train', 'val'):
@@ -173,12 +215,14 @@ def generate_synthetic_shapes(data_root: str, **spec) -> dict:
                     json.dump(coco, f)
             with open(osp.join(tmp, 'spec.json'), 'w') as f:
                 json.dump(spec, f)
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
             if osp.exists(data_root):
                 os.rmdir(data_root)  # empty, checked above
             os.rename(tmp, data_root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        os.remove(osp.join(data_root, _TMP_MARKER))
     finally:
         os.close(lock)  # also releases the lock
     return spec

@@ -90,3 +90,48 @@ def test_registered_dataset_loads_through_coco_pipeline(tmp_path):
     with open(osp.join(root, 'spec.json')) as f:
         assert json.load(f)['seed'] == SPEC['seed']
     assert np.asarray(dataset.metainfo['classes']).tolist() == list(SHAPE_CLASSES)
+
+
+def test_generated_folder_readable_by_other_users(tmp_path):
+    old = os.umask(0o022)
+    try:
+        generate_synthetic_shapes(str(tmp_path / 'shapes'), **SPEC)
+    finally:
+        os.umask(old)
+    for dirpath, dirnames, filenames in os.walk(tmp_path / 'shapes'):
+        assert os.stat(dirpath).st_mode & 0o755 == 0o755, dirpath
+        for name in filenames:
+            assert os.stat(osp.join(dirpath, name)).st_mode & 0o044 == 0o044, name
+
+
+def test_stale_temporary_folder_of_killed_run_is_cleaned(tmp_path):
+    import subprocess
+    import sys
+    import time
+    root = tmp_path / 'shapes'
+    # a generation killed half-way (SIGKILL: no cleanup code runs) leaves its temp folder
+    code = ('from mmdet_detrx.datasets import generate_synthetic_shapes; '
+            f'generate_synthetic_shapes({str(root)!r}, num_train=100000, num_val=1)')
+    proc = subprocess.Popen([sys.executable, '-c', code])
+    deadline = time.time() + 120
+    while not any(p.name.startswith('.synthetic-shapes-') and (p / 'train').exists()
+                  for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, 'generation did not start'
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith('.synthetic-shapes-')]
+    assert stale and not root.exists()
+    unrelated = tmp_path / '.synthetic-shapes-not-ours'  # no marker file: left alone
+    unrelated.mkdir()
+    generate_synthetic_shapes(str(root), **SPEC)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.synthetic-shapes-not-ours', 'shapes']
+    assert not (root / '.detrx-synthetic-shapes-tmp').exists()
+
+
+def test_data_root_that_cannot_be_created_is_a_clear_error(tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('x')
+    with pytest.raises(PermissionError, match='cannot create the synthetic-shapes data_root.*'
+                       'a_file.*data_root=DIR'):
+        generate_synthetic_shapes(str(blocker / 'sub' / 'shapes'), **SPEC)
