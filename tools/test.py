@@ -1,17 +1,21 @@
 """Evaluate a checkpoint: ``python tools/test.py CONFIG CHECKPOINT [--out F.pkl] [--show-dir D]``.
 
-Mirrors MMDetection's ``tools/test.py`` and registers mmdet-detrx's modules first.
+Mirrors MMDetection's ``tools/test.py`` (``--tta`` included) and registers mmdet-detrx's modules
+first. Beyond it: the checkpoint must match the model (``CheckpointMatchHook``) unless
+``--allow-partial-load``; unknown top-level ``--cfg-options`` keys fail and ``data_root=X`` moves
+every dataset path.
 """
 import argparse
 import os
 import os.path as osp
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmdet_detrx  # noqa: F401  (registers our modules)
-from mmdet_detrx.utils import check_dataset_files, distributed_teardown, setup_cpu_distributed
+from mmdet_detrx.utils import (TRUSTED_CHECKPOINTS_ENV, check_dataset_files, distributed_teardown,
+                               merge_cfg_options, setup_cpu_distributed)
 
 
 def parse_args():
@@ -24,8 +28,17 @@ def parse_args():
     parser.add_argument('--show-dir', help='save images with predictions drawn into this dir '
                         '(relative to the work dir\'s timestamped folder, as in mmdet)')
     parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument('--tta', action='store_true',
+                        help="test-time augmentation with the config's tta_model and tta_pipeline")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings in the config, key=value')
+                        help='override settings in the config, key=value (unknown top-level keys '
+                        'fail; data_root=DIR moves the dataloaders and evaluators together)')
+    parser.add_argument('--allow-partial-load', action='store_true',
+                        help='evaluate a checkpoint whose keys do not match the model (default: '
+                        'refuse it, listing the keys)')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help=f'load the checkpoint as a full pickle (weights_only=False), for '
+                        f'trusted legacy files only; same as {TRUSTED_CHECKPOINTS_ENV}=1')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
@@ -49,6 +62,22 @@ def trigger_visualization_hook(cfg, args):
     return cfg
 
 
+def use_tta(cfg):
+    """Wrap the model in ``cfg.tta_model`` and test on ``cfg.tta_pipeline``, as mmdet's tool."""
+    missing = [key for key in ('tta_model', 'tta_pipeline') if not cfg.get(key)]
+    if missing:
+        raise KeyError(f'--tta needs {" and ".join(missing)} in the config (e.g. tta_model = '
+                       "dict(type='DetTTAModel', tta_cfg=...) and a tta_pipeline ending in "
+                       "TestTimeAug, as in configs/_base_/datasets/synthetic_shapes.py); "
+                       'this config defines none')
+    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+    dataset = cfg.test_dataloader.dataset
+    while 'dataset' in dataset:  # RepeatDataset / ClassBalancedDataset wrappers
+        dataset = dataset['dataset']
+    dataset.pipeline = cfg.tta_pipeline
+    return cfg
+
+
 def main():
     args = parse_args()
     if not osp.isfile(args.checkpoint) and '://' not in args.checkpoint:
@@ -56,10 +85,12 @@ def main():
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         raise ValueError(f'--out must be a .pkl/.pickle file, got {args.out}')
 
+    if args.trust_checkpoint:
+        os.environ[TRUSTED_CHECKPOINTS_ENV] = '1'
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+        merge_cfg_options(cfg, args.cfg_options)
 
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
@@ -69,6 +100,10 @@ def main():
 
     if args.show or args.show_dir:
         cfg = trigger_visualization_hook(cfg, args)
+    if args.tta:
+        cfg = use_tta(cfg)
+    if not args.allow_partial_load:
+        cfg.custom_hooks = [*(cfg.get('custom_hooks') or []), dict(type='CheckpointMatchHook')]
     check_dataset_files(cfg, ('test_dataloader', ))
     with distributed_teardown():
         setup_cpu_distributed(cfg, args.launcher)

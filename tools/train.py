@@ -1,6 +1,10 @@
 """Train a detector: ``python tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [PATH]]``.
 
-Mirrors MMDetection's ``tools/train.py`` and registers mmdet-detrx's modules first.
+Mirrors MMDetection's ``tools/train.py`` and registers mmdet-detrx's modules first. Beyond it:
+unknown top-level ``--cfg-options`` keys fail and ``data_root=X`` moves every dataset path
+(``merge_cfg_options``); checkpoints are written atomically (``atomic_local`` backend);
+``--resume`` without a path skips a truncated latest checkpoint and follows a moved work dir;
+``load_from`` must match the model (``CheckpointMatchHook``) unless ``--allow-partial-load``.
 """
 import argparse
 import os
@@ -11,7 +15,9 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmdet_detrx  # noqa: F401  (registers our modules)
-from mmdet_detrx.utils import check_dataset_files, distributed_teardown, setup_cpu_distributed
+from mmdet_detrx.utils import (TRUSTED_CHECKPOINTS_ENV, check_dataset_files, distributed_teardown,
+                               find_resumable_checkpoint, merge_cfg_options, setup_cpu_distributed,
+                               use_atomic_checkpoints)
 
 
 def parse_args():
@@ -26,7 +32,14 @@ def parse_args():
         '--resume', nargs='?', type=str, const='auto',
         help='resume from PATH, or from the latest checkpoint in the work dir if no PATH')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings in the config, key=value')
+                        help='override settings in the config, key=value (unknown top-level keys '
+                        'fail; data_root=DIR moves the dataloaders and evaluators together)')
+    parser.add_argument('--allow-partial-load', action='store_true',
+                        help='load a load_from checkpoint whose keys do not match the model '
+                        '(default: refuse it, listing the keys)')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help=f'load checkpoints as full pickles (weights_only=False), for '
+                        f'trusted legacy files only; same as {TRUSTED_CHECKPOINTS_ENV}=1')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
@@ -37,10 +50,12 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.trust_checkpoint:
+        os.environ[TRUSTED_CHECKPOINTS_ENV] = '1'
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+        merge_cfg_options(cfg, args.cfg_options)
 
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
@@ -63,8 +78,14 @@ def main():
         cfg.auto_scale_lr.enable = True
 
     if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
+        # mmengine would take last_checkpoint as is: a truncated file or a path in the work
+        # dir's old location fails. Resolve it here to the newest intact checkpoint.
+        latest = find_resumable_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
+        cfg.resume = latest is not None
+        if latest is not None:
+            cfg.load_from = latest
+        else:  # a first start of a restartable job: run as without --resume (config's load_from)
+            print(f'--resume: no intact checkpoint in {cfg.work_dir}; starting a new run')
     elif args.resume is not None:
         if not osp.isfile(args.resume):
             raise FileNotFoundError(f'--resume checkpoint not found: {args.resume}')
@@ -74,6 +95,9 @@ def main():
     load_from = cfg.get('load_from')
     if load_from and '://' not in load_from and not osp.isfile(load_from):
         raise FileNotFoundError(f'load_from checkpoint not found: {load_from}')
+    if not args.allow_partial_load:
+        cfg.custom_hooks = [*(cfg.get('custom_hooks') or []), dict(type='CheckpointMatchHook')]
+    use_atomic_checkpoints(cfg)
     check_dataset_files(cfg, ('train_dataloader', 'val_dataloader'))
     with distributed_teardown():
         setup_cpu_distributed(cfg, args.launcher)

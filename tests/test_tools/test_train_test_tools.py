@@ -7,8 +7,12 @@ import socket
 import subprocess
 import sys
 
+import shutil
+
 import pytest
 import torch
+
+from mmdet_detrx.utils import load_checkpoint_file
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO = 'configs/demo/deformable-detrx_r18_1xb8-1000i_synthetic-shapes.py'
@@ -21,11 +25,7 @@ def _tiny_options(data_root, max_iters, ckpt_interval=1):
         for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
         for key, value in spec.items()
     ] + [
-        f'train_dataloader.dataset.data_root={data_root}',
-        f'val_dataloader.dataset.data_root={data_root}',
-        f'test_dataloader.dataset.data_root={data_root}',
-        f'val_evaluator.ann_file={data_root}/annotations/val.json',
-        f'test_evaluator.ann_file={data_root}/annotations/val.json',
+        f'data_root={data_root}',  # one key moves dataloaders and evaluators (our tools)
         'train_dataloader.batch_size=2', 'val_dataloader.batch_size=2',
         'test_dataloader.batch_size=2',
         'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
@@ -67,9 +67,11 @@ def trained(tmp_path_factory):
 
 
 def test_smoke_train_writes_checkpoints(trained):
-    _, work_dir = trained
+    data_root, work_dir = trained
     assert osp.isfile(osp.join(work_dir, 'iter_1.pth'))
     assert osp.isfile(osp.join(work_dir, 'iter_2.pth'))
+    assert osp.isfile(osp.join(data_root, 'annotations', 'val.json'))  # data_root= moved it
+    assert not [name for name in os.listdir(work_dir) if name.endswith('.tmp')]
     with open(osp.join(work_dir, 'last_checkpoint')) as f:
         assert f.read().strip().endswith('iter_2.pth')
 
@@ -77,21 +79,20 @@ def test_smoke_train_writes_checkpoints(trained):
 def test_resume_restores_iteration_and_optimizer(trained, tmp_path):
     data_root, work_dir = trained
     ckpt1 = osp.join(work_dir, 'iter_1.pth')
-    before = torch.load(ckpt1, map_location='cpu', weights_only=False)
+    before = load_checkpoint_file(ckpt1, map_location='cpu')
     resumed_dir = str(tmp_path / 'resumed')
     proc = _check(_run(['tools/train.py', DEMO, '--work-dir', resumed_dir, '--resume', ckpt1,
                         *_tiny_options(data_root, max_iters=3)]))
     log = proc.stdout + proc.stderr
     assert 'resumed epoch: 0, iter: 1' in log.replace('\n', ' ') or 'resumed' in log
-    after = torch.load(osp.join(resumed_dir, 'iter_3.pth'), map_location='cpu',
-                       weights_only=False)
+    after = load_checkpoint_file(osp.join(resumed_dir, 'iter_3.pth'), map_location='cpu')
     assert after['meta']['iter'] == 3
     # optimizer state came along: AdamW steps continue from the checkpoint's count
     step_before = next(iter(before['optimizer']['state'].values()))['step']
     step_after = next(iter(after['optimizer']['state'].values()))['step']
     assert float(step_after) == float(step_before) + 2
     # the checkpoint we resumed from is untouched
-    again = torch.load(ckpt1, map_location='cpu', weights_only=False)
+    again = load_checkpoint_file(ckpt1, map_location='cpu')
     assert again['meta']['iter'] == 1
     for key, value in before['state_dict'].items():
         assert torch.equal(value, again['state_dict'][key])
@@ -152,7 +153,7 @@ def test_ddp_two_cpu_processes(trained, tmp_path):
                  'tools/train.py', DEMO, '--launcher', 'pytorch', '--work-dir', work_dir,
                  *_tiny_options(data_root, max_iters=2, ckpt_interval=2)], timeout=600)
     _check(proc)
-    ckpt = torch.load(osp.join(work_dir, 'iter_2.pth'), map_location='cpu', weights_only=False)
+    ckpt = load_checkpoint_file(osp.join(work_dir, 'iter_2.pth'), map_location='cpu')
     assert ckpt['meta']['iter'] == 2
     assert 'world_size: 2' in proc.stdout + proc.stderr or 'Distributed launcher: pytorch' in (
         proc.stdout + proc.stderr)
@@ -164,3 +165,68 @@ def test_ddp_two_cpu_processes(trained, tmp_path):
                        timeout=600))
     assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
     assert 'terminate called' not in proc.stdout + proc.stderr
+
+
+def test_auto_resume_skips_truncated_latest_in_copied_work_dir(trained, tmp_path):
+    data_root, work_dir = trained
+    copy = str(tmp_path / 'copied')
+    shutil.copytree(work_dir, copy, ignore=shutil.ignore_patterns('2*'))  # checkpoints only
+    with open(osp.join(copy, 'last_checkpoint'), 'w') as f:
+        f.write('/deleted/original/work_dir/iter_2.pth')  # absolute path of the original
+    latest = osp.join(copy, 'iter_2.pth')
+    with open(latest, 'r+b') as f:
+        f.truncate(osp.getsize(latest) // 3)  # the save was killed
+    proc = _check(_run(['tools/train.py', DEMO, '--work-dir', copy, '--resume',
+                        *_tiny_options(data_root, max_iters=2)]))
+    log = proc.stdout + proc.stderr
+    assert f'cannot resume from {latest}' in log
+    assert 'resumed epoch: 0, iter: 1' in log
+    assert load_checkpoint_file(latest, map_location='cpu')['meta']['iter'] == 2
+
+
+def test_test_tool_refuses_mismatched_checkpoint_unless_allowed(trained, tmp_path):
+    data_root, work_dir = trained
+    empty = str(tmp_path / 'empty.pth')
+    torch.save({'state_dict': {}}, empty)
+    proc = _run(['tools/test.py', DEMO, empty, '--work-dir', str(tmp_path / 't'),
+                 *_tiny_options(data_root, max_iters=2)])
+    assert proc.returncode != 0
+    assert 'does not match the model' in proc.stderr and 'missing keys' in proc.stderr
+    assert 'coco/bbox_mAP' not in proc.stdout + proc.stderr
+    proc = _check(_run(['tools/test.py', DEMO, empty, '--allow-partial-load', '--work-dir',
+                        str(tmp_path / 't'), *_tiny_options(data_root, max_iters=2)]))
+    assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
+
+
+def test_test_tool_refuses_crafted_pickle(trained, tmp_path):
+    data_root, _ = trained
+    marker = tmp_path / 'pwned'
+    evil = str(tmp_path / 'evil.pth')
+    code = ('import os, torch\n'
+            'class E:\n'
+            f'    def __reduce__(self): return os.system, ("touch {marker}",)\n'
+            f'torch.save({{"state_dict": {{}}, "meta": E()}}, {evil!r})\n')
+    _check(_run(['-c', code]))
+    proc = _run(['tools/test.py', DEMO, evil, '--work-dir', str(tmp_path / 't'),
+                 *_tiny_options(data_root, max_iters=2)])
+    assert proc.returncode != 0
+    assert 'refused to load checkpoint' in proc.stderr and 'posix.system' in proc.stderr
+    assert not marker.exists()
+
+
+def test_typo_in_cfg_options_fails_listing_close_names():
+    proc = _run(['tools/train.py', DEMO, '--cfg-options', 'trian_cfg.max_iters=2'])
+    assert proc.returncode != 0
+    assert "'trian_cfg'" in proc.stderr and 'did you mean train_cfg' in proc.stderr
+
+
+def test_tta(trained, tmp_path):
+    data_root, work_dir = trained
+    proc = _check(_run(['tools/test.py', DEMO, osp.join(work_dir, 'iter_2.pth'), '--tta',
+                        '--work-dir', str(tmp_path / 'tta'),
+                        *_tiny_options(data_root, max_iters=2)]))
+    log = proc.stdout + proc.stderr
+    assert 'DetTTAModel' in log and 'coco/bbox_mAP' in log
+    proc = _run(['tools/test.py', DEMO, osp.join(work_dir, 'iter_2.pth'), '--tta',
+                 '--cfg-options', 'tta_model=None'])
+    assert proc.returncode != 0 and '--tta needs tta_model' in proc.stderr
