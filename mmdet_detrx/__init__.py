@@ -14,5 +14,7 @@ if find_spec('mmdet') is not None:
     from . import datasets, distill, engine, evaluation, models  # noqa: F401  (registration)
     from .utils import patch_mmengine_checkpoint_loading
     patch_mmengine_checkpoint_loading()
+    from .utils.complexity import register_flop_handles  # FLOPs of our ops in mmengine.analysis
+    register_flop_handles()
 
 __all__ = ['__version__']

@@ -1,18 +1,21 @@
-"""FLOPs of a detector whose encoder attention may be ACT, counted on real images.
+"""FLOPs of any detector on real images; ACT encoder layers counted from their actual clusters.
 
     python tools/analysis/get_flops.py CONFIG [CKPT] [--num-images N] [--shape H W]
         [--cfg-options ...] [--out-json FILE]
 
 mmdet's ``tools/analysis_tools/get_flops.py`` role: images come from the config's val dataloader
 (batch size 1); the model is counted with mmengine's ``FlopAnalyzer`` (one multiply-accumulate =
-one FLOP, mmdet's convention). ACT's cost depends on the image, so the encoder's
-``AdaptiveClusteringAttention`` layers are counted from the clusters each layer actually found
+one FLOP, mmdet's convention), which counts our deformable attention op through the handle
+``import mmdet_detrx`` registers (``mmdet_detrx.utils.complexity``). Reported for every model:
+parameters, total GFLOPs, GFLOPs per operator and the operators the analyzer could not count.
+
+ACT's cost depends on the image, so when the model has ``AdaptiveClusteringAttention`` layers
+they are counted from the clusters each layer actually found
 (:meth:`AdaptiveClusteringAttention.last_flops`) instead of by the analyzer, which traces the
 exact path: ``total = analyzer(model with exact attention) - analyzer(ACT layers) + ACT layers``.
-Exact attention is counted with its N^2 terms. ``--shape H W`` resizes each image to H x W.
-
-Reports the mean clusters per layer (over images and heads), mean tokens, the encoder attention
-GFLOPs (exact and ACT) and the total GFLOPs (exact and ACT).
+Exact attention is counted with its N^2 terms. Then the report adds the mean clusters per layer
+(over images and heads), mean tokens, the encoder attention GFLOPs (exact and ACT) and the total
+GFLOPs (exact and ACT). ``--shape H W`` resizes each image to H x W.
 """
 import argparse
 import json
@@ -95,6 +98,8 @@ def count_image(model, data) -> Dict:
             analyzer.uncalled_modules_warnings(False)
             analyzer_total = analyzer.total()
             by_module = analyzer.by_module()
+            by_operator = dict(analyzer.by_operator())
+            unsupported = dict(analyzer.unsupported_ops())
             model(data['inputs'])
             exact = {name: float(m.last_flops().sum()) for name, m in layers.items()}
         model(data['inputs'])
@@ -104,7 +109,8 @@ def count_image(model, data) -> Dict:
     finally:
         model.forward = forward
     rest = analyzer_total - sum(by_module.get(name, 0) for name in layers)
-    return dict(rest=rest, exact=exact, act=act, clusters=clusters, tokens=tokens)
+    return dict(rest=rest, exact=exact, act=act, clusters=clusters, tokens=tokens,
+                by_operator=by_operator, unsupported=unsupported)
 
 
 def summarize(records: List[Dict], params: int) -> Dict:
@@ -121,21 +127,40 @@ def summarize(records: List[Dict], params: int) -> Dict:
     rest = float(np.mean([r['rest'] for r in records])) / giga
     encoder_exact = sum(layer['exact_gflops'] for layer in layers)
     encoder_act = sum(layer['act_gflops'] for layer in layers)
+    operators = sorted({op for r in records for op in r['by_operator']})
+    # With ACT layers these are the analyzer's counts of the exact path.
+    operator_gflops = {op: float(np.mean([r['by_operator'].get(op, 0) for r in records])) / giga
+                       for op in operators}
+    unsupported = {}
+    for record in records:
+        for op, count in record['unsupported'].items():
+            unsupported[op] = max(unsupported.get(op, 0), count)
     return dict(num_images=len(records), params_m=params / 1e6, layers=layers,
                 encoder_attention_gflops=dict(exact=encoder_exact, act=encoder_act),
-                total_gflops=dict(exact=rest + encoder_exact, act=rest + encoder_act))
+                total_gflops=dict(exact=rest + encoder_exact, act=rest + encoder_act),
+                operator_gflops=operator_gflops, unsupported_ops=unsupported)
 
 
 def format_report(report: Dict) -> str:
-    lines = [f"images: {report['num_images']}, params: {report['params_m']:.2f} M",
-             '| layer | tokens | mean clusters/head | exact GFLOPs | ACT GFLOPs |',
-             '|---|---|---|---|---|']
-    for layer in report['layers']:
-        lines.append(f"| {layer['layer']} | {layer['tokens']:.0f} | {layer['clusters']:.1f} | "
-                     f"{layer['exact_gflops']:.4f} | {layer['act_gflops']:.4f} |")
-    enc, total = report['encoder_attention_gflops'], report['total_gflops']
-    lines.append(f"encoder attention GFLOPs: exact {enc['exact']:.4f}, ACT {enc['act']:.4f}")
-    lines.append(f"total GFLOPs: exact {total['exact']:.3f}, ACT {total['act']:.3f}")
+    lines = [f"images: {report['num_images']}, params: {report['params_m']:.2f} M"]
+    total = report['total_gflops']
+    if report['layers']:
+        lines += ['| layer | tokens | mean clusters/head | exact GFLOPs | ACT GFLOPs |',
+                  '|---|---|---|---|---|']
+        for layer in report['layers']:
+            lines.append(f"| {layer['layer']} | {layer['tokens']:.0f} | {layer['clusters']:.1f} | "
+                         f"{layer['exact_gflops']:.4f} | {layer['act_gflops']:.4f} |")
+        enc = report['encoder_attention_gflops']
+        lines.append(f"encoder attention GFLOPs: exact {enc['exact']:.4f}, ACT {enc['act']:.4f}")
+        lines.append(f"total GFLOPs: exact {total['exact']:.3f}, ACT {total['act']:.3f}")
+    else:
+        lines.append(f"total GFLOPs: {total['exact']:.3f}")
+    lines += ['| operator | GFLOPs |', '|---|---|']
+    for op, gflops in sorted(report['operator_gflops'].items(), key=lambda item: -item[1]):
+        lines.append(f'| {op} | {gflops:.4f} |')
+    if report['unsupported_ops']:
+        lines.append('not counted (no FLOP handle): ' + ', '.join(
+            f'{op} x{count}' for op, count in sorted(report['unsupported_ops'].items())))
     return '\n'.join(lines)
 
 
@@ -143,8 +168,6 @@ def main(argv=None):
     args = parse_args(argv)
     _, model, loader = build_model_and_loader(args.config, args.checkpoint, args.cfg_options,
                                               args.device)
-    if not act_layers(model):
-        raise ValueError(f'{args.config} has no AdaptiveClusteringAttention layer')
     records = []
     for index, data_batch in enumerate(loader):
         if index == args.num_images:
