@@ -9,16 +9,26 @@ replaced by ``MODELS.build(cfg)``. Parameter names stay upstream's, so checkpoin
 A registered attention must subclass the mmcv attention it replaces (``MultiheadAttention`` or
 ``MultiScaleDeformableAttention``): that is what keeps it a drop-in, and it tells which of the
 config keys upstream understands.
+
+Naming a registered attention under mmdet's *plain* detector (``type='DeformableDETR'``) used to
+fail deep inside mmcv with ``TypeError: ... unexpected keyword argument 'type'``. No code of ours
+runs there, so :func:`check_attention_types` inspects every model config before it is built
+(installed around the ``build_func`` of mmengine's and mmdet's ``MODELS`` on import, the one
+hook every model build passes) and raises a ``TypeError`` that names the ``...X`` detector to use.
 """
 import copy
+import functools
 import inspect
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from mmdet.models.detectors import DETR, DINO, ConditionalDETR, DeformableDETR
+from mmdet.models.detectors.base_detr import DetectionTransformer
 from mmdet.registry import MODELS
 from mmengine.config import ConfigDict
+from mmengine.registry import MODELS as MMENGINE_MODELS
 
-__all__ = ['RegistryAttentionMixin', 'DETRX', 'ConditionalDETRX', 'DeformableDETRX', 'DINOX']
+__all__ = ['RegistryAttentionMixin', 'DETRX', 'ConditionalDETRX', 'DeformableDETRX', 'DINOX',
+           'check_attention_types']
 
 _ATTENTION_CFG_KEYS = ('self_attn_cfg', 'cross_attn_cfg')
 
@@ -100,3 +110,68 @@ class DeformableDETRX(RegistryAttentionMixin, DeformableDETR):
 @MODELS.register_module()
 class DINOX(RegistryAttentionMixin, DINO):
     """mmdet's DINO whose attentions may be any registered type."""
+
+
+# mmdet's plain detector -> ours with registry-built attentions.
+_REGISTRY_ATTENTION_DETECTORS = {DETR: DETRX, ConditionalDETR: ConditionalDETRX,
+                                 DeformableDETR: DeformableDETRX, DINO: DINOX}
+
+
+def _typed_attention_keys(cfg) -> List[str]:
+    """``['encoder.layer_cfg.self_attn_cfg.type=...', ...]``: attention cfgs that name a type."""
+    found = []
+    for coder in ('encoder', 'decoder'):
+        coder_cfg = cfg.get(coder)
+        layer_cfg = coder_cfg.get('layer_cfg') if isinstance(coder_cfg, dict) else None
+        if not isinstance(layer_cfg, dict):
+            continue
+        for key in _ATTENTION_CFG_KEYS:
+            attn_cfg = layer_cfg.get(key)
+            if isinstance(attn_cfg, dict) and 'type' in attn_cfg:
+                found.append(f'{coder}.layer_cfg.{key}.type={attn_cfg["type"]!r}')
+    return found
+
+
+def check_attention_types(cfg) -> None:
+    """Raise a ``TypeError`` naming the fix if ``cfg`` builds a DETR-family detector that cannot
+    take the attention types its encoder/decoder config names (mmdet's plain classes)."""
+    if not isinstance(cfg, dict) or not ('encoder' in cfg or 'decoder' in cfg):
+        return
+    detector = cfg.get('type')
+    cls = MODELS.get(detector) if isinstance(detector, str) else detector
+    if (not inspect.isclass(cls) or not issubclass(cls, DetectionTransformer)
+            or issubclass(cls, RegistryAttentionMixin)):
+        return
+    typed = _typed_attention_keys(cfg)
+    if not typed:
+        return
+    ours = _REGISTRY_ATTENTION_DETECTORS.get(cls)
+    if ours is not None:
+        fix = (f"use type='{ours.__name__}' (mmdet_detrx: {cls.__name__} with its attentions "
+               'built from the registry; same parameter names, upstream checkpoints load)')
+    else:
+        fix = (f'define `class {cls.__name__}X(RegistryAttentionMixin, {cls.__name__})` '
+               '(mmdet_detrx.models.detectors.registry_attention), register it and use it, as '
+               + ', '.join(x.__name__ for x in _REGISTRY_ATTENTION_DETECTORS.values()) + ' do')
+    raise TypeError(
+        f"model type {detector if isinstance(detector, str) else cls.__name__!r} builds its "
+        f"attentions by class and cannot take {', '.join(typed)}: {fix}. Registered attention "
+        'types need a registry-attention detector.')
+
+
+def _checking(build_func):
+    if getattr(build_func, '_checks_attention_types', False):
+        return build_func
+
+    @functools.wraps(build_func)
+    def build(cfg, *args, **kwargs):
+        check_attention_types(cfg)
+        return build_func(cfg, *args, **kwargs)
+
+    build._checks_attention_types = True
+    return build
+
+
+for _registry in (MMENGINE_MODELS, MODELS):
+    _registry.build_func = _checking(_registry.build_func)
+del _registry
