@@ -28,3 +28,26 @@ def test_forward_runs_in_bf16_and_step_updates_fp32_params():
 def test_rejects_unknown_dtype():
     with pytest.raises(ValueError, match='dtype'):
         _wrapper(dtype='int8')
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU fallback (machines without GPUs)')
+def test_amp_optim_wrapper_name_builds_bf16_wrapper_on_cpu():
+    """What mmdet's own tools/train.py --amp asks for: type='AmpOptimWrapper', loss_scale."""
+    from mmdet_detrx.engine import CPUAmpOptimWrapper
+    model, wrapper = _wrapper_of_type('AmpOptimWrapper', loss_scale='dynamic')
+    assert isinstance(wrapper, CPUAmpOptimWrapper)
+    with wrapper.optim_context(model):
+        assert model(torch.randn(2, 4)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match='dtype'):
+        _wrapper_of_type('AmpOptimWrapper', dtype='float16')
+
+
+def _wrapper_of_type(type_name, **kwargs):
+    from mmengine.registry import DefaultScope
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        from mmengine.registry import OPTIM_WRAPPERS as ROOT_OPTIM_WRAPPERS
+        # the runner builds through mmengine's root registry in mmdet's scope
+        return model, ROOT_OPTIM_WRAPPERS.build(
+            dict(type=type_name, optimizer=optimizer, **kwargs))
