@@ -1,6 +1,10 @@
 import os
+import sys
 
 import pytest
+
+# tests/_helpers is imported as `_helpers` whatever pytest's import mode.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Tests are written for a 2-core CI machine; keep torch from oversubscribing it.
 os.environ.setdefault('OMP_NUM_THREADS', '2')

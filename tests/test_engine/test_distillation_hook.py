@@ -6,12 +6,11 @@ list of two random batches, so a 2-iteration run takes seconds and is determinis
 import copy
 import os.path as osp
 
-import mmdet
 import pytest
 import torch
+from _helpers.detectors import tiny_detr_cfg as _tiny_detr_cfg
 from mmdet.registry import MODELS
 from mmdet.testing import demo_mm_inputs
-from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
@@ -19,29 +18,16 @@ from torch.utils.data import DataLoader
 
 from mmdet_detrx.engine.hooks import DistillationHook
 
-MMDET_CONFIGS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
-DIMS = 32
 BOX_KD = dict(loss_kd_boxes=dict(student=dict(module='bbox_head', index=1),
                                  teacher=dict(module='bbox_head', index=1),
                                  loss=dict(type='L2DistillLoss', loss_weight=1.0)))
 
 
 def tiny_detr_cfg(num_queries=10):
-    cfg = Config.fromfile(osp.join(MMDET_CONFIGS, 'detr/detr_r50_8xb2-150e_coco.py')).model
-    cfg.num_queries = num_queries
+    cfg = _tiny_detr_cfg(num_layers=1, num_queries=num_queries)
     # BN layers that *would* update their statistics if the teacher were put in train mode.
-    cfg.backbone.update(depth=18, init_cfg=None, frozen_stages=-1, norm_eval=False,
+    cfg.backbone.update(frozen_stages=-1, norm_eval=False,
                         norm_cfg=dict(type='BN', requires_grad=True))
-    cfg.neck.update(in_channels=[512], out_channels=DIMS)
-    for coder in (cfg.encoder, cfg.decoder):
-        coder.num_layers = 1
-        for key in ('self_attn_cfg', 'cross_attn_cfg'):
-            if key in coder.layer_cfg:
-                coder.layer_cfg[key].update(embed_dims=DIMS, num_heads=4, dropout=0.0)
-        coder.layer_cfg.ffn_cfg.update(embed_dims=DIMS, feedforward_channels=64, ffn_drop=0.0)
-    cfg.positional_encoding.num_feats = DIMS // 2
-    cfg.bbox_head.update(embed_dims=DIMS, num_classes=3)
-    cfg.test_cfg.max_per_img = num_queries
     return cfg.to_dict()
 
 

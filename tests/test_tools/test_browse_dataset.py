@@ -1,14 +1,12 @@
 import os.path as osp
-import sys
 
 import cv2
+from _helpers import REPO_CONFIGS, load_tool
 from mmengine.config import Config
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-sys.path.insert(0, osp.join(ROOT, 'tools', 'analysis'))
-from browse_dataset import browse  # noqa: E402
+browse = load_tool('tools/analysis/browse_dataset.py').browse
 
-DEMO = osp.join(ROOT, 'configs/demo/deformable-detrx_r18_1xb8-1000i_synthetic-shapes.py')
+DEMO = osp.join(REPO_CONFIGS, 'demo/deformable-detrx_r18_1xb8-1000i_synthetic-shapes.py')
 
 
 def test_browse_embedded_dataset_writes_annotated_pngs(tmp_path):

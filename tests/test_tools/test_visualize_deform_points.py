@@ -1,11 +1,12 @@
 """tools/analysis/visualize_deform_points.py on a tiny random Deformable DETR."""
-import importlib.util
 import os.path as osp
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from _helpers import REPO_CONFIGS, load_tool
+from _helpers.detectors import shrink_deformable_detr
 from mmdet.registry import MODELS
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
@@ -14,20 +15,10 @@ from mmdet_detrx.datasets import SHAPE_CLASSES, generate_synthetic_shapes
 
 init_default_scope('mmdet')  # configs name mmdet's modules without a scope prefix
 
-REPO = osp.join(osp.dirname(__file__), '..', '..')
-CONFIG = osp.join(REPO, 'configs', 'deformable_detr', 'deformable-detrx_r50_16xb2-50e_coco.py')
+CONFIG = osp.join(REPO_CONFIGS, 'deformable_detr', 'deformable-detrx_r50_16xb2-50e_coco.py')
 NUM_QUERIES = 20
 
-
-def _load_tool():
-    path = osp.join(REPO, 'tools', 'analysis', 'visualize_deform_points.py')
-    spec = importlib.util.spec_from_file_location('visualize_deform_points', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool('tools/analysis/visualize_deform_points.py')
 
 
 @pytest.fixture(scope='module')
@@ -35,11 +26,7 @@ def tiny_model(tmp_path_factory):
     """(config path, checkpoint path, image path): random weights, ResNet-18, one layer each."""
     root = tmp_path_factory.mktemp('deform_points')
     cfg = Config.fromfile(CONFIG)
-    cfg.model.backbone.update(depth=18, init_cfg=None)
-    cfg.model.neck.in_channels = [128, 256, 512]
-    cfg.model.encoder.num_layers = 1
-    cfg.model.decoder.num_layers = 1
-    cfg.model.num_queries = NUM_QUERIES
+    shrink_deformable_detr(cfg.model, num_layers=1, num_queries=NUM_QUERIES)
     cfg.model.bbox_head.num_classes = len(SHAPE_CLASSES)
     cfg.model.test_cfg.max_per_img = 10  # at most NUM_QUERIES * classes
     cfg.test_dataloader.dataset.pipeline[1].scale = (160, 160)  # Resize; keeps the test quick
@@ -103,3 +90,15 @@ def test_recorder_captures_last_decoder_layer(tiny_model):
     assert not attn._forward_pre_hooks  # removed again
     # With query-dependent offsets the points spread around the reference points.
     assert np.ptp(locations[..., 0].numpy()) > 0
+
+
+def test_nothing_drawn_is_an_error_naming_the_threshold(tiny_model, tmp_path, capsys):
+    """An early checkpoint scores below the default threshold: a non-zero exit, not a silent 0."""
+    config, checkpoint, image = tiny_model
+    out_dir = tmp_path / 'none'
+    with pytest.raises(SystemExit) as exc:
+        tool.main([config, checkpoint, image, '--out-dir', str(out_dir), '--score-thr', '1.01'])
+    assert exc.value.code not in (None, 0)  # a message: the interpreter exits with status 1
+    assert '--score-thr' in str(exc.value.code) and '--query-ids' in str(exc.value.code)
+    assert 'best' in capsys.readouterr().err  # the per-image note says what would pass
+    assert not out_dir.exists() or not any(out_dir.iterdir())

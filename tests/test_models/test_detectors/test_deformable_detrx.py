@@ -8,21 +8,18 @@ import copy
 import functools
 import os.path as osp
 
-import mmdet
 import pytest
 import torch
+from _helpers import REPO_CONFIGS
+from _helpers.detectors import MMDET_CONFIGS, demo_batch, shrink_deformable_detr
 from mmcv.ops import MultiScaleDeformableAttention
 from mmdet.registry import MODELS
-from mmdet.testing import demo_mm_inputs
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 from mmdet_detrx.models.layers import MSDeformAttn
 
 init_default_scope('mmdet')  # configs name mmdet's modules without a scope prefix
-
-REPO_CONFIGS = osp.join(osp.dirname(__file__), '..', '..', '..', 'configs')
-MMDET_CONFIGS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
 
 CASES = {
     'deformable-detr': ('deformable_detr/deformable-detrx_r50_16xb2-50e_coco.py',
@@ -36,12 +33,7 @@ NUM_LAYERS = 2
 
 
 def _small_model_cfg(path):
-    cfg = Config.fromfile(path).model
-    cfg.backbone.update(depth=18, init_cfg=None)  # out_indices (1, 2, 3) as upstream
-    cfg.neck.in_channels = [128, 256, 512]
-    cfg.encoder.num_layers = NUM_LAYERS
-    cfg.decoder.num_layers = NUM_LAYERS
-    cfg.num_queries = 30
+    cfg = shrink_deformable_detr(Config.fromfile(path).model, NUM_LAYERS, num_queries=30)
     if 'dn_cfg' in cfg:
         cfg.dn_cfg.group_cfg.num_dn_queries = 20
     return cfg
@@ -69,11 +61,8 @@ def _build_pair(case):
 
 
 def _batch(model, training):
-    torch.manual_seed(1)
-    data = demo_mm_inputs(batch_size=2, image_shapes=[(3, 48, 64), (3, 40, 56)],
-                          num_items=[3, 2], num_classes=80)
-    data = model.data_preprocessor(data, training)  # pads the batch: masks are exercised
-    return data['inputs'], data['data_samples']
+    return demo_batch(model, [(3, 48, 64), (3, 40, 56)], num_items=[3, 2], num_classes=80,
+                      training=training)
 
 
 @pytest.mark.parametrize('case', list(CASES))

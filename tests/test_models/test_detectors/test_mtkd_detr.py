@@ -5,36 +5,23 @@ dropout) so that each test runs in a second or two on a CPU.
 """
 import os.path as osp
 
-import mmdet
 import pytest
 import torch
+from _helpers import REPO_CONFIGS
+from _helpers.detectors import demo_batch
+from _helpers.detectors import tiny_detr_cfg as _tiny_detr_cfg
 from mmcv.cnn.bricks.transformer import MultiheadAttention
 from mmdet.registry import MODELS
-from mmdet.testing import demo_mm_inputs
 from mmengine.config import Config
 from mmengine.runner import load_checkpoint
 
 from mmdet_detrx.models.detectors import MTKDDETR
 from mmdet_detrx.models.layers import AdaptiveClusteringAttention
 
-MMDET_CONFIGS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
-DIMS = 32
-
 
 def tiny_detr_cfg(model_type='MTKDDETR', act=True, num_queries=10, **extra):
-    cfg = Config.fromfile(osp.join(MMDET_CONFIGS, 'detr/detr_r50_8xb2-150e_coco.py')).model
-    cfg.update(type=model_type, num_queries=num_queries, **extra)
-    cfg.backbone.update(depth=18, init_cfg=None)
-    cfg.neck.update(in_channels=[512], out_channels=DIMS)
-    for coder in (cfg.encoder, cfg.decoder):
-        coder.num_layers = 2
-        for key in ('self_attn_cfg', 'cross_attn_cfg'):
-            if key in coder.layer_cfg:
-                coder.layer_cfg[key].update(embed_dims=DIMS, num_heads=4, dropout=0.0)
-        coder.layer_cfg.ffn_cfg.update(embed_dims=DIMS, feedforward_channels=64, ffn_drop=0.0)
-    cfg.positional_encoding.num_feats = DIMS // 2
-    cfg.bbox_head.update(embed_dims=DIMS, num_classes=3)
-    cfg.test_cfg.max_per_img = num_queries
+    cfg = _tiny_detr_cfg(num_layers=2, num_queries=num_queries)
+    cfg.update(type=model_type, **extra)
     if act:
         # Narrow buckets: several clusters per image, so ACT differs from exact attention
         # without collapsing to one prototype.
@@ -51,11 +38,8 @@ def build(cfg, seed=0):
 
 
 def batch(model, training=True):
-    torch.manual_seed(1)
-    data = demo_mm_inputs(batch_size=2, image_shapes=[(3, 128, 96), (3, 96, 160)],
-                          num_items=[3, 2], num_classes=3)
-    data = model.data_preprocessor(data, training)  # pads: masks are exercised
-    return data['inputs'], data['data_samples']
+    return demo_batch(model, [(3, 128, 96), (3, 96, 160)], num_items=[3, 2], num_classes=3,
+                      training=training)
 
 
 @pytest.fixture(scope='module')
@@ -234,7 +218,7 @@ def test_both_branches_scored_under_distinct_prefixes(tmp_path):
 def tiny_conditional_detr_cfg(model_type, act=True):
     """The embedded-dataset Conditional DETR config with one encoder/decoder layer."""
     cfg = Config.fromfile(osp.join(
-        osp.dirname(__file__), '..', '..', '..', 'configs', 'conditional_detr',
+        REPO_CONFIGS, 'conditional_detr',
         'conditional-detrx_r18-dc5_1xb8-3000i_synthetic-shapes.py')).model
     cfg.type = model_type
     cfg.backbone.init_cfg = None  # random weights: no `make demo` checkpoint in a fresh clone
