@@ -9,7 +9,10 @@ Fig. 6 of https://arxiv.org/abs/2010.04159).
     python tools/analysis/visualize_deform_points.py CONFIG CKPT IMAGE --out-dir DIR \
         [--queries N | --query-ids 3 17 ...] [--score-thr 0.3] [--device cpu]
 
-IMAGE is one image or a folder of images; one PNG per image is written to DIR. Works with mmcv's
+IMAGE is one image or a folder of images; one PNG per image is written to DIR. An image none of
+whose top queries reaches ``--score-thr`` is skipped with a note naming its best score; when that
+leaves nothing drawn at all (typical of an early checkpoint at the default 0.3) the tool exits
+with status 1 and says to lower ``--score-thr`` or pass ``--query-ids``. Works with mmcv's
 ``MultiScaleDeformableAttention`` and our ``MSDeformAttn`` alike: a forward pre-hook on the
 last decoder layer's ``cross_attn`` recomputes the sampling locations from its inputs with
 ``MSDeformAttn.sampling_points``, so the model itself is not changed.
@@ -21,6 +24,7 @@ import argparse
 import math
 import os
 import os.path as osp
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import matplotlib
@@ -215,7 +219,9 @@ def visualize_image(model, image_path: str, out_file: str, num_queries: Optional
         raise RuntimeError(f'inference did not reach the hooked modules ({sorted(missing)})')
     chosen = select_queries(records['cls_scores'][0], num_queries, query_ids, score_thr)
     if not chosen:
-        print(f'{image_path}: no query scores >= {score_thr}; nothing drawn')
+        best = float(records['cls_scores'][0].sigmoid().max())
+        print(f'{image_path}: no query scores >= --score-thr {score_thr} (best {best:.3f}); '
+              'nothing drawn', file=sys.stderr)
         return []
     image_rgb = mmcv.imread(image_path, channel_order='rgb')
     class_names = (model.dataset_meta or {}).get('classes', ())
@@ -223,9 +229,8 @@ def visualize_image(model, image_path: str, out_file: str, num_queries: Optional
     return chosen
 
 
-
-
 def main(argv=None) -> List[str]:
+    """Draw every image; returns the PNGs written. Exits with status 1 if it wrote none."""
     args = parse_args(argv)
     model = init_detector(args.config, args.checkpoint, device=args.device,
                           cfg_options=args.cfg_options)
@@ -237,6 +242,10 @@ def main(argv=None) -> List[str]:
                            args.score_thr, args.panel_size):
             print(f'{image_path} -> {out_file}')
             written.append(out_file)
+    if not written:
+        raise SystemExit(f'nothing drawn: no query of any image scores >= --score-thr '
+                         f'{args.score_thr}; lower --score-thr (e.g. 0 for the top --queries '
+                         'whatever their score) or pass --query-ids')
     return written
 
 
