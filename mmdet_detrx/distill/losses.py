@@ -4,8 +4,10 @@ Each loss takes ``student`` and ``teacher`` tensors of the same shape ``(..., D)
 dimension is one vector (a box ``(cx, cy, w, h)``, a query feature, a row of class logits), every
 other dimension indexes vectors that correspond one to one. A per-vector distance is computed
 over ``D``, then reduced over the vectors: ``'mean'``, ``'sum'``, or ``'batchmean'`` (summed over
-all vectors of a sample, averaged over the first dimension, the batch: for boxes (B, Q, 4), the
-squared norm of the difference of an image's whole box set, as in ``||B_full - B_act||^2``):
+all vectors of a sample, averaged over the first dimension: for boxes (B, Q, 4), the squared
+norm of the difference of an image's whole box set, as in ``||B_full - B_act||^2``; for the
+every-layer boxes (L, B, Q, 4) that ``bbox_head`` index ``1`` records, the first dimension is the
+decoder layer, so the sum over the batch is averaged over layers):
 
 * :class:`L2DistillLoss`: squared Euclidean distance ``||s - t||^2`` (the box KD of MTKD,
   Zheng et al., "End-to-End Object Detection with Adaptive Clustering Transformer",

@@ -5,17 +5,17 @@ A :class:`ModuleOutputRecorder` hooks one submodule (``'encoder'``, ``'decoder.l
 call while it is enabled. A :class:`RecorderManager` holds several recorders over one model, so
 a teacher and a student can be recorded under the same keys and compared term by term.
 
-Useful outputs of mmdet's DETR (``num_layers`` decoder layers, ``B`` images, ``Q`` queries):
+Useful outputs of mmdet's DETR (``L`` decoder layers, ``B`` images, ``Q`` queries, ``K`` classes):
 
-=============================  ========  ===================================================
-module                         index     recorded tensor
-=============================  ========  ===================================================
-``encoder``                    --        memory, (B, H*W, C)
-``decoder.layers.{i}``         --        decoder layer ``i`` query features, (B, Q, C)
-``bbox_head``                  ``0``     class logits of every decoder layer, (L, B, Q, K+1)
-``bbox_head``                  ``1``     sigmoid boxes (cx, cy, w, h) of every layer, (L, B, Q, 4)
-``bbox_head``                  ``(1, -1)``  boxes of the last decoder layer, (B, Q, 4)
-=============================  ========  ===================================================
+======================  ===========  ===================================================
+module                  index        recorded tensor
+======================  ===========  ===================================================
+``encoder``             --           memory, (B, H*W, C)
+``decoder.layers.{i}``  --           decoder layer ``i`` query features, (B, Q, C)
+``bbox_head``           ``0``        class logits of every decoder layer, (L, B, Q, K+1)
+``bbox_head``           ``1``        sigmoid boxes (cx, cy, w, h) of every layer, (L, B, Q, 4)
+``bbox_head``           ``(1, -1)``  boxes of the last decoder layer, (B, Q, 4)
+======================  ===========  ===================================================
 """
 import difflib
 from typing import Any, Dict, List, Sequence, Tuple, Union

@@ -1,7 +1,8 @@
 """Knowledge distillation from an external frozen teacher, as an mmengine hook.
 
-The teacher is any mmdet detector given by its config and checkpoint (e.g. an exact DETR-DC5
-teaching an ACT-DETR-R50). Each iteration the hook runs the teacher on the batch (no grad, eval
+The teacher is any mmdet detector given by its config and checkpoint (e.g. mmdet's exact
+DETR-R50 teaching an ACT-DETR-R50 in ``configs/mtkd/act-detr_r50_kd-detr-r50_8xb2-12e_coco.py``).
+Each iteration the hook runs the teacher on the batch (no grad, eval
 mode, through the student's own code path ``forward(mode='loss')``, its losses discarded),
 recorders capture named outputs of teacher and student, and the weighted KD terms are added to
 the student's loss dict: a forward hook on the student appends them to what its
@@ -12,8 +13,8 @@ Config::
 
     custom_hooks = [dict(
         type='DistillationHook',
-        teacher_config='configs/detr/detr_r50-dc5.py',     # or the teacher's model dict
-        teacher_checkpoint='checkpoints/detr_r50-dc5.pth',  # loaded strictly
+        teacher_config='mmdet::detr/detr_r50_8xb2-150e_coco.py',  # or the teacher's model dict
+        teacher_checkpoint='work_dirs/detr_r50/epoch_150.pth',  # path or URL, loaded strictly
         distill=dict(
             loss_kd_boxes=dict(student=dict(module='bbox_head', index=1),
                                teacher=dict(module='bbox_head', index=1),
