@@ -39,6 +39,7 @@ class BoTBlock(Bottleneck):
                  num_heads=4,
                  pos_embed='relative',
                  max_size=64,
+                 query_chunk_size=1024,
                  **kwargs):
         if kwargs.get('dcn') is not None:
             raise ValueError('dcn cannot be combined with BoT blocks (they have no conv2)')
@@ -47,7 +48,8 @@ class BoTBlock(Bottleneck):
             raise ValueError(f'stride must be 1 or 2 in a BoT block, got {self.conv2_stride}')
         del self.conv2
         self.mhsa = BottleneckAttention(
-            planes, num_heads=num_heads, pos_embed=pos_embed, max_size=max_size)
+            planes, num_heads=num_heads, pos_embed=pos_embed, max_size=max_size,
+            query_chunk_size=query_chunk_size)
         self.pool = (nn.AvgPool2d(2, ceil_mode=True)
                      if self.conv2_stride == 2 else nn.Identity())
 
@@ -91,6 +93,9 @@ class BoTNet(ResNet):
         max_size (int): feature-map side the position tables cover exactly; relative offsets
             beyond are clipped, so any input size runs. Default: 64 (2048 px at stride 32).
         s1 (bool): BoTNet-S1, c5 keeps stride 1 (output stride 16). Default: False.
+        query_chunk_size (int, optional): most queries each attention processes at once
+            (whole feature-map rows); bounds its quadratic buffers, same outputs, no
+            parameters. ``None``: all at once. Default: 1024.
         **kwargs: mmdet ``ResNet`` arguments (``num_stages``, ``out_indices``,
             ``frozen_stages``, ``norm_cfg``, ``norm_eval``, ``with_cp``, ``strides``,
             ``init_cfg``, ...).
@@ -103,6 +108,7 @@ class BoTNet(ResNet):
                  pos_embed='relative',
                  max_size=64,
                  s1=False,
+                 query_chunk_size=1024,
                  **kwargs):
         if depth not in (50, 101, 152):
             raise ValueError(f'depth must be 50, 101 or 152 for BoTNet, got {depth!r}')
@@ -124,7 +130,8 @@ class BoTNet(ResNet):
             strides = tuple(kwargs.get('strides', (1, 2, 2, 2)))
             kwargs['strides'] = strides[:3] + (1, )
         self.bot_stages = bot_stages
-        self.bot_cfg = dict(num_heads=num_heads, pos_embed=pos_embed, max_size=max_size)
+        self.bot_cfg = dict(num_heads=num_heads, pos_embed=pos_embed, max_size=max_size,
+                            query_chunk_size=query_chunk_size)
         super().__init__(depth, **kwargs)
 
     def make_res_layer(self, **kwargs):

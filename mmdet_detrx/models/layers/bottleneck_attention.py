@@ -20,9 +20,15 @@ feature size at construction:
   row/column; rows/columns past ``max_size - 1`` reuse the last embedding.
 
 The position logits are computed for the actual size and passed to
-``F.scaled_dot_product_attention`` as an additive bias, so the ``N x N`` softmax is the only
-quadratic buffer (1024 tokens for a 1024x1024 image at stride 32).
+``F.scaled_dot_product_attention`` as an additive bias. Queries are processed in chunks of whole
+feature-map rows (``query_chunk_size`` tokens at most, at least one row): each chunk's bias and
+attention weights are ``(B, heads, chunk, N)`` instead of ``(B, heads, N, N)``, so the quadratic
+buffers stay bounded (BoT50's first c5 block attends over 64x64 = 4096 tokens for a 1024x1024
+image: 256 MiB per unchunked fp32 buffer, 64 MiB per 1024-query chunk). Every query's
+attention is computed exactly as without chunking.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,6 +64,10 @@ class BottleneckAttention(BaseModule):
         max_size (int): feature-map side covered exactly by the position tables (see module
             docstring for larger maps). Default: 64, i.e. 2048 px at stride 32.
         qkv_bias (bool): bias in the q/k/v projection. Default: False (paper).
+        query_chunk_size (int, optional): most queries attended at once (rounded down to whole
+            feature-map rows, at least one row); bounds the ``(B, heads, chunk, N)`` buffers.
+            ``None``: all ``N`` at once. Default: 1024. Holds no parameters, so checkpoints
+            load whatever its value.
         init_cfg (dict, optional): mmengine init config.
     """
 
@@ -67,6 +77,7 @@ class BottleneckAttention(BaseModule):
                  pos_embed: str = 'relative',
                  max_size: int = 64,
                  qkv_bias: bool = False,
+                 query_chunk_size: Optional[int] = 1024,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         if not isinstance(embed_dims, int) or embed_dims <= 0:
@@ -78,12 +89,17 @@ class BottleneckAttention(BaseModule):
             raise ValueError(f'pos_embed must be one of {POS_EMBED_TYPES}, got {pos_embed!r}')
         if not isinstance(max_size, int) or max_size <= 0:
             raise ValueError(f'max_size must be a positive int, got {max_size!r}')
+        if query_chunk_size is not None and (not isinstance(query_chunk_size, int)
+                                             or query_chunk_size <= 0):
+            raise ValueError(f'query_chunk_size must be a positive int or None, '
+                             f'got {query_chunk_size!r}')
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.head_dims = embed_dims // num_heads
         self.scale = self.head_dims**-0.5
         self.pos_embed = pos_embed
         self.max_size = max_size
+        self.query_chunk_size = query_chunk_size
 
         self.qkv = nn.Conv2d(embed_dims, 3 * embed_dims, kernel_size=1, bias=qkv_bias)
         # Shared by all heads, as in the paper and its reference code.
@@ -110,20 +126,30 @@ class BottleneckAttention(BaseModule):
         key_rows = torch.arange(size, device=table.device).clamp(max=self.max_size - 1)
         return table[key_rows].expand(size, size, -1)  # same embedding for every query
 
-    def position_logits(self, q: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """``q rᵀ`` for queries ``q`` of shape ``(B, heads, H*W, head_dims)``.
+    def position_logits(self, q: torch.Tensor, height: int, width: int,
+                        row_start: int = 0) -> torch.Tensor:
+        """``q rᵀ`` for queries ``q`` of shape ``(B, heads, R*W, head_dims)``: the queries of
+        feature-map rows ``row_start .. row_start + R - 1`` (default: all ``H`` rows).
 
-        Returns the additive attention bias ``(B, heads, H*W, H*W)``.
+        Returns the additive attention bias ``(B, heads, R*W, H*W)``.
         """
         batch = q.shape[0]
-        q = q.reshape(batch, self.num_heads, height, width, self.head_dims)  # (B, n, H, W, C)
-        table_h = self._axis_table(self.pos_h, height).to(q.dtype)  # (H, H', C)
+        rows = q.shape[2] // width
+        q = q.reshape(batch, self.num_heads, rows, width, self.head_dims)  # (B, n, R, W, C)
+        table_h = self._axis_table(self.pos_h, height)[row_start:row_start + rows]  # (R, H', C)
+        table_h = table_h.to(q.dtype)
         table_w = self._axis_table(self.pos_w, width).to(q.dtype)  # (W, W', C)
-        logits_h = torch.einsum('bnyxc,yvc->bnyxv', q, table_h)  # (B, n, H, W, H')
-        logits_w = torch.einsum('bnyxc,xuc->bnyxu', q, table_w)  # (B, n, H, W, W')
-        logits = logits_h[..., :, None] + logits_w[..., None, :]  # (B, n, H, W, H', W')
-        n_tokens = height * width
-        return logits.reshape(batch, self.num_heads, n_tokens, n_tokens)  # (B, n, N, N')
+        logits_h = torch.einsum('bnyxc,yvc->bnyxv', q, table_h)  # (B, n, R, W, H')
+        logits_w = torch.einsum('bnyxc,xuc->bnyxu', q, table_w)  # (B, n, R, W, W')
+        logits = logits_h[..., :, None] + logits_w[..., None, :]  # (B, n, R, W, H', W')
+        return logits.reshape(batch, self.num_heads, rows * width,
+                              height * width)  # (B, n, R*W, N')
+
+    def rows_per_chunk(self, height: int, width: int) -> int:
+        """Feature-map rows of queries attended at once (see ``query_chunk_size``)."""
+        if self.query_chunk_size is None:
+            return height
+        return min(height, max(1, self.query_chunk_size // width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
@@ -134,15 +160,22 @@ class BottleneckAttention(BaseModule):
         qkv = qkv.transpose(-1, -2)  # (B, 3, n, N, C)
         q, k, v = qkv.unbind(1)  # each (B, n, N, C)
 
-        bias = None
-        if self.pos_embed != 'none':
-            # SDPA scales only q kᵀ; scaling q here gives scale * (q kᵀ + q rᵀ) overall.
-            bias = self.position_logits(q * self.scale, height, width)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             scale=self.scale)  # (B, n, N, C)
+        step = self.rows_per_chunk(height, width)
+        chunks = []
+        for row_start in range(0, height, step):
+            q_rows = q[:, :, row_start * width:(row_start + step) * width]  # (B, n, R*W, C)
+            bias = None
+            if self.pos_embed != 'none':
+                # SDPA scales only q kᵀ; scaling q here gives scale * (q kᵀ + q rᵀ) overall.
+                bias = self.position_logits(q_rows * self.scale, height, width,
+                                            row_start)  # (B, n, R*W, N)
+            chunks.append(F.scaled_dot_product_attention(
+                q_rows, k, v, attn_mask=bias, scale=self.scale))  # (B, n, R*W, C)
+        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)  # (B, n, N, C)
         out = out.transpose(-1, -2).reshape(batch, self.embed_dims, height, width)
         return out
 
     def extra_repr(self) -> str:
         return (f'embed_dims={self.embed_dims}, num_heads={self.num_heads}, '
-                f'pos_embed={self.pos_embed!r}, max_size={self.max_size}')
+                f'pos_embed={self.pos_embed!r}, max_size={self.max_size}, '
+                f'query_chunk_size={self.query_chunk_size}')

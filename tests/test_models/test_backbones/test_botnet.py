@@ -200,3 +200,19 @@ def test_mask_rcnn_bot50_train_step_on_synthetic_shapes(tmp_path):
     assert {'loss_rpn_cls', 'loss_cls', 'loss_bbox', 'loss_mask'} <= set(losses)
     assert all(torch.isfinite(v).all() for v in losses.values())
     assert not torch.equal(qkv.detach(), qkv_before)  # the attention was trained
+
+
+def test_query_chunk_size_reaches_every_block_and_keeps_outputs_and_keys():
+    torch.manual_seed(0)
+    kwargs = dict(depth=50, stem_channels=16, base_channels=16, out_indices=(3, ))
+    whole = BoTNet(query_chunk_size=None, **kwargs)
+    whole.init_weights()
+    chunked = BoTNet(query_chunk_size=8, **kwargs)
+    assert list(chunked.state_dict()) == list(whole.state_dict())
+    chunked.load_state_dict(whole.state_dict(), strict=True)
+    assert all(m.query_chunk_size == 8 for m in chunked.modules()
+               if isinstance(m, BottleneckAttention))
+    whole.eval(), chunked.eval()
+    x = torch.randn(1, 3, 160, 224)  # first c5 block attends over 10 x 14 tokens
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x)[0], whole(x)[0], rtol=1e-4, atol=1e-5)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmdet_detrx.models.layers.bottleneck_attention import (BottleneckAttention,
                                                             relative_position_index)
@@ -106,6 +107,8 @@ def test_bfloat16():
     (dict(embed_dims=32, num_heads=0), 'num_heads'),
     (dict(embed_dims=32, pos_embed='sine'), 'pos_embed'),
     (dict(embed_dims=32, max_size=0), 'max_size'),
+    (dict(embed_dims=32, query_chunk_size=0), 'query_chunk_size'),
+    (dict(embed_dims=32, query_chunk_size=2.5), 'query_chunk_size'),
 ])
 def test_rejects_bad_arguments(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
@@ -115,3 +118,66 @@ def test_rejects_bad_arguments(kwargs, argument):
 def test_rejects_wrong_channels():
     with pytest.raises(ValueError, match='x must be'):
         BottleneckAttention(32)(torch.randn(1, 16, 4, 4))
+
+
+@pytest.mark.parametrize('pos_embed', ['relative', 'absolute', 'none'])
+@pytest.mark.parametrize('chunk', [1, 7, 13, 29])
+def test_query_chunks_give_the_unchunked_output_and_gradients(pos_embed, chunk):
+    # 7 x 6 map: chunk 1 and 7 -> one row per chunk, 13 -> two rows, 29 -> four rows with a
+    # shorter last chunk; max_size=4 adds clipped offsets.
+    torch.manual_seed(0)
+    whole = BottleneckAttention(16, num_heads=2, pos_embed=pos_embed, max_size=4,
+                                qkv_bias=True, query_chunk_size=None).double()
+    whole.init_weights()
+    chunked = BottleneckAttention(16, num_heads=2, pos_embed=pos_embed, max_size=4,
+                                  qkv_bias=True, query_chunk_size=chunk).double()
+    chunked.load_state_dict(whole.state_dict())
+    assert chunked.rows_per_chunk(7, 6) == max(1, chunk // 6)
+    x = torch.randn(2, 16, 7, 6, dtype=torch.double, requires_grad=True)
+    outs, grads = [], []
+    for module in (whole, chunked):
+        out = module(x)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), [x, *module.parameters()]))
+    torch.testing.assert_close(outs[1], outs[0])
+    for g_chunked, g_whole in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_chunked, g_whole)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements any op output had."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out, )):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_query_chunks_bound_the_quadratic_buffers():
+    heads, size = 2, 16  # N = 256 tokens
+    module = BottleneckAttention(16, num_heads=heads, query_chunk_size=2 * size)
+    module.init_weights()
+    x = torch.randn(1, 16, size, size)
+    largest = {}
+    with torch.no_grad():
+        for chunk in (None, 2 * size):
+            module.query_chunk_size = chunk
+            mode = LargestTensor()
+            with mode:
+                module(x)
+            largest[chunk] = mode.numel
+    tokens = size * size
+    assert largest[None] >= heads * tokens * tokens  # the (B, heads, N, N) bias
+    assert largest[2 * size] <= heads * (2 * size) * tokens  # (B, heads, chunk, N) at most
+
+
+def test_query_chunk_size_changes_no_state_dict_key():
+    keys = {chunk: list(BottleneckAttention(32, query_chunk_size=chunk).state_dict())
+            for chunk in (None, 1, 1024)}
+    assert keys[None] == keys[1] == keys[1024] == ['pos_h', 'pos_w', 'qkv.weight']
