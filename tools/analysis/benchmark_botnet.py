@@ -40,6 +40,9 @@ def parse_args():
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'],
                         help='autocast dtype for the forward (float32: no autocast)')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
+    parser.add_argument('--query-chunk-size', default='1024',
+                        help="BoT backbones' query_chunk_size: an int, or 'none' for all "
+                        'queries at once (default 1024, BoTNet\'s default)')
     parser.add_argument('--out', help='also write the markdown table to this file')
     parser.add_argument('--out-png', help='also save a bar chart of time and memory (PNG)')
     parser.add_argument('--single', nargs=2, metavar=('BACKBONE', 'SIZE'),
@@ -53,6 +56,18 @@ def parse_size(text):
     except ValueError:
         raise ValueError(f'sizes must look like 800x1333 (HxW), got {text!r}') from None
     return height, width
+
+
+def parse_chunk(text):
+    if str(text).lower() == 'none':
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"--query-chunk-size must be a positive int or 'none', got {text!r}")
+    return value
 
 
 def peak_rss_bytes():
@@ -69,7 +84,10 @@ def measure(args, name, size):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = MODELS.build(BACKBONES[name]).to(device)
+    cfg = dict(BACKBONES[name])
+    if cfg['type'] == 'BoTNet':
+        cfg['query_chunk_size'] = parse_chunk(args.query_chunk_size)
+    model = MODELS.build(cfg).to(device)
     model.eval()  # mmdet's ResNet.train() returns None, so no chaining
     num_params = sum(p.numel() for p in model.parameters())
     x = torch.randn(args.batch_size, 3, *size, device=device)
@@ -111,8 +129,10 @@ def main():
         print(json.dumps(measure(args, args.single[0], parse_size(args.single[1]))))
         return
     sizes = [parse_size(s) for s in args.sizes]  # validate before spawning anything
+    parse_chunk(args.query_chunk_size)
     passthrough = [f'--batch-size={args.batch_size}', f'--repeat={args.repeat}',
-                   f'--warmup={args.warmup}', f'--device={args.device}', f'--dtype={args.dtype}']
+                   f'--warmup={args.warmup}', f'--device={args.device}', f'--dtype={args.dtype}',
+                   f'--query-chunk-size={args.query_chunk_size}']
     if args.threads:
         passthrough.append(f'--threads={args.threads}')
     rows = []
@@ -129,14 +149,21 @@ def main():
               f'CPU, {args.threads or torch.get_num_threads()} threads')
     lines = [
         f'Backbone forward, batch {args.batch_size}, {args.dtype}, {device}; median of '
-        f'{args.repeat} after {args.warmup} warm-up; memory = peak growth during the forward.',
+        f'{args.repeat} after {args.warmup} warm-up; memory = peak growth during the forward; '
+        f'BoT query_chunk_size={args.query_chunk_size}; x ResNet: memory over the ResNet of the '
+        'same depth at the same size.',
         '',
-        '| backbone | params (M) | input HxW | forward (ms) | min (ms) | peak memory (MiB) |',
-        '|---|---:|---|---:|---:|---:|',
+        '| backbone | params (M) | input HxW | forward (ms) | min (ms) | peak memory (MiB) '
+        '| memory x ResNet |',
+        '|---|---:|---|---:|---:|---:|---:|',
     ]
+    memory = {(row['backbone'], row['size']): row['memory_mib'] for row in rows}
     for row in rows:
+        resnet = memory.get((row['backbone'].replace('BoT', 'R'), row['size']))
+        ratio = f'{row["memory_mib"] / resnet:.2f}x' if resnet else '-'
         lines.append(f'| {row["backbone"]} | {row["params_m"]:.2f} | {row["size"]} | '
-                     f'{row["ms"]:.0f} | {row["ms_min"]:.0f} | {row["memory_mib"]:.0f} |')
+                     f'{row["ms"]:.0f} | {row["ms_min"]:.0f} | {row["memory_mib"]:.0f} | '
+                     f'{ratio} |')
     table = '\n'.join(lines)
     print(table)
     if args.out:
