@@ -43,12 +43,32 @@ def test_unrelated_and_reshaped_weights_are_refused():
     unrelated = {'other.weight': torch.zeros(2), **Net().state_dict()}
     with pytest.raises(CheckpointMismatchError, match='1 unexpected keys.*other.weight'):
         _check(Net(), unrelated)
-    with pytest.raises(CheckpointMismatchError, match=r'head.weight \(5, 4\) vs model \(3, 4\)'):
+    with pytest.raises(CheckpointMismatchError, match=r'2 shape mismatches: head.weight \(copying '
+                       r'a param with shape torch.Size\(\[5, 4\]\)'):
         _check(Net(), {'state_dict': Net(classes=5).state_dict()})
 
 
 def test_ignore_keys_is_the_documented_tolerance():
     _check(Net(), {'state_dict': Net(classes=5).state_dict()}, ignore_keys=[r'^head\.'])
+    partial = {k: v for k, v in Net(classes=5).state_dict().items() if k != 'backbone.0.bias'}
+    with pytest.raises(CheckpointMismatchError, match='1 missing keys.*backbone.0.bias'):
+        _check(Net(), {'state_dict': partial}, ignore_keys=[r'^head\.'])
+
+
+def test_module_that_completes_its_own_state_dict_matches():
+    """ACT's E2LSH keeps its seeded hash buffers when a plain DETR checkpoint lacks them."""
+    from mmdet_detrx.models.layers.e2lsh import E2LSH
+
+    class WithHash(Net):
+
+        def __init__(self):
+            super().__init__()
+            self.lsh = E2LSH(dim=4, num_hashes=2, bucket_width=1.0)
+
+    _check(WithHash(), {'state_dict': Net().state_dict()})
+    with pytest.raises(CheckpointMismatchError, match='head.weight'):
+        _check(WithHash(), {'state_dict': {k: v for k, v in Net().state_dict().items()
+                                           if k != 'head.weight'}})
 
 
 class _TTA(BaseTTAModel):

@@ -5,7 +5,9 @@ checkpoint) loads with ``strict=False``: an empty or unrelated ``state_dict`` on
 keys" and the run continues from random weights (a test reports their mAP, exit status 0).
 ``CheckpointMatchHook`` runs at mmengine's ``after_load_checkpoint`` extension point, compares
 the checkpoint's ``state_dict`` (after mmengine's own ``^module.`` key revision) with the model's,
-and raises listing the missing, unexpected and shape-mismatched keys.
+and raises listing the missing, unexpected and shape-mismatched keys. The comparison runs through
+the modules' own ``_load_from_state_dict`` (a module that completes a state dict itself, like
+``E2LSH`` with its seeded hash buffers, matches a checkpoint without them).
 
 Tolerated, as mmengine's ``load_state_dict`` also tolerates them: missing ``num_batches_tracked``
 BatchNorm counters (absent from pre-0.4.1 checkpoints); plus any key matching one of
@@ -66,25 +68,40 @@ class CheckpointMatchHook(Hook):
         if not isinstance(state_dict, dict):
             raise CheckpointMismatchError(
                 f'the checkpoint holds a {type(state_dict).__name__}, not a state_dict')
+        metadata = getattr(state_dict, '_metadata', None)
         revised = OrderedDict()
         for key, value in state_dict.items():
             for pattern, replacement in self.revise_keys:
                 key = pattern.sub(replacement, str(key))
             revised[key] = value
+        if metadata is not None:
+            revised._metadata = metadata
         model = runner.model
         while is_model_wrapper(model) or isinstance(model, BaseTTAModel):  # as mmengine loads
             model = model.module
-        expected = model.state_dict()
+        num_model_keys = len(model.state_dict())
 
-        missing = [key for key in expected if key not in revised and not self._ignored(key)
-                   and not key.endswith('num_batches_tracked')]
-        unexpected = [key for key in revised if key not in expected and not self._ignored(key)]
-        mismatched = [
-            f'{key} {tuple(revised[key].shape)} vs model {tuple(expected[key].shape)}'
-            for key in expected if key in revised and hasattr(revised[key], 'shape')
-            and tuple(revised[key].shape) != tuple(expected[key].shape)
-            and not self._ignored(key)
-        ]
+        # Compare through the modules' own loading code (as mmengine's loader does next), so a
+        # module that completes a state dict itself (E2LSH's seeded hash buffers, BatchNorm's
+        # counter of old checkpoints) counts as matching. Loading now is what the runner does
+        # right after this hook; a mismatch raises before anything runs on the weights.
+        mismatched = {}  # key -> torch's message
+        try:
+            result = model.load_state_dict(revised, strict=False)
+        except RuntimeError as error:  # shape mismatches: torch lists them all, then raises
+            for line in str(error).splitlines()[1:]:
+                found = re.match(r'\s*size mismatch for (\S+): (.*)', line)
+                if not found:
+                    raise
+                mismatched[found.group(1)] = found.group(2).rstrip('.')
+            result = model.load_state_dict(
+                OrderedDict((k, v) for k, v in revised.items() if k not in mismatched),
+                strict=False)
+        missing = [key for key in result.missing_keys if key not in mismatched
+                   and not self._ignored(key) and not key.endswith('num_batches_tracked')]
+        unexpected = [key for key in result.unexpected_keys if not self._ignored(key)]
+        mismatched = [f'{key} ({message})' for key, message in mismatched.items()
+                      if not self._ignored(key)]
         if not (missing or unexpected or mismatched):
             return
         parts = [_listing(title, keys) for title, keys in (
@@ -92,7 +109,7 @@ class CheckpointMatchHook(Hook):
             ('unexpected keys (in the checkpoint, not in the model)', unexpected),
             ('shape mismatches', mismatched)) if keys]
         raise CheckpointMismatchError(
-            f'the checkpoint does not match the model ({len(expected)} keys in the model, '
+            f'the checkpoint does not match the model ({num_model_keys} keys in the model, '
             f'{len(revised)} in the checkpoint): ' + '; '.join(parts) + '. Evaluating or '
             'resuming from it would run partly random weights. If a partial load is intended '
             '(e.g. fine-tuning with another head), pass --allow-partial-load to tools/train.py '
