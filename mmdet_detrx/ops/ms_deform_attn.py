@@ -280,7 +280,8 @@ def ms_deform_attn(value: torch.Tensor,
     """Multi-scale deformable attention, differentiable in value, sampling_locations and
     attention_weights. Returns ``(B, Q, heads * C)`` in value's dtype.
 
-    ``im2col_step`` only chunks the batch on devices whose kernel uses it; any batch size works.
+    ``im2col_step`` is kept for mmcv's signature: validated (> 0), ignored by every kernel (CPU
+    and CUDA process the whole batch at once); any batch size works.
     Dtypes: sampling_locations and attention_weights share one dtype, value's or (mixed
     precision) float32 / float64 with a float16 / bfloat16 value; the arithmetic is float32
     (float64 for float64 locations). Under autocast a float32 value is cast to the autocast dtype

@@ -14,7 +14,7 @@
 // double for half / bfloat16 value, double for float). Arithmetic runs in
 // acc_t = at::opmath_type<coord_t> (float for half / bfloat16 / float, double for double);
 // grad_value is accumulated in an acc_t buffer and rounded to value's dtype once at the end.
-// im2col_step is a CUDA chunking knob: the CPU kernel validates it and otherwise ignores it.
+// im2col_step (mmcv's signature) is validated and otherwise ignored, here as in the CUDA kernel.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
