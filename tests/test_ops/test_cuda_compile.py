@@ -1,12 +1,12 @@
 """tools/check_cuda_kernels.py without a GPU: the CUDA kernels of the ops compile with nvcc for
 sm_80 / sm_90, the checker fails on broken device code, and the unmodified kernels, run in the
 CPU emulator (ops/cuda/check/ms_deform_attn_emulate.cpp), match the grid_sample reference."""
-import importlib.util
 import os.path as osp
 import shutil
 import subprocess
 import sys
 
+import _helpers
 import pytest
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -16,10 +16,7 @@ needs_nvcc = pytest.mark.skipif(shutil.which('nvcc') is None, reason='nvcc not i
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location('check_cuda_kernels', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _helpers.load_tool('tools/check_cuda_kernels.py')
 
 
 def test_parse_arch_list():

@@ -1,26 +1,19 @@
 """tools/cuda_link_check.py (``make cuda-link``): version parsing, the torch / nvcc CUDA-major
 check and its message, nvcc discovery, the rebuild stamp. The real link check downloads a CUDA
 torch and builds for minutes, so it is not run here (docs/cuda.md has its numbers)."""
-import importlib.util
 import json
 import os
-import os.path as osp
 import stat
 
+import _helpers
 import pytest
-
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOL = osp.join(ROOT, 'tools', 'cuda_link_check.py')
 
 NVCC_13 = ('nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, '
            'V13.0.88\nBuild cuda_13.0.r13.0/compiler.36424714_0\n')
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location('cuda_link_check', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _helpers.load_tool('tools/cuda_link_check.py')
 
 
 def write_script(path, body):
