@@ -3,6 +3,13 @@
 Importing the package (``custom_imports=dict(imports=['mmdet_detrx'])``) registers every
 model, dataset and hook into MMDetection's registries (scope ``mmdet``).
 
+Beyond registering, the import changes two things for the whole process (docs/tools.md):
+mmengine's local and http(s) checkpoint loaders load with ``weights_only=True`` and exactly the
+globals mmengine's own checkpoints need allow-listed (``utils/safe_checkpoint.py``; opt out for
+trusted legacy pickles with ``MMDET_DETRX_TRUSTED_CHECKPOINTS=1``), and ``AmpOptimWrapper`` in
+mmdet's scope falls back to bf16 autocast on machines without a GPU
+(``engine/optimizers/amp_optim_wrapper.py``); on GPUs it is mmengine's class.
+
 ``mmdet_detrx.ops`` needs only torch, so the native op layer stays usable (and testable) on a
 machine without mmcv/mmdet; there the registries are simply not populated.
 """

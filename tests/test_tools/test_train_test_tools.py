@@ -230,3 +230,14 @@ def test_tta(trained, tmp_path):
     proc = _run(['tools/test.py', DEMO, osp.join(work_dir, 'iter_2.pth'), '--tta',
                  '--cfg-options', 'tta_model=None'])
     assert proc.returncode != 0 and '--tta needs tta_model' in proc.stderr
+
+
+def test_train_tool_refuses_unrelated_load_from(trained, tmp_path):
+    data_root, _ = trained
+    unrelated = str(tmp_path / 'unrelated.pth')
+    torch.save({'state_dict': {'fc.weight': torch.zeros(2, 2)}}, unrelated)
+    proc = _run(['tools/train.py', DEMO, '--work-dir', str(tmp_path / 'w'),
+                 *_tiny_options(data_root, max_iters=1), f'load_from={unrelated}'])
+    assert proc.returncode != 0
+    assert '1 unexpected keys' in proc.stderr and 'fc.weight' in proc.stderr
+    assert not osp.exists(tmp_path / 'w' / 'iter_1.pth')
