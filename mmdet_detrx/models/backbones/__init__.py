@@ -1,1 +1,3 @@
 from .botnet import *  # noqa: F401,F403
+from .tnt import *  # noqa: F401,F403
+from .vit import *  # noqa: F401,F403

@@ -1,0 +1,1 @@
+from .simple_feature_pyramid import *  # noqa: F401,F403

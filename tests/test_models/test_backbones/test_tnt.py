@@ -1,0 +1,165 @@
+"""TNT backbone: timm equality, any input size, visual words, checkpoints, bad arguments."""
+import os.path as osp
+
+import pytest
+import torch
+from mmdet.registry import MODELS
+from mmengine.config import Config
+
+import mmdet_detrx  # noqa: F401
+from mmdet_detrx.models.backbones.tnt import TNT
+from mmdet_detrx.models.layers.pixel_embed import PixelEmbed
+from test_vit import ROOT, num_params, randomize_, shrink_to_smoke_run, timm, timm_checkpoint  # noqa: F401
+
+MINI = dict(embed_dims=64, inner_dims=8, num_layers=2, num_heads=2, inner_num_heads=2,
+            mlp_ratio=2.)
+
+
+@pytest.mark.parametrize('arch, timm_name', [
+    ('small', 'tnt_s_patch16_224'),
+    pytest.param('base', 'tnt_b_patch16_224', marks=pytest.mark.slow)])
+def test_arch_is_timms(timm, arch, timm_name):
+    ours = MODELS.build(dict(type='TNT', arch=arch))
+    reference = timm.create_model(timm_name, pretrained=False)
+    assert num_params(ours) == num_params(reference) - num_params(reference.head)
+    assert len(ours.layers) == len(reference.blocks) == 12
+
+
+def test_equals_timm_forward_features(timm, tmp_path):
+    reference, path = timm_checkpoint(timm, 'tnt_s_patch16_224', tmp_path)
+    ours = MODELS.build(dict(type='TNT', arch='small',
+                             init_cfg=dict(type='Pretrained', checkpoint=path)))
+    ours.init_weights()
+    ours.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        tokens = reference.forward_features(x)  # (B, 1 + 196, 384)
+        (out, ) = ours(x)
+    assert out.shape == (2, 384, 14, 14)
+    expected = tokens[:, 1:].reshape(2, 14, 14, 384).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_qk_and_v_are_stacked_into_qkv(timm, tmp_path):
+    reference, path = timm_checkpoint(timm, 'tnt_s_patch16_224', tmp_path)
+    ours = TNT(arch='small', init_cfg=dict(type='Pretrained', checkpoint=path))
+    ours.init_weights()
+    block = reference.blocks[5]
+    for ours_attn, (qk, v) in ((ours.layers[5].inner.attn, (block.attn_in.qk, block.attn_in.v)),
+                               (ours.layers[5].outer.attn, (block.attn_out.qk, block.attn_out.v))):
+        assert ours_attn.qkv.bias is None
+        torch.testing.assert_close(ours_attn.qkv.weight, torch.cat([qk.weight, v.weight]))
+
+
+def test_visual_words():
+    embed = PixelEmbed(3, inner_dims=8, patch_size=16, inner_patch_size=4)
+    x = torch.randn(2, 3, 40, 50)  # padded to 48 x 64: a 3 x 4 grid of patches
+    words, grid = embed(x)
+    assert grid == (3, 4) and words.shape == (2 * 12, 16, 8)
+    # Patch (row 1, col 2) of image 1 sees only its own 16x16 pixels.
+    with torch.no_grad():
+        x2 = x.clone()
+        x2[1, :, 16:32, 32:48] += 1
+        words2, _ = embed(x2)
+    changed = (words2 - words).abs().flatten(1).amax(1).reshape(2, 3, 4) > 0
+    assert changed.sum() == 1 and changed[1, 1, 2]
+
+
+@pytest.mark.parametrize('size', [(513, 771), (800, 1216)])
+def test_any_input_size(size):
+    torch.manual_seed(0)
+    tnt = TNT(arch=MINI, out_indices=(0, 1))
+    tnt.eval()
+    with torch.no_grad():
+        outs = tnt(torch.randn(1, 3, *size))
+    grid = ((size[0] + 15) // 16, (size[1] + 15) // 16)
+    assert [o.shape for o in outs] == [(1, 64, *grid)] * 2
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    tnt = TNT(arch=MINI)
+    tnt.train()
+    tnt(torch.randn(2, 3, 100, 130))[0].square().mean().backward()  # 7x9 grid: resized table
+    for name, param in tnt.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_with_cp_gives_same_gradients():
+    torch.manual_seed(0)
+    plain, checkpointed = TNT(arch=MINI), TNT(arch=MINI, with_cp=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 64, 96)
+    for model in (plain, checkpointed):
+        model.train()
+        model(x)[0].square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_drop_path_in_inner_and_outer_transformers():
+    tnt = TNT(arch=MINI, drop_path_rate=0.4)
+    last = tnt.layers[-1]
+    assert last.inner.drop_path.drop_prob == last.outer.drop_path.drop_prob == pytest.approx(0.4)
+    x = torch.randn(4, 3, 64, 64)
+    tnt.eval()
+    with torch.no_grad():
+        assert torch.equal(tnt(x)[0], tnt(x)[0])
+        tnt.train()
+        assert not torch.equal(tnt(x)[0], tnt(x)[0])
+
+
+def test_frozen_stages():
+    tnt = TNT(arch=MINI, frozen_stages=1)
+    frozen = [tnt.pixel_embed, tnt.proj_norm1, tnt.proj, tnt.proj_norm2, tnt.pos_embed,
+              tnt.layers[0]]
+    assert not tnt.cls_token.requires_grad
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for p in tnt.layers[1].parameters())
+    tnt.train()
+    assert not any(m.training for m in frozen) and tnt.layers[1].training
+
+
+def test_wrong_checkpoint_names_the_keys(timm, tmp_path):
+    _, vit_path = timm_checkpoint(timm, 'vit_small_patch16_224', tmp_path)
+    tnt = TNT(arch='small', init_cfg=dict(type='Pretrained', checkpoint=vit_path))
+    with pytest.raises(ValueError, match=r'missing from the checkpoint: .*inner'):
+        tnt.init_weights()
+    _, legacy_path = timm_checkpoint(timm, 'tnt_s_legacy_patch16_224', tmp_path)
+    tnt = TNT(arch='small', init_cfg=dict(type='Pretrained', checkpoint=legacy_path))
+    with pytest.raises(ValueError, match=r'not in TNT: .*layers\.0\.proj\.bias'):
+        tnt.init_weights()
+
+
+@pytest.mark.parametrize('kwargs, argument', [
+    (dict(inner_patch_size=5), 'inner_patch_size'),
+    (dict(inner_patch_size=32), 'inner_patch_size'),
+    (dict(patch_size=15), 'patch_size'),
+    (dict(patch_size=32, pretrain_img_size=(224, 240)), 'pretrain_img_size'),
+    (dict(arch=dict(MINI, num_heads=3)), 'num_heads'),
+    (dict(arch=dict(MINI, inner_dims=10, inner_num_heads=4)), 'inner_num_heads'),
+    (dict(arch='tiny'), 'arch'),
+    (dict(out_indices=(2, )), 'out_indices'),
+    (dict(frozen_stages=-2), 'frozen_stages'),
+])
+def test_rejects_bad_arguments(kwargs, argument):
+    kwargs = {'arch': MINI, **kwargs}
+    with pytest.raises(ValueError, match=argument):
+        TNT(**kwargs)
+
+
+def test_synthetic_shapes_config_trains_and_evaluates(tmp_path):
+    from mmengine.runner import Runner
+    cfg = Config.fromfile(
+        osp.join(ROOT, 'configs/tnt/faster-rcnn_tnt-t6_sfp_1xb8-6e_synthetic-shapes.py'))
+    shrink_to_smoke_run(cfg, tmp_path)
+    runner = Runner.from_cfg(cfg)
+    tnt = runner.model.backbone
+    assert isinstance(tnt, TNT)
+    before = tnt.layers[0].inner.attn.qkv.weight.detach().clone()
+    runner.train()
+    assert not torch.equal(tnt.layers[0].inner.attn.qkv.weight.detach(), before)
+    metrics = runner.val_loop.run()
+    assert 'coco/bbox_mAP' in metrics
