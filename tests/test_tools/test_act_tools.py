@@ -55,7 +55,7 @@ def detr_checkpoint(tmp_path_factory):
 def test_benchmark_act(tmp_path):
     rows = load_tool('benchmark_act').main(
         ['--tokens', '128', '512', '--embed-dims', '32', '--heads', '4', '--repeat', '1',
-         '--out-dir', str(tmp_path)])
+         '--timer', 'cpu', '--out-dir', str(tmp_path)])
     assert [(r['tokens'], r['setting'].split(' ')[0]) for r in rows] == [
         (128, 'r=2'), (128, 'calibrated'), (512, 'r=2'), (512, 'calibrated')]
     assert all(0 < r['clusters'] < r['tokens'] for r in rows)

@@ -2,7 +2,7 @@
 
     python tools/analysis/benchmark_act.py [--tokens 1024 4096 16384] [--heads 8]
         [--embed-dims 256] [--num-hashes 32] [--bucket-width 2.0] [--target-error 0.04]
-        [--no-calibrate] [--repeat 3] [--out-dir DIR] [--device cpu]
+        [--no-calibrate] [--repeat 3] [--timer wall|cpu] [--out-dir DIR] [--device cpu]
 
 Tokens: a documented clustered mixture standing in for a DETR encoder feature map, whose large
 flat regions (sky, road, wall) repeat nearly the same feature. ``--regions`` centres
@@ -21,7 +21,9 @@ unless ``--no-calibrate``, the width :func:`mmdet_detrx.models.layers.calibrate_
 picks for ``--target-error`` on a *held-out* draw of the same mixture (another seed, same size):
 nobody chooses r. Reported: mean clusters per head, relative output error
 ``||act - exact|| / ||exact||`` (core) on the benchmark draw, the median wall time of ``--repeat``
-runs and the speed-ups. Writes ``benchmark_act.csv`` and
+runs and the speed-ups. ``--timer cpu`` measures process CPU time instead of wall time (CPU only):
+on a machine shared with other jobs it is not inflated by their load (with one thread it is the
+compute cost itself). Writes ``benchmark_act.csv`` and
 ``benchmark_act.md`` and ``benchmark_act.png`` to ``--out-dir`` when given.
 """
 import argparse
@@ -62,6 +64,11 @@ def parse_args(argv=None):
                         help='mixture centres (default: tokens // 64)')
     parser.add_argument('--noise', type=float, default=0.05, help='sigma of the token noise')
     parser.add_argument('--repeat', type=int, default=3)
+    parser.add_argument('--mmcv-max-tokens', type=int, default=None,
+                        help='skip the mmcv MultiheadAttention comparison above this many tokens '
+                        '(it forms the N x N weights: ~9 GB at 16k tokens, 8 heads)')
+    parser.add_argument('--timer', choices=['wall', 'cpu'], default='wall',
+                        help='wall-clock time, or process CPU time (CPU device only)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--out-dir', default=None)
@@ -77,17 +84,18 @@ def clustered_tokens(num_tokens, embed_dims, regions, noise, generator):
     return F.layer_norm(tokens, (embed_dims, )).unsqueeze(0)
 
 
-def timed(fn, repeat, device):
+def timed(fn, repeat, device, timer='wall'):
+    clock = time.process_time if timer == 'cpu' else time.perf_counter
     out = fn()  # warm-up: first-call allocations and kernel selection are not timed
     times = []
     for _ in range(repeat):
         if device.startswith('cuda'):
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         out = fn()
         if device.startswith('cuda'):
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return out, statistics.median(times)
 
 
@@ -120,19 +128,24 @@ def bench_size(args, num_tokens):
         settings.append((f'calibrated ({100 * args.target_error:g}%)', width,
                          time.perf_counter() - start))
 
-    ref_module, t_mmcv = timed(lambda: exact(x), args.repeat, args.device)
+    with_mmcv = args.mmcv_max_tokens is None or num_tokens <= args.mmcv_max_tokens
+    if with_mmcv:
+        ref_module, t_mmcv = timed(lambda: exact(x), args.repeat, args.device, args.timer)
+    else:
+        ref_module, t_mmcv = None, float('nan')
     head_dims = args.embed_dims // args.heads
     qkv = F.linear(x, act.attn.in_proj_weight, act.attn.in_proj_bias)
     q, k, v = (t.reshape(1, num_tokens, args.heads, head_dims).transpose(1, 2).contiguous()
                for t in qkv.chunk(3, dim=-1))  # (1, heads, N, head_dims)
     ref_core, t_sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeat,
-                             args.device)
+                             args.device, args.timer)
     rows = []
     for name, width, calibration_s in settings:
         act.bucket_width = width
-        out_module, t_act_module = timed(lambda: act(x), args.repeat, args.device)
+        out_module, t_act_module = timed(lambda: act(x), args.repeat, args.device, args.timer)
         (out_core, _, clusters), t_act_core = timed(
-            lambda: adaptive_clustering_attention(q, k, v, act.lsh), args.repeat, args.device)
+            lambda: adaptive_clustering_attention(q, k, v, act.lsh), args.repeat, args.device,
+            args.timer)
         rows.append(dict(
             tokens=num_tokens,
             regions=regions,
@@ -141,7 +154,8 @@ def bench_size(args, num_tokens):
             calibration_s=calibration_s,
             clusters=round(clusters.float().mean().item(), 1),
             rel_err=((out_core - ref_core).norm() / ref_core.norm()).item(),
-            rel_err_module=((out_module - ref_module).norm() / (ref_module - x).norm()).item(),
+            rel_err_module=(((out_module - ref_module).norm() / (ref_module - x).norm()).item()
+                            if with_mmcv else float('nan')),
             sdpa_s=t_sdpa,
             act_core_s=t_act_core,
             speedup_vs_sdpa=t_sdpa / t_act_core,
@@ -160,6 +174,10 @@ def machine():
     return f'{name}, torch {torch.__version__}, {threads} threads'
 
 
+def _or_dash(value, fmt, suffix=''):
+    return '-' if value != value else f'{value:{fmt}}{suffix}'  # nan: not measured
+
+
 def to_markdown(rows):
     header = ('| tokens | regions | setting | r | clusters/head | rel. err (core) | SDPA (s) '
               '| ACT core (s) | speed-up vs SDPA | mmcv MHA (s) | ACT module (s) '
@@ -169,8 +187,8 @@ def to_markdown(rows):
         lines.append(f"| {r['tokens']} | {r['regions']} | {r['setting']} | "
                      f"{r['bucket_width']:.3g} | {r['clusters']} | "
                      f"{100 * r['rel_err']:.2f}% | {r['sdpa_s']:.3f} | {r['act_core_s']:.3f} | "
-                     f"{r['speedup_vs_sdpa']:.2f}x | {r['mmcv_s']:.3f} | "
-                     f"{r['act_module_s']:.3f} | {r['speedup_vs_mmcv']:.2f}x |")
+                     f"{r['speedup_vs_sdpa']:.2f}x | {_or_dash(r['mmcv_s'], '.3f')} | "
+                     f"{r['act_module_s']:.3f} | {_or_dash(r['speedup_vs_mmcv'], '.2f', 'x')} |")
     return '\n'.join(lines)
 
 
@@ -207,12 +225,15 @@ def main(argv=None):
     args = parse_args(argv)
     if args.embed_dims % args.heads:
         raise ValueError('--embed-dims must be divisible by --heads')
+    if args.timer == 'cpu' and not args.device.startswith('cpu'):
+        raise ValueError('--timer cpu measures CPU time: use it with --device cpu')
     if args.bucket_width <= 0 and args.no_calibrate:
         raise ValueError('nothing to measure: --bucket-width 0 and --no-calibrate')
     rows = [row for n in args.tokens for row in bench_size(args, n)]
     table = to_markdown(rows)
     print(f'machine: {machine()}; heads={args.heads}, embed_dims={args.embed_dims}, '
-          f'L={args.num_hashes}, noise={args.noise}, calibration target={args.target_error}')
+          f'L={args.num_hashes}, noise={args.noise}, calibration target={args.target_error}, '
+          f'timer={args.timer}')
     print(table)
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -221,7 +242,7 @@ def main(argv=None):
             writer.writeheader()
             writer.writerows(rows)
         with open(osp.join(args.out_dir, 'benchmark_act.md'), 'w') as f:
-            f.write(f'machine: {machine()}\n\n{table}\n')
+            f.write(f'machine: {machine()}, timer: {args.timer}\n\n{table}\n')
         plot(rows, osp.join(args.out_dir, 'benchmark_act.png'))
     return rows
 
