@@ -1,0 +1,720 @@
+"""Whole detectors on CPU: mmdet's stock model vs ours, same weights, same process, same input.
+
+Pairs (``--models``; stock = mmdet 3.3's package config, ours = this repository's config, both
+randomly initialised with ``backbone.init_cfg=None``; the stock model's state dict is loaded
+into ours, strictly):
+
+  deformable-detr         mmdet DeformableDETR (mmcv MSDA: grid_sample on CPU) vs DeformableDETRX
+                          with MSDeformAttn
+  deformable-detr-2stage  the same, two-stage with box refinement
+  dino                    mmdet DINO-4scale R50 vs DINOX with MSDeformAttn
+  detr-dc5-act            mmdet DETR-R50 with a DC5 backbone (exact attention) vs ACT encoder
+  botnet-mask-rcnn        mmdet Mask R-CNN R50-FPN vs the same with a BoT50 backbone
+                          (not strict: BoT50's attention tensors keep their own random init,
+                          R50's replaced c5 conv2 weights are dropped; the key difference is
+                          asserted to be exactly ``BoTNet.resnet_key_diff()``)
+
+Modes (``--modes``): ``infer`` = ``model.test_step`` (preprocess + predict incl. post-processing)
+under ``torch.no_grad``, batch ``--batch-infer`` (1); ``train`` = ``model.train_step`` (preprocess,
+forward, losses incl. matching, backward, optimizer step with the config's optimizer and
+clipping), batch ``--batch-train`` (2). Dtypes (``--dtypes``): ``float32``, or ``bfloat16`` =
+``torch.autocast('cpu', bfloat16)`` around inference and, for training, mmdet-detrx's
+``CPUAmpOptimWrapper`` (the ``tools/train.py --amp`` path on CPU).
+
+Input: a synthetic image per batch entry (a smooth gradient with a few flat-coloured boxes, which
+are the ground-truth boxes/masks for training), ``--shape H W`` (default 800 1333). Content
+matters only for ACT, whose cost follows the number of clusters; random-init weights and
+synthetic images cluster differently from a trained DETR on COCO.
+
+Measured per case:
+
+* time: median (and min) of ``--repeats`` runs after ``--warmup`` untimed runs (at least one:
+  it also counts FLOPs); stock and ours run interleaved, run by run;
+* FLOPs: ``torch.utils.flop_counter`` over one run (matmuls/convolutions/attention; the
+  deformable-attention sampling, an op without a FLOP formula, is not counted), reported as
+  achieved GFLOP/s and as a percentage of this machine's measured GEMM peak in that dtype;
+* peak memory: the growth of the process's resident set during a timed run over the resident
+  set just before it (Linux: ``malloc_trim`` frees retained heap, then the kernel's high-water
+  mark ``VmHWM`` is reset through ``/proc/self/clear_refs`` and read afterwards), maximum over
+  the timed runs: activations, workspaces, autocast weight copies and (train) gradients; weights
+  and optimizer state present before the run are excluded;
+* stages: one extra run under ``torch.profiler`` with ``record_function`` ranges opened by
+  wrappers around the model's submodules (backbone, neck, encoder, decoder, head incl. its
+  post-processing/losses, attention modules; the train step also ``backward`` and
+  ``optimizer``); shares are of the profiled step, ``other`` is what no range covers
+  (preprocess, positional encodings, proposal selection, denoising queries, ...);
+* encoder check (fp32 inference, DETR pairs): relative L2 difference of ours' encoder output to
+  stock's on the first run (0 up to rounding for MSDA; ACT's approximation error for ACT).
+
+Memory safety: before a pair's cases run at the requested shape, each model runs once per mode at
+three small shapes (the largest 1/16 of the pixels and at most 400x667, then 1/4 and 1/16 of
+that) and the peak growth is extrapolated with a constant + linear + quadratic fit in the pixel
+count; a case whose estimate (x2, see MEMORY_MARGIN) does
+not fit in ``MemAvailable`` is refused with a message (and the tool exits 3) rather than run.
+
+Outputs: a markdown table to stdout, and with ``--out-dir``: ``benchmark_detectors.md``,
+``.csv`` and ``.png`` (time and memory bars on a linear axis, each bar labelled with its ratio to
+the stock fp32 model of its group). Example (the full matrix, for an idle machine)::
+
+    python tools/analysis/benchmark_detectors.py --threads 2 --repeats 3 \\
+        --out-dir work_dirs/benchmark_detectors
+    python tools/analysis/benchmark_detectors.py --models deformable-detr dino --modes infer \\
+        --dtypes float32 bfloat16 --shape 800 1333 --repeats 3 --out-dir work_dirs/bd
+"""
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import os
+import os.path as osp
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from _common import (Column, add_common_args, bar_chart, machine_line,  # noqa: E402
+                     markdown_table, panel_grid, time_calls, write_csv)
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+DC5 = dict(strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), out_indices=(3, ))
+
+
+@dataclass
+class Pair:
+    stock: str  # config under mmdet's package configs
+    ours: str  # config in this repository
+    stock_label: str
+    ours_label: str
+    stock_backbone: Optional[dict] = None  # applied to the stock config's backbone
+    strict: bool = True
+    compare_encoder: bool = True
+
+
+PAIRS = {
+    'deformable-detr': Pair(
+        'deformable_detr/deformable-detr_r50_16xb2-50e_coco.py',
+        'configs/deformable_detr/deformable-detrx_r50_16xb2-50e_coco.py',
+        'mmdet', 'ours (MSDeformAttn)'),
+    'deformable-detr-2stage': Pair(
+        'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
+        'configs/deformable_detr/deformable-detrx-refine-twostage_r50_16xb2-50e_coco.py',
+        'mmdet', 'ours (MSDeformAttn)'),
+    'dino': Pair(
+        'dino/dino-4scale_r50_8xb2-12e_coco.py',
+        'configs/dino/dinox-4scale_r50_8xb2-12e_coco.py',
+        'mmdet', 'ours (MSDeformAttn)'),
+    'detr-dc5-act': Pair(
+        'detr/detr_r50_8xb2-150e_coco.py', 'configs/act_detr_r50-dc5.py',
+        'exact (mmdet DETR-DC5)', 'ours (ACT)', stock_backbone=DC5),
+    'botnet-mask-rcnn': Pair(
+        'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', 'configs/botnet/mask-rcnn_bot50_fpn_1x_coco.py',
+        'mmdet R50', 'ours (BoT50)', strict=False, compare_encoder=False),
+}
+MODES = ('infer', 'train')
+STAGES = ('backbone', 'neck', 'encoder', 'decoder', 'head')
+STAGE_MODULES = {  # stage -> (detector attributes, methods wrapped)
+    'backbone': (('backbone', ), ('forward', )),
+    'neck': (('neck', ), ('forward', )),
+    'encoder': (('encoder', ), ('forward', )),
+    'decoder': (('decoder', ), ('forward', )),
+    'head': (('bbox_head', 'rpn_head', 'roi_head'),
+             ('forward', 'predict', 'loss', 'loss_and_predict')),
+}
+ATTENTION_CLASSES = ('MultiScaleDeformableAttention', 'MSDeformAttn', 'MultiheadAttention',
+                     'AdaptiveClusteringAttention', 'BottleneckAttention')
+MEMORY_MARGIN = 2.0  # the estimate was 0.5-1.1x the measured peak at 800x1333
+PROBE_MAX_PIXELS = 400 * 667
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='\n'.join(__doc__.split('\n')[1:]))
+    parser.add_argument('--models', nargs='+', choices=list(PAIRS), default=list(PAIRS),
+                        help='model pairs (default: all)')
+    parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
+    parser.add_argument('--shape', type=int, nargs=2, default=(800, 1333), metavar=('H', 'W'),
+                        help='input image size (default 800 1333)')
+    parser.add_argument('--batch-infer', type=int, default=1, help='inference batch (1)')
+    parser.add_argument('--batch-train', type=int, default=2, help='train-step batch (2)')
+    add_common_args(parser, 'dtypes', 'threads', 'repeats', 'warmup', 'out_dir', 'seed')
+    parser.set_defaults(dtypes=['float32', 'bfloat16'])
+    parser.add_argument('--no-profile', action='store_true',
+                        help='skip the per-stage profiled run')
+    parser.add_argument('--no-memory-check', action='store_true',
+                        help='skip the memory estimate (and its refusal) before each pair')
+    args = parser.parse_args(argv)
+    bad = [d for d in args.dtypes if d not in ('float32', 'bfloat16')]
+    if bad:
+        parser.error(f'--dtypes: only float32 and bfloat16 (CPU autocast), got {bad}')
+    if min(args.shape) < 32:
+        parser.error(f'--shape must be at least 32x32, got {args.shape}')
+    for name in ('batch_infer', 'batch_train'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be >= 1')
+    return args
+
+
+# -------------------------------------------------------------------------------------- memory
+_LIBC = ctypes.CDLL('libc.so.6') if sys.platform.startswith('linux') else None
+
+
+def _status_kib(field_name):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field_name + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f'{field_name} missing from /proc/self/status')
+
+
+def memory_available_bytes():
+    with open('/proc/meminfo') as f:
+        for line in f:
+            if line.startswith('MemAvailable:'):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError('MemAvailable missing from /proc/meminfo')
+
+
+class PeakRSS:
+    """Peak resident-set growth of this process over a region (Linux)."""
+
+    def __init__(self):
+        self.baseline = self.peak = 0
+
+    def start(self):
+        gc.collect()
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)  # give retained free heap back, so reuse cannot hide growth
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # reset VmHWM to the current RSS
+        self.baseline = _status_kib('VmRSS') * 1024
+
+    def stop(self):
+        self.peak = max(self.peak, _status_kib('VmHWM') * 1024 - self.baseline)
+        return self.peak
+
+
+def memory_supported():
+    try:
+        PeakRSS().start()
+        return True
+    except OSError:
+        return False
+
+
+def extrapolate_peak(probes, pixels):
+    """Fit ``c + a * p + b * p**2`` (all >= 0) through (pixels, bytes) probes; evaluate at
+    ``pixels``. The constant holds what does not scale with the image (gradients, optimizer
+    state, workspaces), the quadratic term all-to-all attention."""
+    probes = sorted(probes)
+    p = np.array([q for q, _ in probes], dtype=float)
+    m = np.array([v for _, v in probes], dtype=float)
+    scale = p.max()
+    basis = np.stack([np.ones_like(p), p / scale, (p / scale)**2], 1)
+    coef = np.linalg.lstsq(basis, m, rcond=None)[0]
+    if (coef < 0).any():  # noise: keep the non-negative fit of the two largest probes
+        (p1, m1), (p2, m2) = probes[-2:]
+        slope = max(0.0, (m2 - m1) / (p2 - p1)) if p2 > p1 else 0.0
+        coef = np.array([max(0.0, m2 - slope * p2), slope * scale, 0.0])
+    x = pixels / scale
+    return float(coef[0] + coef[1] * x + coef[2] * x**2)
+
+
+# --------------------------------------------------------------------------------------- roofline
+def machine_peaks(threads, repeats=5):
+    """Measured GEMM GFLOP/s (fp32, bf16) and copy bandwidth GB/s at the current thread count."""
+    n = 2048
+    peaks = {}
+    for name, dtype in (('float32', torch.float32), ('bfloat16', torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        out = torch.empty(n, n, dtype=dtype)
+        torch.mm(a, b, out=out)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            times.append(time.perf_counter() - start)
+        peaks[f'gemm_gflops_{name}'] = 2 * n**3 / min(times) / 1e9
+    src = torch.ones(64 * 2**20)  # 256 MiB, far past the caches
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    peaks['copy_gbps'] = 2 * src.numel() * src.element_size() / min(times) / 1e9
+    peaks['threads'] = threads
+    return peaks
+
+
+# --------------------------------------------------------------------------------------- models
+def mmdet_config_path(relative):
+    import mmdet
+    path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', relative)
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'mmdet package config {relative} not found at {path}')
+    return path
+
+
+def load_cfg(path, backbone_update=None):
+    from mmengine.config import Config
+    cfg = Config.fromfile(path)
+    cfg.model.backbone.init_cfg = None  # random init: no pretrained download
+    if backbone_update:
+        cfg.model.backbone.update(backbone_update)
+    return cfg
+
+
+def build_pair(pair: Pair):
+    """Stock and ours from one set of weights. Returns (cfgs, models, load report)."""
+    from mmdet.registry import MODELS
+    stock_cfg = load_cfg(mmdet_config_path(pair.stock), pair.stock_backbone)
+    ours_cfg = load_cfg(osp.join(ROOT, pair.ours))
+    torch.manual_seed(0)
+    stock = MODELS.build(stock_cfg.model)
+    stock.init_weights()
+    ours = MODELS.build(ours_cfg.model)
+    ours.init_weights()
+    state = stock.state_dict()
+    if pair.strict:
+        ours.load_state_dict(state, strict=True)
+        report = 'strict'
+    else:
+        result = ours.load_state_dict(state, strict=False)
+        new_keys, dropped_keys = ours.backbone.resnet_key_diff()
+        expected_missing = {f'backbone.{k}' for k in new_keys}
+        expected_unexpected = {f'backbone.{k}' for k in dropped_keys}
+        if (set(result.missing_keys) != expected_missing
+                or set(result.unexpected_keys) != expected_unexpected):
+            raise RuntimeError(f'{pair.ours}: unexpected key difference to {pair.stock}: '
+                               f'missing {result.missing_keys}, '
+                               f'unexpected {result.unexpected_keys}')
+        report = (f'shared keys; {len(new_keys)} BoT tensors own init, {len(dropped_keys)} '
+                  'R50 conv2 dropped')
+    return (stock_cfg, ours_cfg), (stock, ours), report
+
+
+def synthetic_batch(batch, shape, training, with_masks, seed):
+    """``test_step``/``train_step`` input: smooth images with flat boxes (= the ground truth)."""
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+    height, width = shape
+    generator = torch.Generator().manual_seed(seed)
+    inputs, samples = [], []
+    ys = torch.linspace(0, 1, height)[:, None]
+    xs = torch.linspace(0, 1, width)[None, :]
+    for index in range(batch):
+        colour = torch.rand(3, 1, 1, generator=generator)
+        image = (colour * 0.5 + 0.25 * (ys + xs)).expand(3, height, width).clone()
+        num_boxes = 4
+        x1 = torch.rand(num_boxes, generator=generator) * width * 0.6
+        y1 = torch.rand(num_boxes, generator=generator) * height * 0.6
+        x2 = (x1 + width * (0.1 + 0.3 * torch.rand(num_boxes, generator=generator))).clamp(
+            max=width - 1)
+        y2 = (y1 + height * (0.1 + 0.3 * torch.rand(num_boxes, generator=generator))).clamp(
+            max=height - 1)
+        boxes = torch.stack([x1, y1, x2, y2], 1).floor()
+        masks = np.zeros((num_boxes, height, width), dtype=np.uint8)
+        for k, (a, b, c, d) in enumerate(boxes.long().tolist()):
+            image[:, b:d + 1, a:c + 1] = torch.rand(3, 1, 1, generator=generator)
+            masks[k, b:d + 1, a:c + 1] = 1
+        inputs.append((image * 255).round().to(torch.uint8))
+        sample = DetDataSample(metainfo=dict(
+            img_id=index, img_path=f'synthetic_{index}.png', img_shape=(height, width),
+            ori_shape=(height, width), scale_factor=(1.0, 1.0), flip=False,
+            flip_direction=None))
+        if training:
+            instances = InstanceData(
+                bboxes=boxes, labels=torch.randint(0, 80, (num_boxes, ), generator=generator))
+            if with_masks:
+                instances.masks = BitmapMasks(masks, height, width)
+            sample.gt_instances = instances
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def optim_wrapper_for(model, cfg, dtype):
+    from mmengine.optim import build_optim_wrapper
+    optim_cfg = copy.deepcopy(cfg.optim_wrapper)
+    if dtype == 'bfloat16':
+        optim_cfg.type = 'CPUAmpOptimWrapper'
+        optim_cfg.dtype = 'bfloat16'
+    return build_optim_wrapper(model, optim_cfg)
+
+
+def make_step(model, cfg, mode, dtype, data):
+    """A zero-argument callable running one inference (``test_step``) or one train step."""
+    if mode == 'infer':
+        autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
+
+        def step():
+            with torch.no_grad(), autocast:
+                return model.test_step(data)
+
+        return step
+    wrapper = optim_wrapper_for(model, cfg, dtype)
+    wrapper.backward = ranged('backward', wrapper.backward)
+    wrapper.step = ranged('optimizer', wrapper.step)
+
+    def step():
+        return model.train_step(data, wrapper)
+
+    return step
+
+
+# --------------------------------------------------------------------------------------- ranges
+_open_ranges: Dict[str, int] = {}
+
+
+def ranged(name, fn):
+    """``fn`` inside ``record_function(name)``; nested calls of the same name open no range."""
+
+    def wrapper(*args, **kwargs):
+        if _open_ranges.get(name):
+            return fn(*args, **kwargs)
+        _open_ranges[name] = 1
+        try:
+            with torch.profiler.record_function(name):
+                return fn(*args, **kwargs)
+        finally:
+            _open_ranges[name] = 0
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+@contextlib.contextmanager
+def stage_ranges(model):
+    """Wrap the detector's stages and attention modules in named profiler ranges."""
+    wrapped = []
+
+    def wrap(module, method, name):
+        if not hasattr(type(module), method):
+            return
+        setattr(module, method, ranged(name, getattr(module, method)))
+        wrapped.append((module, method))
+
+    for stage, (attributes, methods) in STAGE_MODULES.items():
+        for attribute in attributes:
+            module = getattr(model, attribute, None)
+            if isinstance(module, torch.nn.Module):
+                for method in methods:
+                    wrap(module, method, stage)
+    for module in model.modules():
+        if type(module).__name__ in ATTENTION_CLASSES:
+            wrap(module, 'forward', 'attention')
+    try:
+        yield
+    finally:
+        for module, method in wrapped:
+            delattr(module, method)  # the class's method shows through again
+
+
+def profile_shares(step, model):
+    """One run under torch.profiler: {stage: share of the step} (plus 'other')."""
+    names = STAGES + ('attention', 'backward', 'optimizer')
+    with stage_ranges(model), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.record_function('step'):
+            step()
+    totals = {evt.key: evt.cpu_time_total for evt in prof.key_averages() if evt.key in
+              names + ('step', )}
+    total = totals.get('step') or 1.0
+    shares = {name: totals.get(name, 0.0) / total for name in names}
+    covered = sum(shares[name] for name in STAGES + ('backward', 'optimizer'))
+    shares['other'] = max(0.0, 1.0 - covered)
+    return shares
+
+
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker: every FLOP goes to 'Global'."""
+    parents = ('Global', )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def count_flops_and_capture(step, model):
+    """Run ``step`` once counting FLOPs; also return the encoder's output (or None)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    captured = {}
+    handle = None
+    encoder = getattr(model, 'encoder', None)
+    if isinstance(encoder, torch.nn.Module):
+        handle = encoder.register_forward_hook(
+            lambda m, i, out: captured.setdefault('encoder', out.detach().float().clone()))
+    try:
+        counter = FlopCounterMode(display=False)
+        # Its per-module tracker hooks autograd and asserts on parameters used under no_grad
+        # (mmdet's query embeddings); only the global total is needed here.
+        counter.mod_tracker = _GlobalOnly()
+        try:
+            with counter:
+                step()
+            flops = counter.get_total_flops()
+        except Exception as error:  # an op the counter cannot trace: warm up without it
+            print(f'FLOP counting failed ({type(error).__name__}: {error}); not reported',
+                  file=sys.stderr)
+            captured.clear()
+            step()
+            flops = None
+    finally:
+        if handle is not None:
+            handle.remove()
+    return flops, captured.get('encoder')
+
+
+# ------------------------------------------------------------------------------------- benchmark
+def estimate_memory(models, cfgs, mode, shape, batch, with_masks, seed, states):
+    """Extrapolated peak growth (bytes) of each model's ``mode`` step at ``shape``."""
+    height, width = shape
+    pixels = height * width
+    top = min(pixels / 16, PROBE_MAX_PIXELS)
+    estimates = []
+    for model, cfg, state in zip(models, cfgs, states):
+        probes = []
+        for probe_pixels in (top / 16, top / 4, top):
+            scale = (probe_pixels / pixels)**0.5
+            probe_shape = (max(32, round(height * scale)), max(32, round(width * scale)))
+            data = synthetic_batch(batch, probe_shape, mode == 'train', with_masks, seed)
+            model.load_state_dict(state)
+            model.train(mode == 'train')
+            step = make_step(model, cfg, mode, 'float32', data)
+            meter = PeakRSS()
+            meter.start()
+            step()
+            probes.append((probe_shape[0] * probe_shape[1], meter.stop()))
+            del step, data
+        extra = 2 * sum(p.numel() for p in model.parameters())  # bf16 weight copies (autocast)
+        estimates.append(extrapolate_peak(probes, pixels) + extra)
+    for model, state in zip(models, states):
+        model.load_state_dict(state)
+    return estimates
+
+
+def run_pair(args, name, pair, peaks_by_threads, log):
+    log(f'== {name}: building {pair.stock} and {pair.ours}')
+    cfgs, models, load_report = build_pair(pair)
+    states = [copy.deepcopy(m.state_dict()) for m in models]
+    labels = (pair.stock_label, pair.ours_label)
+    with_masks = 'mask' in pair.stock
+    rows = []
+    measure_memory = memory_supported()
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        peaks = peaks_by_threads[threads]
+        for mode in args.modes:
+            batch = args.batch_infer if mode == 'infer' else args.batch_train
+            refused = None
+            if not args.no_memory_check and measure_memory:
+                estimates = estimate_memory(models, cfgs, mode, tuple(args.shape), batch,
+                                            with_masks, args.seed, states)
+                need, available = MEMORY_MARGIN * max(estimates), memory_available_bytes()
+                log(f'   {mode}: estimated peak growth '
+                    f'{", ".join(f"{e / 2**30:.2f}" for e in estimates)} GiB '
+                    f'(available {available / 2**30:.1f} GiB)')
+                if need > available:
+                    refused = (f'refused: estimated {need / 2**30:.1f} GiB (x{MEMORY_MARGIN} '
+                               f'margin) > {available / 2**30:.1f} GiB available')
+                    print(f'{name} {mode} {args.shape[0]}x{args.shape[1]} batch {batch}: '
+                          f'{refused}; choose a smaller --shape', file=sys.stderr)
+            data = synthetic_batch(batch, tuple(args.shape), mode == 'train', with_masks,
+                                   args.seed)
+            for dtype in args.dtypes:
+                base = dict(pair=name, mode=mode, dtype=dtype, threads=threads, batch=batch,
+                            shape=f'{args.shape[0]}x{args.shape[1]}', weights=load_report)
+                if refused:
+                    rows += [dict(base, impl=label, status=refused) for label in labels]
+                    continue
+                rows += run_case(args, models, cfgs, states, labels, mode, dtype, data, peaks,
+                                 base, measure_memory, pair.compare_encoder, log)
+    del models
+    gc.collect()
+    return rows
+
+
+def run_case(args, models, cfgs, states, labels, mode, dtype, data, peaks, base,
+             measure_memory, compare_encoder, log):
+    steps, flops, encoders = {}, {}, {}
+    for model, cfg, state, label in zip(models, cfgs, states, labels):
+        model.load_state_dict(state)
+        model.train(mode == 'train')
+        torch.manual_seed(args.seed)
+        steps[label] = make_step(model, cfg, mode, dtype, data)
+        flops[label], encoders[label] = count_flops_and_capture(steps[label], model)
+    meters = {label: PeakRSS() for label in labels}
+    timings = time_calls(
+        steps, repeats=args.repeats, warmup=max(0, args.warmup - 1),
+        setup=(lambda label: meters[label].start()) if measure_memory else None,
+        teardown=(lambda label, _: meters[label].stop()) if measure_memory else None)
+    shares = {}
+    if not args.no_profile:
+        for model, label in zip(models, labels):
+            shares[label] = profile_shares(steps[label], model)
+    rows = []
+    gemm_peak = peaks[f'gemm_gflops_{dtype}']
+    for label in labels:
+        timing = timings[label]
+        row = dict(base, impl=label, status='ok', median_s=timing.median, min_s=timing.min,
+                   gflop=flops[label] / 1e9 if flops[label] else None)
+        if row['gflop']:
+            row['gflops_per_s'] = row['gflop'] / timing.median
+            row['pct_gemm_peak'] = 100 * row['gflops_per_s'] / gemm_peak
+        if measure_memory:
+            row['peak_mib'] = meters[label].peak / 2**20
+        for stage, share in shares.get(label, {}).items():
+            row[f'share_{stage}'] = 100 * share
+        if (compare_encoder and mode == 'infer' and dtype == 'float32'
+                and encoders[labels[0]] is not None and encoders[label] is not None
+                and encoders[label].shape == encoders[labels[0]].shape):
+            reference = encoders[labels[0]]
+            row['encoder_rel_diff'] = ((encoders[label] - reference).norm() /
+                                       reference.norm().clamp_min(1e-12)).item()
+        rows.append(row)
+        log(f'   {mode} {dtype} {base["threads"]}T {label}: {timing.median:.3f} s '
+            f'(min {timing.min:.3f})' + (f', peak +{row["peak_mib"]:.0f} MiB'
+                                         if measure_memory else ''))
+    del steps
+    return rows
+
+
+def add_ratios(rows):
+    """Speed-up and memory ratio of every row to the stock fp32 row of its (pair, mode, threads)."""
+    stock = {}
+    for row in rows:
+        if row.get('status') == 'ok' and row['dtype'] == 'float32':
+            key = (row['pair'], row['mode'], row['threads'])
+            stock.setdefault(key, row)  # the first (stock) impl of the group
+    for row in rows:
+        ref = stock.get((row['pair'], row['mode'], row['threads']))
+        if ref is None or row.get('status') != 'ok':
+            continue
+        row['speedup_vs_stock_fp32'] = ref['median_s'] / row['median_s']
+        if row.get('peak_mib') and ref.get('peak_mib'):
+            row['memory_vs_stock_fp32'] = row['peak_mib'] / ref['peak_mib']
+
+
+SHORT = dict(encoder='enc', decoder='dec')
+COLUMNS = [
+    Column('pair', align='left'), Column('impl', align='left'), Column('mode', align='left'),
+    Column('dtype', align='left'), Column('threads', 'thr'), Column('batch', 'B'),
+    Column('median_s', 'median (s)', '{:.3f}'), Column('min_s', 'min (s)', '{:.3f}'),
+    Column('speedup_vs_stock_fp32', 'x stock fp32', '{:.2f}x'),
+    Column('gflop', 'GFLOP', '{:.0f}'), Column('pct_gemm_peak', '% GEMM peak', '{:.0f}%'),
+    Column('peak_mib', 'peak mem (MiB)', '{:.0f}'),
+    Column('memory_vs_stock_fp32', 'mem x stock', '{:.2f}x'),
+    *[Column(f'share_{s}', SHORT.get(s, s), '{:.0f}%') for s in STAGES + ('other', )],
+    Column('share_attention', 'attn', '{:.0f}%'),
+    Column('share_backward', 'bwd', '{:.0f}%'),
+    Column('encoder_rel_diff', 'enc. rel. diff', '{:.1e}'),
+    Column('status', align='left'),
+]
+
+
+def save_chart(rows, path, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get('status') == 'ok']
+    modes = list(dict.fromkeys(r['mode'] for r in ok))
+    panels = [(mode, field) for mode in modes for field in ('median_s', 'peak_mib')
+              if any(r.get(field) for r in ok if r['mode'] == mode)]
+    if not panels:
+        return None
+    nrows, ncols = panel_grid(len(panels), max_cols=2)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7 * ncols, 4.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis('off')
+    for ax, (mode, field) in zip(axes.flat, panels):
+        subset = [r for r in ok if r['mode'] == mode]
+        groups = list(dict.fromkeys(f'{r["pair"]}\n{r["threads"]}T' for r in subset))
+        values, series = {}, []
+        for r in subset:
+            group = f'{r["pair"]}\n{r["threads"]}T'
+            role = 'stock' if r['impl'] == subset_first_impl(subset, r['pair']) else 'ours'
+            name = f'{role} {r["dtype"]}'
+            series.append(name)
+            values[(group, name)] = r.get(field)
+        series = list(dict.fromkeys(series))
+        is_time = field == 'median_s'
+        bar_chart(ax, groups, series, values, baseline='stock float32',
+                  ratio='speedup' if is_time else 'relative',
+                  ylabel='seconds (median)' if is_time else 'peak memory growth (MiB)',
+                  title=f'{mode}: {"time" if is_time else "memory"} '
+                  f'({"stock fp32 / bar" if is_time else "bar / stock fp32"} on bars)')
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def subset_first_impl(rows, pair):
+    return next(r['impl'] for r in rows if r['pair'] == pair)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import logging
+    from mmdet.utils import register_all_modules
+    from mmengine.logging import MMLogger
+    import mmdet_detrx  # noqa: F401  (registers our models, MSDeformAttn, CPUAmpOptimWrapper)
+    register_all_modules(init_default_scope=True)
+    MMLogger.get_current_instance().setLevel(logging.WARNING)  # paramwise_cfg lists every param
+    args.threads = list(dict.fromkeys(args.threads or [torch.get_num_threads()]))
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    peaks_by_threads = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        peaks_by_threads[threads] = machine_peaks(threads)
+        p = peaks_by_threads[threads]
+        log(f'{threads} threads: GEMM {p["gemm_gflops_float32"]:.0f} GFLOP/s fp32, '
+            f'{p["gemm_gflops_bfloat16"]:.0f} GFLOP/s bf16; copy {p["copy_gbps"]:.1f} GB/s')
+    machine = machine_line()
+    if not memory_supported():
+        log('peak memory: not measured (needs Linux /proc/self/clear_refs)')
+
+    rows = []
+    for name in args.models:
+        rows += run_pair(args, name, PAIRS[name], peaks_by_threads, log)
+    add_ratios(rows)
+
+    peak_lines = [f'- {t} threads: GEMM (2048^3) {p["gemm_gflops_float32"]:.0f} GFLOP/s fp32, '
+                  f'{p["gemm_gflops_bfloat16"]:.0f} GFLOP/s bf16; memory copy '
+                  f'{p["copy_gbps"]:.1f} GB/s' for t, p in peaks_by_threads.items()]
+    header = '\n'.join([
+        f'Machine: {machine}.', 'Measured limits:', *peak_lines, '',
+        f'Input {args.shape[0]}x{args.shape[1]}; median of {args.repeats} after '
+        f'{max(1, args.warmup)} warm-up; same weights; stages: share of one profiled step; '
+        'peak mem: resident-set growth during a run.', ''])
+    table = markdown_table(rows, COLUMNS)
+    print(header + '\n' + table)
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = osp.join(args.out_dir, 'benchmark_detectors')
+        with open(stem + '.md', 'w') as f:
+            f.write(header + '\n' + table + '\n')
+        write_csv([dict(r, machine=machine) for r in rows], stem + '.csv')
+        png = save_chart(rows, stem + '.png', f'{args.shape[0]}x{args.shape[1]}, {machine}')
+        log(f'wrote {stem}.md, {stem}.csv' + (f', {png}' if png else ''))
+    if any(r.get('status', 'ok') != 'ok' for r in rows):
+        return 3
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
