@@ -7,24 +7,13 @@ import sys
 import mmdet
 import pytest
 import torch
+from _helpers.synthetic_shapes import tiny_run_options
 
 from mmdet_detrx.utils import load_checkpoint_file
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO = 'configs/demo/deformable-detrx_r18_1xb8-1000i_synthetic-shapes.py'
 MMDET_TOOLS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools')
-
-
-def _options(max_iters):
-    spec = dict(seed=1, num_train=16, num_val=4, image_size='(96,96)', max_objects=3)
-    return ['--cfg-options', *[
-        f'{loader}.dataset.spec.{key}={value}'
-        for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
-        for key, value in spec.items()
-    ], *[f'{loader}.{key}' for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
-         for key in ('batch_size=2', 'num_workers=0', 'persistent_workers=False')],
-        f'train_cfg.max_iters={max_iters}', 'train_cfg.val_interval=1000',
-        'default_hooks.checkpoint.interval=1', 'default_hooks.logger.interval=1']
 
 
 def _mmdet_tool(tool, args, data_root):
@@ -41,16 +30,16 @@ def _mmdet_tool(tool, args, data_root):
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU path of --amp')
 def test_mmdet_train_amp_on_cpu_then_resume_then_tta(tmp_path):
     data_root, work_dir = str(tmp_path / 'shapes'), str(tmp_path / 'work')
-    log = _mmdet_tool('train.py', [DEMO, '--work-dir', work_dir, '--amp', *_options(1)],
+    log = _mmdet_tool('train.py', [DEMO, '--work-dir', work_dir, '--amp', *tiny_run_options(1)],
                       data_root)
     assert 'bfloat16 autocast on CPU' in log
     assert osp.isfile(osp.join(data_root, 'annotations', 'val.json'))
     assert osp.isfile(osp.join(work_dir, 'iter_1.pth'))
     # --resume (auto) through mmengine's own loader: our safe loader reads mmengine's checkpoint
-    log = _mmdet_tool('train.py', [DEMO, '--work-dir', work_dir, '--resume', *_options(2)],
+    log = _mmdet_tool('train.py', [DEMO, '--work-dir', work_dir, '--resume', *tiny_run_options(2)],
                       data_root)
     assert 'resumed epoch: 0, iter: 1' in log
     assert load_checkpoint_file(osp.join(work_dir, 'iter_2.pth'))['meta']['iter'] == 2
     log = _mmdet_tool('test.py', [DEMO, osp.join(work_dir, 'iter_2.pth'), '--tta', '--work-dir',
-                                  str(tmp_path / 'tta'), *_options(2)], data_root)
+                                  str(tmp_path / 'tta'), *tiny_run_options(2)], data_root)
     assert 'coco/bbox_mAP' in log and 'Cannot find ``tta_model``' not in log

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from _helpers.synthetic_shapes import tiny_run_options
 
 from mmdet_detrx.utils import load_checkpoint_file
 
@@ -19,24 +20,9 @@ DEMO = 'configs/demo/deformable-detrx_r18_1xb8-1000i_synthetic-shapes.py'
 
 
 def _tiny_options(data_root, max_iters, ckpt_interval=1):
-    spec = dict(seed=1, num_train=16, num_val=4, image_size='(96,96)', max_objects=3)
-    opts = [
-        f'{loader}.dataset.spec.{key}={value}'
-        for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
-        for key, value in spec.items()
-    ] + [
+    return tiny_run_options(max_iters, ckpt_interval, extra=[
         f'data_root={data_root}',  # one key moves dataloaders and evaluators (our tools)
-        'train_dataloader.batch_size=2', 'val_dataloader.batch_size=2',
-        'test_dataloader.batch_size=2',
-        'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
-        'val_dataloader.num_workers=0', 'val_dataloader.persistent_workers=False',
-        'test_dataloader.num_workers=0', 'test_dataloader.persistent_workers=False',
-        f'train_cfg.max_iters={max_iters}', 'train_cfg.val_interval=1000',
-        f'default_hooks.checkpoint.interval={ckpt_interval}',
-        'default_hooks.checkpoint.max_keep_ckpts=-1',
-        'default_hooks.logger.interval=1', 'randomness.seed=0',
-    ]
-    return ['--cfg-options', *opts]
+        'default_hooks.checkpoint.max_keep_ckpts=-1', 'randomness.seed=0'])
 
 
 def _run(args, **kwargs):
