@@ -9,24 +9,31 @@ Shapes (B=2, heads 8, C 32, P 4):
 
 Example::
 
-    python tools/analysis/benchmark_msda.py --device cpu --threads 1 2 --repeat 5 \\
-        --out-png work_dirs/msda_cpu.png
+    python tools/analysis/benchmark_msda.py --device cpu --threads 1 2 --repeats 5 \\
+        --out-dir work_dirs/msda_cpu   # msda.md, msda.csv, msda.png
     python tools/analysis/benchmark_msda.py --device cpu --threads 1 --timer cpu  # shared machine
-    python tools/analysis/benchmark_msda.py --device cuda --dtype float16 --peak-gbps 3350
+    python tools/analysis/benchmark_msda.py --device cuda --dtypes float16 --peak-gbps 3350
     python tools/analysis/benchmark_msda.py --device cpu --mixed bfloat16  # + bf16-value rows
 
-Prints a markdown table of median milliseconds for the forward (no grad) and forward+backward,
-the speed-up of the native op over the reference and, with ``--peak-gbps``, the achieved DRAM
-bandwidth (compulsory bytes moved / time) as a fraction of the given peak. ``--mixed DTYPE``
-adds the native op in mixed precision: value in DTYPE (bfloat16 / float16), sampling locations
-and attention weights in ``--dtype`` (what ``ms_deform_attn`` runs under autocast), with its
-speed-up over the native op in ``--dtype`` alone.
+Prints, per ``--dtypes`` entry, a markdown table of median milliseconds for the forward (no
+grad) and forward+backward, the speed-up of the native op over the reference and, with
+``--peak-gbps``, the achieved DRAM bandwidth (compulsory bytes moved / time) as a fraction of the
+given peak. ``--mixed DTYPE`` adds the native op in mixed precision: value in DTYPE (bfloat16 /
+float16), sampling locations and attention weights in the row's dtype (what ``ms_deform_attn``
+runs under autocast), with its speed-up over the native op in that dtype alone. The
+implementations of one shape and thread count are timed interleaved, run by run
+(``_common.time_calls``). ``--out-dir`` also writes the table (``msda.md``), the rows
+(``msda.csv``) and a bar chart of forward+backward times on a linear axis with each bar's
+speed-up over the reference written on it (``msda.png``); ``--out-png PATH`` writes only the
+chart (the older flag).
 """
 import argparse
-import statistics
-import time
+import os
+import os.path as osp
 
 import torch
+from _common import (DTYPES, Column, add_common_args, bar_chart, describe_machine, machine_line,
+                     markdown_table, time_calls, write_csv)
 
 from mmdet_detrx.ops import ms_deform_attn, ms_deform_attn_pytorch, native_available
 
@@ -37,33 +44,33 @@ SHAPES = {
     'decoder300': (ENCODER_LEVELS, 300),
     'decoder900': (ENCODER_LEVELS, 900),
 }
-DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16,
-          'float64': torch.float64}
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
-    parser.add_argument('--dtype', choices=list(DTYPES), default='float32')
+    add_common_args(parser, 'device', 'dtypes', 'threads', 'repeats', 'warmup', 'timer',
+                    'out_dir', repeats=5)
     parser.add_argument('--shapes', nargs='+', choices=list(SHAPES),
                         help='default: small encoder on CPU, all four on CUDA')
-    parser.add_argument('--threads', type=int, nargs='+',
-                        help='CPU thread counts to run (default: 1 and all cores)')
     parser.add_argument('--batch', type=int, default=2)
-    parser.add_argument('--repeat', type=int, default=5, help='timed runs (median reported)')
-    parser.add_argument('--warmup', type=int, default=1)
-    parser.add_argument('--timer', choices=['wall', 'cpu'], default='wall',
-                        help='cpu: process CPU time (summed over threads), robust to other '
-                        'load on a shared machine; meaningful as a latency with --threads 1')
     parser.add_argument('--peak-gbps', type=float,
                         help='peak DRAM bandwidth of the device in GB/s (CUDA)')
     parser.add_argument('--mixed', choices=['bfloat16', 'float16'],
                         help='also time the native op with value in this dtype and locations / '
-                        'weights in --dtype (mixed precision)')
+                        'weights in the row\'s dtype (mixed precision)')
     parser.add_argument('--skip-reference', action='store_true',
                         help='time only the native op (the reference is slow on CPU)')
-    parser.add_argument('--out-png', help='save a bar chart of forward+backward times')
-    return parser.parse_args()
+    parser.add_argument('--out-png', help='save only the bar chart of forward+backward times here')
+    args = parser.parse_args(argv)
+    try:
+        device_type = torch.device(args.device).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in ('cpu', 'cuda'):
+        parser.error(f'--device must be cpu or cuda[:N], got {args.device!r}')
+    if args.batch < 1:
+        parser.error(f'--batch must be at least 1, got {args.batch}')
+    return args
 
 
 def make_inputs(levels, queries, batch, dtype, device, heads=8, channels=32, points=4):
@@ -114,24 +121,6 @@ def implementations(device):
     return impls
 
 
-def sync(device):
-    if device == 'cuda':
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, device, repeat, warmup, clock=time.perf_counter):
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        start = clock()
-        fn()
-        sync(device)
-        times.append((clock() - start) * 1e3)
-    return statistics.median(times)
-
-
 def compulsory_bytes(value, locations, weights, backward):
     """Bytes every implementation must move at least once (inputs read, outputs written)."""
     elt = value.element_size()  # output and grad_output have value's dtype
@@ -147,7 +136,8 @@ def compulsory_bytes(value, locations, weights, backward):
     return 2 * forward + grads
 
 
-def benchmark(impl, inputs, device, repeat, warmup, clock):
+def timed_calls(impl, inputs):
+    """``(forward, forward_backward)`` closures of one implementation on ``inputs``."""
     value, shapes, starts, locations, weights = inputs
 
     def forward():
@@ -164,46 +154,27 @@ def benchmark(impl, inputs, device, repeat, warmup, clock):
             grad_output = torch.randn_like(out)
         torch.autograd.grad(out, leaves, grad_output)
 
-    return (time_ms(forward, device, repeat, warmup, clock),
-            time_ms(forward_backward, device, repeat, warmup, clock))
+    return forward, forward_backward
 
 
-def main():
-    args = parse_args()
-    device, dtype = args.device, DTYPES[args.dtype]
-    if not native_available():
-        raise SystemExit('mmdet_detrx._C is not built: python setup.py build_ext --inplace')
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit('--device cuda: no CUDA device')
-    shape_names = args.shapes or (['small', 'encoder'] if device == 'cpu' else list(SHAPES))
-    threads = args.threads or ([1, torch.get_num_threads()] if device == 'cpu' else [None])
-    threads = list(dict.fromkeys(threads))
-    impls = implementations(device)
-    if args.timer == 'cpu' and device == 'cuda':
-        raise SystemExit('--timer cpu measures host CPU time: use wall on CUDA')
-    clock = time.process_time if args.timer == 'cpu' else time.perf_counter
-    if args.skip_reference:
-        impls.pop('pytorch')
-    mixed_name = None
-    if args.mixed:
+def benchmark_dtype(args, dtype_name, shape_names, threads, impls):
+    """Print the table of one dtype; returns its rows (dicts, one per implementation)."""
+    device, dtype = args.device, DTYPES[dtype_name]
+    mixed_name = f'native {args.mixed} value' if args.mixed else None
+    if mixed_name:
         if dtype not in (torch.float32, torch.float64):
-            raise SystemExit('--mixed: --dtype must be float32 or float64 (the locations\' dtype)')
-        mixed_name = f'native {args.mixed} value'
-        impls[mixed_name] = impls['native']
-
-    if device == 'cuda':
-        machine = torch.cuda.get_device_name()
-    else:
-        machine = f'CPU, {torch.get_num_threads()} torch threads available'
-    print(f'# MSDA benchmark: {machine}, torch {torch.__version__}, {args.dtype}, '
-          f'B={args.batch}, heads 8, C 32, P 4, median of {args.repeat}, {args.timer} time')
-    columns = ['shape', 'queries', 'threads', 'impl', 'forward ms', 'fwd+bwd ms',
-               'fwd+bwd speed-up']
+            raise SystemExit(f'--mixed: the dtype must be float32 or float64 (the locations\' '
+                             f'dtype), got {dtype_name}')
+        impls = dict(impls, **{mixed_name: impls['native']})
+    print(f'# MSDA benchmark: {machine_line(device)}, {dtype_name}, B={args.batch}, heads 8, '
+          f'C 32, P 4, median of {args.repeats}, {args.timer} time')
+    columns = [Column('shape', align='left'), Column('queries'), Column('threads'),
+               Column('impl', align='left'), Column('forward_ms', 'forward ms', '{:.2f}'),
+               Column('fwd_bwd_ms', 'fwd+bwd ms', '{:.2f}'),
+               Column('speed_up', 'fwd+bwd speed-up')]
     if args.peak_gbps:
-        columns += ['fwd GB/s (% peak)', 'fwd+bwd GB/s (% peak)']
-    print('| ' + ' | '.join(columns) + ' |')
-    print('|' + '---|' * len(columns))
-
+        columns += [Column('fwd_gbps', 'fwd GB/s (% peak)'),
+                    Column('fwd_bwd_gbps', 'fwd+bwd GB/s (% peak)')]
     rows = []
     for shape_name in shape_names:
         levels, queries = SHAPES[shape_name]
@@ -211,60 +182,105 @@ def main():
         for num_threads in threads:
             if num_threads is not None:
                 torch.set_num_threads(num_threads)
-            results, impl_inputs_of = {}, {}
+            calls, impl_inputs_of = {}, {}
             for name, impl in impls.items():
                 impl_inputs = inputs
-                if name == mixed_name:  # low-precision value, locations / weights in --dtype
+                if name == mixed_name:  # low-precision value, locations / weights in dtype
                     impl_inputs = (inputs[0].to(DTYPES[args.mixed]), *inputs[1:])
                 impl_inputs_of[name] = impl_inputs
-                results[name] = benchmark(impl, impl_inputs, device, args.repeat, args.warmup,
-                                          clock)
-            baseline = results.get('pytorch')
-            for name, (forward, forward_backward) in results.items():
-                speed_up = f'{baseline[1] / forward_backward:.1f}x' if baseline else '-'
+                calls[(name, 'fwd')], calls[(name, 'fwd+bwd')] = timed_calls(impl, impl_inputs)
+            timings = time_calls(calls, repeats=args.repeats, warmup=args.warmup, device=device,
+                                 clock=args.timer)
+            ms = {key: timing.median_ms for key, timing in timings.items()}
+            for name in impls:
+                forward, forward_backward = ms[(name, 'fwd')], ms[(name, 'fwd+bwd')]
+                speed_up = '-'
+                if 'pytorch' in impls:
+                    speed_up = f'{ms[("pytorch", "fwd+bwd")] / forward_backward:.1f}x'
                 if name == mixed_name:
-                    native = results['native']
-                    speed_up += (f' ({native[0] / forward:.2f}x fwd, '
-                                 f'{native[1] / forward_backward:.2f}x fwd+bwd vs native)')
-                cells = [shape_name, str(inputs[3].shape[1]), str(num_threads or '-'), name,
-                         f'{forward:.2f}', f'{forward_backward:.2f}', speed_up]
+                    speed_up += (f' ({ms[("native", "fwd")] / forward:.2f}x fwd, '
+                                 f'{ms[("native", "fwd+bwd")] / forward_backward:.2f}x fwd+bwd '
+                                 'vs native)')
+                row = dict(dtype=dtype_name, shape=shape_name, queries=inputs[3].shape[1],
+                           threads=num_threads or '-', impl=name, forward_ms=forward,
+                           fwd_bwd_ms=forward_backward, speed_up=speed_up)
                 if args.peak_gbps:
-                    for ms, backward in ((forward, False), (forward_backward, True)):
-                        value, _, _, locations, weights = impl_inputs_of[name]
-                        gbps = compulsory_bytes(value, locations, weights, backward) / ms / 1e6
-                        cells.append(f'{gbps:.0f} ({100 * gbps / args.peak_gbps:.0f}%)')
-                print('| ' + ' | '.join(cells) + ' |', flush=True)
-                rows.append((f'{shape_name}\n{num_threads or ""}'
-                             f'{"T" if num_threads else ""}', name, forward_backward))
-    if device == 'cpu':
+                    value, _, _, locations, weights = impl_inputs_of[name]
+                    for key, time_ms, backward in (('fwd_gbps', forward, False),
+                                                   ('fwd_bwd_gbps', forward_backward, True)):
+                        gbps = compulsory_bytes(value, locations, weights, backward) / time_ms / 1e6
+                        row[key] = f'{gbps:.0f} ({100 * gbps / args.peak_gbps:.0f}%)'
+                rows.append(row)
+    print(markdown_table(rows, columns), flush=True)
+    return rows, columns
+
+
+def main(argv=None):
+    """Run the benchmark; returns the rows of every table (dicts)."""
+    args = parse_args(argv)
+    device = args.device
+    device_type = torch.device(device).type
+    if not native_available():
+        raise SystemExit('mmdet_detrx._C is not built: python setup.py build_ext --inplace')
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda: no CUDA device')
+    shape_names = args.shapes or (['small', 'encoder'] if device_type == 'cpu' else list(SHAPES))
+    threads = args.threads or ([1, torch.get_num_threads()] if device_type == 'cpu' else [None])
+    threads = list(dict.fromkeys(threads))
+    impls = implementations(device_type)
+    if args.skip_reference:
+        impls.pop('pytorch')
+
+    rows, tables = [], []
+    for dtype_name in dict.fromkeys(args.dtypes):
+        dtype_rows, columns = benchmark_dtype(args, dtype_name, shape_names, threads, impls)
+        rows += dtype_rows
+        tables.append(markdown_table(dtype_rows, columns))
+    if device_type == 'cpu':
         print('\nmmcv: not timed (mmcv 2.1 MultiScaleDeformableAttention has no CPU kernel)')
     elif 'mmcv' not in impls:
         print('\nmmcv: not timed (mmcv or its CUDA ops not installed)')
 
+    machine = describe_machine(device)
+    title = f'MSDA fwd+bwd, {machine.get("gpu", machine["cpu"])}, {", ".join(args.dtypes)}'
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(osp.join(args.out_dir, 'msda.md'), 'w') as f:
+            f.write('\n\n'.join(tables) + '\n')
+        write_csv(rows, osp.join(args.out_dir, 'msda.csv'))
+        save_chart(rows, osp.join(args.out_dir, 'msda.png'), title)
+        print(f'wrote {args.out_dir}/msda.md, msda.csv, msda.png')
     if args.out_png:
-        save_chart(rows, args.out_png, f'MSDA forward+backward, {machine}, {args.dtype}')
+        save_chart(rows, args.out_png, title)
+    return rows
 
 
 def save_chart(rows, path, title):
+    """Forward+backward ms per (shape, threads, dtype) group, one bar per implementation, on a
+    linear axis; each bar is labelled with its speed-up over the reference (over the native op
+    with ``--skip-reference``)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys(group for group, _, _ in rows))
-    names = list(dict.fromkeys(name for _, name, _ in rows))
-    times = {(group, name): ms for group, name, ms in rows}
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(groups), 4))
-    for index, name in enumerate(names):
-        xs = [g + index * width for g in range(len(groups))]
-        ax.bar(xs, [times.get((group, name), 0) for group in groups], width, label=name)
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
-    ax.set_yscale('log')
-    ax.set_ylabel('forward + backward, ms (log)')
-    ax.set_title(title, fontsize=9)
-    ax.legend()
+    several_dtypes = len({row['dtype'] for row in rows}) > 1
+
+    def group(row):
+        label = row['shape'] + (f'\n{row["threads"]}T' if row['threads'] != '-' else '')
+        return label + (f'\n{row["dtype"]}' if several_dtypes else '')
+
+    groups = list(dict.fromkeys(group(row) for row in rows))
+    series = list(dict.fromkeys(row['impl'] for row in rows))
+    values = {(group(row), row['impl']): row['fwd_bwd_ms'] for row in rows}
+    baseline = 'pytorch' if 'pytorch' in series else 'native'
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 + 1.4 * len(groups)), 4))
+    bar_chart(ax, groups, series, values, baseline=baseline, ratio='speedup',
+              ylabel='forward + backward, ms', title=title)
     fig.tight_layout()
+    if osp.dirname(path):
+        os.makedirs(osp.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f'saved {path}')
 
 
