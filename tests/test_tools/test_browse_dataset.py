@@ -22,3 +22,17 @@ def test_browse_embedded_dataset_writes_annotated_pngs(tmp_path):
         # the pipeline resizes to the demo's 160x160 scale (keep ratio): 160 on the long side
         assert img is not None and max(img.shape[:2]) == 160
         assert img.std() > 0
+
+
+def test_command_line_with_mmdets_flag_spelling(tmp_path):
+    """``--output-dir`` (mmdet's name) still works next to the shared ``--out-dir``."""
+    spec = dict(seed=3, num_train=2, num_val=1, image_size=(64, 64), max_objects=2)
+    config = tmp_path / 'tiny_shapes.py'
+    config.write_text(
+        f'_base_ = {DEMO!r}\n'
+        f'train_dataloader = dict(dataset=dict(data_root={str(tmp_path / "shapes") + "/"!r}, '
+        f'spec={spec!r}))\n'
+        f'val_dataloader = train_dataloader\n')
+    tool = load_tool('tools/analysis/browse_dataset.py')
+    written = tool.main([str(config), '--output-dir', str(tmp_path / 'vis'), '--num', '1'])
+    assert len(written) == 1 and cv2.imread(written[0]) is not None

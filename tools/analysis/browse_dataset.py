@@ -1,5 +1,6 @@
 """Draw a config's dataset samples (after its pipeline) with their ground truth, as mmdet's
-``browse_dataset``: ``python tools/analysis/browse_dataset.py CONFIG --output-dir DIR``.
+``browse_dataset``: ``python tools/analysis/browse_dataset.py CONFIG --out-dir DIR``
+(``--output-dir``, mmdet's spelling, is an alias).
 
 Works for the embedded synthetic-shapes dataset (generated on first use) and any mmdet dataset.
 """
@@ -7,6 +8,7 @@ import argparse
 import os.path as osp
 
 import mmcv
+from _common import add_common_args
 from mmdet.registry import DATASETS, VISUALIZERS
 from mmdet.structures.bbox import BaseBoxes
 from mmengine.config import Config, DictAction
@@ -15,14 +17,20 @@ from mmengine.registry import init_default_scope
 import mmdet_detrx  # noqa: F401
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Browse a dataset')
     parser.add_argument('config', help='config file path')
-    parser.add_argument('--output-dir', required=True, help='where the PNGs are written')
+    add_common_args(parser, 'out_dir')
+    parser.add_argument('--output-dir', dest='out_dir', help=argparse.SUPPRESS)  # mmdet's name
     parser.add_argument('--num', type=int, default=16, help='how many samples to draw')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings in the config, key=value')
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.out_dir is None:
+        parser.error('--out-dir is required: where the PNGs are written')
+    if args.num < 1:
+        parser.error(f'--num must be at least 1, got {args.num}')
+    return args
 
 
 def browse(config: Config, output_dir: str, num: int = 16) -> list:
@@ -51,13 +59,15 @@ def browse(config: Config, output_dir: str, num: int = 16) -> list:
     return written
 
 
-def main():
-    args = parse_args()
+def main(argv=None) -> list:
+    args = parse_args(argv)
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
-    for path in browse(cfg, args.output_dir, args.num):
+    written = browse(cfg, args.out_dir, args.num)
+    for path in written:
         print(path)
+    return written
 
 
 if __name__ == '__main__':
