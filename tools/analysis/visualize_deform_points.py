@@ -21,7 +21,6 @@ Sampling locations are normalised to each level's padded feature map; they are d
 ``location * batch_input_shape / scale_factor``, exact up to the backbone's stride rounding.
 """
 import argparse
-import math
 import os
 import os.path as osp
 import sys
@@ -40,6 +39,8 @@ from mmdet.apis import inference_detector, init_detector  # noqa: E402
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
+from _common import add_common_args, panel_grid, panel_shape  # noqa: E402
+
 from mmdet_detrx.models.layers import MSDeformAttn  # noqa: E402
 from mmdet_detrx.utils import list_images  # noqa: E402
 
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument('config', help='model config (Deformable DETR / DINO family)')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('image', help='an image, or a folder of images')
-    parser.add_argument('--out-dir', required=True, help='where the PNGs go')
+    add_common_args(parser, 'out_dir')
     which = parser.add_mutually_exclusive_group()
     which.add_argument('--queries', type=int, default=4,
                        help='draw the N top-scoring queries (default 4)')
@@ -61,10 +62,12 @@ def parse_args(argv=None):
                         help='skip top queries scoring below this (not applied to --query-ids)')
     parser.add_argument('--panel-size', type=int, default=400,
                         help='longer side of each panel in pixels (default 400)')
-    parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda:0')
+    add_common_args(parser, 'device')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, xxx=yyy format')
     args = parser.parse_args(argv)
+    if args.out_dir is None:
+        parser.error('--out-dir is required: where the PNGs go')
     if args.queries is not None and args.queries < 1:
         parser.error('--queries must be at least 1')
     if args.panel_size < 16:
@@ -124,20 +127,6 @@ def select_queries(cls_scores: torch.Tensor, num_queries: Optional[int],
     return [int(q) for q in order if scores[q] >= score_thr]
 
 
-def panel_shape(image_hw, panel_size: int):
-    """Pixel (height, width) of one panel: the image scaled so its longer side is panel_size."""
-    h, w = image_hw
-    scale = panel_size / max(h, w)
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
-def figure_shape(image_hw, num_panels: int, panel_size: int):
-    """Pixel (height, width) of the PNG written for ``num_panels`` queries."""
-    ph, pw = panel_shape(image_hw, panel_size)
-    cols = min(num_panels, PANEL_COLS)
-    return math.ceil(num_panels / cols) * ph, cols * pw
-
-
 def _level_legend(num_levels: int) -> list:
     handles = []
     for level in range(num_levels):
@@ -166,9 +155,9 @@ def draw(image_rgb: np.ndarray, records: Dict[str, torch.Tensor], meta: dict,
     references = records['reference_points'][0, :, 0, :2] * to_pixels  # (Q, 2), level 0
     num_levels = points.shape[2]
 
-    fig_h, fig_w = figure_shape((h, w), len(query_ids), panel_size)
     ph, pw = panel_shape((h, w), panel_size)
-    rows, cols = fig_h // ph, fig_w // pw
+    rows, cols = panel_grid(len(query_ids), PANEL_COLS)
+    fig_h, fig_w = rows * ph, cols * pw
     dpi = 100
     fig = plt.figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi)
     for i, query in enumerate(query_ids):
