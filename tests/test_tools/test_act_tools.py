@@ -89,8 +89,9 @@ def test_get_flops_counts_actual_clusters(detr_checkpoint, tmp_path):
 def test_act_tradeoff_sweep(detr_checkpoint, tmp_path):
     ckpt, data_root, _ = detr_checkpoint
     rows = load_tool('act_tradeoff').main(
-        [ACT_CFG, ckpt, '--num-hashes', '2', '8', '--out-dir', str(tmp_path),
+        [ACT_CFG, ckpt, '--num-hashes', '2', '8', '--bootstrap', '5', '--out-dir', str(tmp_path),
          *data_options(data_root)])
+    assert all(0 <= r['AP_low'] <= r['AP_high'] <= 100 for r in rows)
     assert [r['attention'] for r in rows] == ['exact', 'ACT L=2', 'ACT L=8']
     exact, coarse, fine = rows
     assert exact['clusters'] != exact['clusters']  # nan: no clusters in exact mode
@@ -164,3 +165,31 @@ def test_calibrate_act_relative_cluster_target_without_eval(detr_checkpoint, tmp
     with pytest.raises(SystemExit):
         load_tool('calibrate_act').main([ACT_CFG, ckpt, '--target-error', '0.1',
                                          '--target-clusters', '3'])
+
+
+def test_bootstrap_ap_interval_brackets_the_ap(tmp_path):
+    import json
+
+    import numpy as np
+    from mmdet.evaluation import CocoMetric
+    tool = load_tool('act_tradeoff')
+    images = [dict(id=i, width=100, height=100, file_name=f'{i}.png') for i in range(1, 41)]
+    anns = [dict(id=i, image_id=i, category_id=1, bbox=[10, 10, 30, 30], area=900, iscrowd=0)
+            for i in range(1, 41)]
+    ann_file = tmp_path / 'gt.json'
+    ann_file.write_text(json.dumps(dict(images=images, annotations=anns,
+                                        categories=[dict(id=1, name='box')])))
+    metric = CocoMetric(ann_file=str(ann_file), metric='bbox')
+    metric.dataset_meta = dict(classes=('box', ))
+    # Every other image is detected exactly: AP = 50 (recall 0.5 at precision 1).
+    results = [(dict(img_id=i, width=100, height=100),
+                dict(img_id=i,
+                     bboxes=np.array([[10., 10., 40., 40.]] if i % 2 else np.zeros((0, 4))),
+                     scores=np.array([0.9] if i % 2 else []),
+                     labels=np.array([0] if i % 2 else [], dtype=np.int64)))
+               for i in range(1, 41)]
+    full = metric.compute_metrics(results)['bbox_mAP'] * 100
+    assert 45 < full < 55
+    low, high = tool.bootstrap_ap(metric, results, num_samples=60, seed=0)
+    assert low < full < high and 20 < low and high < 80
+    assert (low, high) == tool.bootstrap_ap(metric, results, num_samples=60, seed=0)

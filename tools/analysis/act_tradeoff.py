@@ -1,7 +1,7 @@
 """ACT's accuracy/cost trade-off on a trained DETR, the paper's Table 1 in miniature.
 
     python tools/analysis/act_tradeoff.py CONFIG CKPT [--num-hashes 16 20 24 32]
-        [--out-dir DIR] [--cfg-options ...]
+        [--bootstrap 1000] [--out-dir DIR] [--cfg-options ...]
 
 CONFIG is a DETR config whose encoder self-attention is ``AdaptiveClusteringAttention`` (e.g.
 ``configs/act/act-detr_r18-dc5_1xb8-3000i_synthetic-shapes.py``); CKPT is a checkpoint of the
@@ -9,7 +9,9 @@ plain DETR (it loads strictly, no retraining). For each number of hash rounds L 
 width and seed as the config) and for exact attention, the config's test loop runs over its
 test set and reports:
 
-* AP (CocoMetric bbox mAP, and AP50);
+* AP (CocoMetric bbox mAP, and AP50); with ``--bootstrap B``, a 95% percentile-bootstrap interval
+  of the AP: the test images are resampled with replacement B times and COCO AP recomputed on
+  each resample from the same per-image predictions (:func:`bootstrap_ap`);
 * encoder attention GFLOPs per image, from the clusters actually found
   (:meth:`AdaptiveClusteringAttention.last_flops`; exact attention counts its N^2 terms);
 * mean clusters per head and layer;
@@ -19,16 +21,19 @@ Writes ``act_tradeoff.md``, ``act_tradeoff.csv`` and ``act_tradeoff.png`` (AP vs
 and vs wall time) to ``--out-dir``.
 """
 import argparse
+import contextlib
 import csv
+import io
 import os
 import os.path as osp
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
@@ -43,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', help='checkpoint of the (plain or ACT) DETR')
     parser.add_argument('--num-hashes', type=int, nargs='+', default=[16, 20, 24, 32],
                         help='hash rounds L to sweep (default 16 20 24 32)')
+    parser.add_argument('--bootstrap', type=int, default=0,
+                        help='bootstrap resamples for a 95%% AP interval (0: none; e.g. 1000)')
     parser.add_argument('--out-dir', default='work_dirs/act_tradeoff')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, as in tools/test.py')
@@ -103,15 +110,88 @@ def set_num_hashes(model: torch.nn.Module, num_hashes: Optional[int]) -> None:
                 module.num_hashes = num_hashes
 
 
+class CocoResultCapture:
+    """Keeps the per-image (gt, pred) results the first bbox CocoMetric scored last."""
+
+    def __init__(self, evaluator) -> None:
+        from mmdet.evaluation import CocoMetric
+        self.metric = next((m for m in evaluator.metrics if isinstance(m, CocoMetric)
+                            and 'bbox' in m.metrics), None)
+        self.results = None
+        if self.metric is not None:
+            compute = self.metric.compute_metrics
+
+            def capture(results):
+                self.results = list(results)
+                return compute(results)
+
+            self.metric.compute_metrics = capture
+
+
+def bootstrap_ap(metric, results: List, num_samples: int, seed: int = 0) -> Tuple[float, float]:
+    """95% percentile-bootstrap interval of COCO bbox AP (x100) over the images of ``results``.
+
+    Args:
+        metric (CocoMetric): the metric that scored ``results`` (its ground-truth file, category
+            ids and ``proposal_nums`` are reused, so a resample of all images reproduces it).
+        results (list): its per-image ``(gt, pred)`` results (:class:`CocoResultCapture`).
+        num_samples (int): resamples; each draws ``len(results)`` images with replacement,
+            renumbered so that a repeated image counts twice.
+        seed (int): seed of the resampling.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    gt_api = metric._coco_api
+    if gt_api is None:
+        raise ValueError('bootstrap_ap needs a CocoMetric with an ann_file')
+    cat_ids = metric.cat_ids or gt_api.get_cat_ids(cat_names=metric.dataset_meta['classes'])
+    gts, dets = [], []
+    for gt, pred in results:
+        gts.append(gt_api.load_anns(gt_api.get_ann_ids(img_ids=[gt['img_id']])))
+        boxes = np.asarray(pred['bboxes'], dtype=np.float64).reshape(-1, 4)
+        dets.append([dict(bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                          score=float(score), category_id=cat_ids[int(label)])
+                     for (x1, y1, x2, y2), score, label in
+                     zip(boxes, pred['scores'], pred['labels'])])
+    rng = np.random.default_rng(seed)
+    aps = []
+    for _ in range(num_samples):
+        images, annotations, detections = [], [], []
+        for new_id, index in enumerate(rng.integers(0, len(results), len(results)), start=1):
+            gt = results[index][0]
+            images.append(dict(id=new_id, width=gt['width'], height=gt['height']))
+            annotations += [{**a, 'id': len(annotations) + k + 1, 'image_id': new_id}
+                            for k, a in enumerate(gts[index])]
+            detections += [{**d, 'image_id': new_id} for d in dets[index]]
+        sample_gt = COCO()
+        sample_gt.dataset = dict(images=images, annotations=annotations,
+                                 categories=gt_api.dataset['categories'])
+        with contextlib.redirect_stdout(io.StringIO()):
+            sample_gt.createIndex()
+            if not detections:
+                aps.append(0.0)
+                continue
+            evaluation = COCOeval(sample_gt, sample_gt.loadRes(detections), 'bbox')
+            evaluation.params.catIds = list(cat_ids)
+            evaluation.params.maxDets = list(metric.proposal_nums)
+            evaluation.evaluate()
+            evaluation.accumulate()
+            evaluation.summarize()
+        aps.append(max(float(evaluation.stats[0]), 0.0))  # -1: no ground truth in the resample
+    low, high = np.percentile(np.asarray(aps) * 100, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def ap_keys(metrics: Dict) -> Dict:
     ap = next((v for k, v in metrics.items() if k.endswith('bbox_mAP')), float('nan'))
     ap50 = next((v for k, v in metrics.items() if k.endswith('bbox_mAP_50')), float('nan'))
     return dict(AP=100 * ap, AP50=100 * ap50)
 
 
-def run_sweep(runner: Runner, settings: List[Optional[int]]) -> List[Dict]:
+def run_sweep(runner: Runner, settings: List[Optional[int]], bootstrap: int = 0) -> List[Dict]:
     model = runner.model
     meter = EncoderMeter(model)
+    capture = CocoResultCapture(runner.test_loop.evaluator) if bootstrap else None
     rows = []
     try:
         for num_hashes in settings:
@@ -129,6 +209,12 @@ def run_sweep(runner: Runner, settings: List[Optional[int]]) -> List[Dict]:
                           if meter.cluster_count else float('nan')),
                 ms_per_image=1e3 * seconds / images,
                 encoder_ms_per_image=1e3 * meter.encoder_seconds / images))
+            if capture is not None:
+                if capture.results is None:
+                    raise ValueError('--bootstrap needs a bbox CocoMetric with an ann_file in '
+                                     'test_evaluator')
+                rows[-1]['AP_low'], rows[-1]['AP_high'] = bootstrap_ap(
+                    capture.metric, capture.results, bootstrap)
     finally:
         meter.remove()
         for module in model.modules():
@@ -138,11 +224,14 @@ def run_sweep(runner: Runner, settings: List[Optional[int]]) -> List[Dict]:
 
 
 def to_markdown(rows: List[Dict]) -> str:
-    lines = ['| attention | AP | AP50 | encoder attn GFLOPs | clusters/head | ms/image '
-             '| encoder ms/image |', '|---|---|---|---|---|---|---|']
+    interval = 'AP_low' in rows[0]
+    lines = ['| attention | AP |' + (' AP 95% CI |' if interval else '') +
+             ' AP50 | encoder attn GFLOPs | clusters/head | ms/image | encoder ms/image |',
+             '|---|---|' + ('---|' if interval else '') + '---|---|---|---|---|']
     for r in rows:
         clusters = '-' if r['clusters'] != r['clusters'] else f"{r['clusters']:.1f}"
-        lines.append(f"| {r['attention']} | {r['AP']:.1f} | {r['AP50']:.1f} | "
+        ci = f" {r['AP_low']:.1f}-{r['AP_high']:.1f} |" if interval else ''
+        lines.append(f"| {r['attention']} | {r['AP']:.1f} |{ci} {r['AP50']:.1f} | "
                      f"{r['encoder_gflops']:.4f} | {clusters} | {r['ms_per_image']:.1f} | "
                      f"{r['encoder_ms_per_image']:.1f} |")
     return '\n'.join(lines)
@@ -155,6 +244,10 @@ def plot(rows: List[Dict], path: str) -> None:
         for r in rows:
             marker = 's' if r['attention'] == 'exact' else 'o'
             ax.scatter(r[key], r['AP'], marker=marker, s=50)
+            if 'AP_low' in r:  # 95% bootstrap interval
+                ax.errorbar(r[key], r['AP'], yerr=[[r['AP'] - r['AP_low']],
+                                                    [r['AP_high'] - r['AP']]],
+                            fmt='none', capsize=3, alpha=0.6)
             ax.annotate(r['attention'], (r[key], r['AP']), textcoords='offset points',
                         xytext=(4, 4), fontsize=8)
         act_rows = [r for r in rows if r['attention'] != 'exact']
@@ -184,7 +277,9 @@ def main(argv=None):
     runner.call_hook('before_run')
     runner.load_or_resume()
     resolve_act_layers(runner.model)  # per-layer settings (lists) take their layer's entry
-    rows = run_sweep(runner, [None] + sorted(args.num_hashes))
+    if args.bootstrap < 0:
+        raise ValueError('--bootstrap must be >= 0')
+    rows = run_sweep(runner, [None] + sorted(args.num_hashes), args.bootstrap)
     runner.call_hook('after_run')
     table = to_markdown(rows)
     print(table)
