@@ -44,7 +44,7 @@ $(STAMP_DEPS): $(PY) Makefile
 	$(PIP) install -q -c $(CONSTRAINTS) $(EXTRA_SPECS)
 	touch $(STAMP_DEPS)
 
-$(STAMP_PKG): $(STAMP_DEPS) setup.py $(wildcard ops/*.h ops/*.cpp ops/*/*.cpp ops/*/*.h ops/cuda/*.cu ops/cuda/*.cuh)
+$(STAMP_PKG): $(STAMP_DEPS) setup.py pyproject.toml $(wildcard build_tools/*.py) $(wildcard ops/*.h ops/*.cpp ops/*/*.cpp ops/*/*.h ops/cuda/*.cu ops/cuda/*.cuh)
 	MAX_JOBS=$(NPROC) $(PIP) install -c $(CONSTRAINTS) --no-build-isolation --no-deps -e .
 	$(PY) -c "import mmdet_detrx.ops as o; assert o.native_available(), 'native extension failed to load'"
 	touch $(STAMP_PKG)
