@@ -162,6 +162,8 @@ def test_calibrate_act_relative_cluster_target_without_eval(detr_checkpoint, tmp
     assert report['evaluation'] is None and report['relative']
     assert all(layer['clusters'] <= 6 for layer in report['layers'])
     assert 'relative_bucket_width' in report['cfg_options']
+    finest = min(layer['bucket_width'] for layer in report['layers'])
+    assert f'relative_bucket_width={finest}' in report['uniform_cfg_options'].replace('"', '')
     with pytest.raises(SystemExit):
         load_tool('calibrate_act').main([ACT_CFG, ckpt, '--target-error', '0.1',
                                          '--target-clusters', '3'])

@@ -155,7 +155,11 @@ def snippets(chosen, relative: bool) -> Dict[str, str]:
     config = ('model = dict(encoder=dict(layer_cfg=dict(self_attn_cfg=dict(\n'
               f"    type='AdaptiveClusteringAttention', num_hashes={num_hashes!r},\n"
               f'    {width_key}={width!r}))))')
-    return dict(cfg_options=cfg_options, config=config)
+    # One value for every layer (the finest width, the most rounds): each layer is at least as
+    # fine as its own calibrated setting, and no per-layer list has to be resolved.
+    uniform = '--cfg-options ' + ' '.join([option(width_key, min(widths)),
+                                           option('num_hashes', max(rounds))])
+    return dict(cfg_options=cfg_options, config=config, uniform_cfg_options=uniform)
 
 
 def apply(layers, chosen, relative: bool) -> None:
@@ -205,7 +209,9 @@ def to_markdown(per_layer, eval_rows: Optional[List[Dict]], target: str, snippet
         lines.append(f'| {index} | {result.num_hashes} | {result.bucket_width:.4g}'
                      f"{' (relative)' if result.relative else ''} | {100 * result.error:.2f}% | "
                      f'{result.clusters:.1f} |')
-    lines += ['', snippet['cfg_options'], '', snippet['config']]
+    lines += ['', snippet['cfg_options'], '', snippet['config'], '',
+              'one setting for all layers (finest width, most rounds):',
+              snippet['uniform_cfg_options']]
     if eval_rows:
         lines += ['', '| setting | AP | AP50 | encoder attn GFLOPs | clusters/head | ms/image '
                   '| encoder ms/image |', '|---|---|---|---|---|---|---|']
