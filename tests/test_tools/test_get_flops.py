@@ -1,13 +1,14 @@
 """FLOPs of a detector with our deformable attention: our tools/analysis/get_flops.py works on
 any detector (no ACT needed) and counts the op, and mmdet's own analysis_tools/get_flops.py
 counts it too (the handle `import mmdet_detrx` registers in mmengine's analyzer)."""
-import importlib.util
+import json
 import os
 import os.path as osp
 import re
 import subprocess
 import sys
 
+import _helpers
 import mmdet
 import pytest
 
@@ -23,11 +24,7 @@ pytestmark = pytest.mark.skipif(not native_available(), reason='native extension
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        'get_flops', osp.join(ROOT, 'tools', 'analysis', 'get_flops.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _helpers.load_tool('tools/analysis/get_flops.py')
 
 
 def data_options(data_root):
@@ -59,10 +56,26 @@ def data_root(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def our_report(data_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp('flops') / 'flops.json'
-    return load_tool().main([DEMO, '--num-images', '2', '--out-json', str(out), '--cfg-options',
-                             *data_options(data_root)])
+def our_run(data_root, tmp_path_factory):
+    """(report, out_dir) of our tool on two images of the demo config."""
+    out_dir = tmp_path_factory.mktemp('flops')
+    return load_tool().main([DEMO, '--num-images', '2', '--out-dir', str(out_dir), '--out-json',
+                             str(out_dir / 'old_flag.json'), '--cfg-options',
+                             *data_options(data_root)]), out_dir
+
+
+@pytest.fixture(scope='module')
+def our_report(our_run):
+    return our_run[0]
+
+
+def test_report_files(our_run):
+    report, out_dir = our_run
+    for name in ('flops.json', 'old_flag.json'):
+        with open(out_dir / name) as f:
+            assert json.load(f) == json.loads(json.dumps(report))
+    table = (out_dir / 'flops.md').read_text()
+    assert '| operator | GFLOPs |' in table and '| ms_deform_attn |' in table
 
 
 def test_ours_counts_deformable_attention_without_act(our_report):

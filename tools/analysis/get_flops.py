@@ -1,7 +1,7 @@
 """FLOPs of any detector on real images; ACT encoder layers counted from their actual clusters.
 
     python tools/analysis/get_flops.py CONFIG [CKPT] [--num-images N] [--shape H W]
-        [--cfg-options ...] [--out-json FILE]
+        [--cfg-options ...] [--out-dir DIR] [--out-json FILE]
 
 mmdet's ``tools/analysis_tools/get_flops.py`` role: images come from the config's val dataloader
 (batch size 1); the model is counted with mmengine's ``FlopAnalyzer`` (one multiply-accumulate =
@@ -15,16 +15,20 @@ they are counted from the clusters each layer actually found
 exact path: ``total = analyzer(model with exact attention) - analyzer(ACT layers) + ACT layers``.
 Exact attention is counted with its N^2 terms. Then the report adds the mean clusters per layer
 (over images and heads), mean tokens, the encoder attention GFLOPs (exact and ACT) and the total
-GFLOPs (exact and ACT). ``--shape H W`` resizes each image to H x W.
+GFLOPs (exact and ACT). ``--shape H W`` resizes each image to H x W. ``--out-dir`` writes the
+report as ``flops.md`` and ``flops.json``; ``--out-json FILE`` (the older flag) only the JSON.
 """
 import argparse
 import json
+import os
+import os.path as osp
 from functools import partial
 from typing import Dict, List
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import Column, add_common_args, markdown_table
 from mmengine.analysis import FlopAnalyzer
 from mmengine.config import Config, DictAction
 from mmengine.model import revert_sync_batchnorm
@@ -45,9 +49,12 @@ def parse_args(argv=None):
                         help='resize every image to H x W')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, as in tools/test.py')
-    parser.add_argument('--out-json', default=None, help='also write the report here')
-    parser.add_argument('--device', default='cpu')
-    return parser.parse_args(argv)
+    add_common_args(parser, 'device', 'out_dir')
+    parser.add_argument('--out-json', default=None, help='also write the report (JSON) here')
+    args = parser.parse_args(argv)
+    if args.num_images < 1:
+        parser.error(f'--num-images must be at least 1, got {args.num_images}')
+    return args
 
 
 def act_layers(model) -> Dict[str, AdaptiveClusteringAttention]:
@@ -145,19 +152,19 @@ def format_report(report: Dict) -> str:
     lines = [f"images: {report['num_images']}, params: {report['params_m']:.2f} M"]
     total = report['total_gflops']
     if report['layers']:
-        lines += ['| layer | tokens | mean clusters/head | exact GFLOPs | ACT GFLOPs |',
-                  '|---|---|---|---|---|']
-        for layer in report['layers']:
-            lines.append(f"| {layer['layer']} | {layer['tokens']:.0f} | {layer['clusters']:.1f} | "
-                         f"{layer['exact_gflops']:.4f} | {layer['act_gflops']:.4f} |")
+        lines.append(markdown_table(report['layers'], [
+            Column('layer', align='left'), Column('tokens', fmt='{:.0f}'),
+            Column('clusters', 'mean clusters/head', '{:.1f}'),
+            Column('exact_gflops', 'exact GFLOPs', '{:.4f}'),
+            Column('act_gflops', 'ACT GFLOPs', '{:.4f}')]))
         enc = report['encoder_attention_gflops']
         lines.append(f"encoder attention GFLOPs: exact {enc['exact']:.4f}, ACT {enc['act']:.4f}")
         lines.append(f"total GFLOPs: exact {total['exact']:.3f}, ACT {total['act']:.3f}")
     else:
         lines.append(f"total GFLOPs: {total['exact']:.3f}")
-    lines += ['| operator | GFLOPs |', '|---|---|']
-    for op, gflops in sorted(report['operator_gflops'].items(), key=lambda item: -item[1]):
-        lines.append(f'| {op} | {gflops:.4f} |')
+    operators = sorted(report['operator_gflops'].items(), key=lambda item: -item[1])
+    lines.append(markdown_table([dict(op=op, gflops=gflops) for op, gflops in operators], [
+        Column('op', 'operator', align='left'), Column('gflops', 'GFLOPs', '{:.4f}')]))
     if report['unsupported_ops']:
         lines.append('not counted (no FLOP handle): ' + ', '.join(
             f'{op} x{count}' for op, count in sorted(report['unsupported_ops'].items())))
@@ -177,9 +184,16 @@ def main(argv=None):
         raise ValueError('the val dataloader yielded no image')
     params = sum(p.numel() for p in model.parameters())
     report = summarize(records, params)
-    print(format_report(report))
-    if args.out_json:
-        with open(args.out_json, 'w') as f:
+    text = format_report(report)
+    print(text)
+    json_paths = [args.out_json] if args.out_json else []
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(osp.join(args.out_dir, 'flops.md'), 'w') as f:
+            f.write(text + '\n')
+        json_paths.append(osp.join(args.out_dir, 'flops.json'))
+    for path in json_paths:
+        with open(path, 'w') as f:
             json.dump(report, f, indent=2)
     return report
 
