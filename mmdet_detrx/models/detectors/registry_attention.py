@@ -69,11 +69,14 @@ def _split_attention_types(coder_cfg: Optional[dict]) -> Tuple[Optional[dict], D
 
 
 def _swap_attentions(coder, swaps: Dict[str, dict]) -> None:
-    for layer in coder.layers:
+    for index, layer in enumerate(coder.layers):
         for key, full_cfg in swaps.items():
             # Upstream may have completed its copy of the config (e.g. batch_first=True).
             cfg = ConfigDict({**getattr(layer, key), **full_cfg})
-            setattr(layer, key[:-len('_cfg')], MODELS.build(cfg))
+            module = MODELS.build(cfg)
+            if hasattr(module, 'select_layer'):  # per-layer settings, e.g. ACT bucket widths
+                module.select_layer(index, len(coder.layers))
+            setattr(layer, key[:-len('_cfg')], module)
             setattr(layer, key, cfg)
 
 

@@ -406,6 +406,9 @@ def test_per_layer_settings_from_the_config_reach_their_layers():
     from mmdet_detrx.models.layers import resolve_act_layers
     model = build_act_detr(bucket_width=[8.0, 4.0, 2.0], num_hashes=[32, 24, 16],
                            relative_bucket_width=[None, None, 0.25])
+    # DETRX picks each layer's entry when it builds the attentions (tools need no extra call).
+    assert [(layer.self_attn.layer_index, layer.self_attn.bucket_width)
+            for layer in model.encoder.layers] == [(0, 8.0), (1, 4.0), (2, 2.0)]
     found = resolve_act_layers(model)
     assert found == [layer.self_attn for layer in model.encoder.layers]
     assert [(a.layer_index, a.bucket_width, a.num_hashes, a.relative_bucket_width)
