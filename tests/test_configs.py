@@ -50,3 +50,33 @@ def test_auto_scale_lr_is_usable_by_mmdet_train(config):
     assert 'enable' in auto_scale_lr and 'base_batch_size' in auto_scale_lr, (
         f'{config}: auto_scale_lr={auto_scale_lr} lacks enable / base_batch_size')
     assert auto_scale_lr.base_batch_size > 0
+
+
+MTKD_SYNTHETIC = sorted(c for c in CONFIGS if c.startswith('configs/mtkd/')
+                        and c.endswith('_synthetic-shapes.py'))
+
+
+@pytest.mark.parametrize('config', MTKD_SYNTHETIC)
+def test_mtkd_scores_both_branches_where_the_dataset_is(config, monkeypatch, tmp_path):
+    """act/ and full/ metrics read the dataset's annotations, and move with it."""
+    monkeypatch.setenv('MMDET_DETRX_DATA_ROOT', str(tmp_path / 'moved'))
+    cfg = Config.fromfile(osp.join(ROOT, config))
+    assert cfg.model.test_branch == 'both'
+    for evaluator in (cfg.val_evaluator, cfg.test_evaluator):
+        assert [(e.type, e.prefix) for e in evaluator] == [('CocoMetric', 'act'),
+                                                           ('BranchCocoMetric', 'full')]
+        assert evaluator[1].pred_key == 'full_pred_instances'
+        for metric in evaluator:
+            assert metric.ann_file == str(tmp_path / 'moved' / 'annotations' / 'val.json')
+            assert metric.ann_file == osp.join(cfg.val_dataloader.dataset.data_root,
+                                               cfg.val_dataloader.dataset.ann_file)
+
+
+def test_mtkd_starts_from_what_the_detr_command_writes():
+    """`python tools/train.py configs/detr/X.py` writes work_dirs/X/iter_{max_iters}.pth."""
+    detr = 'configs/detr/detr_r18-dc5_1xb8-3000i_synthetic-shapes.py'
+    mtkd = Config.fromfile(osp.join(
+        ROOT, 'configs/mtkd/act-detr-mtkd_r18-dc5_1xb8-300i_synthetic-shapes.py'))
+    max_iters = Config.fromfile(osp.join(ROOT, detr)).train_cfg.max_iters
+    stem = osp.splitext(osp.basename(detr))[0]
+    assert mtkd.load_from == f'work_dirs/{stem}/iter_{max_iters}.pth'

@@ -2,7 +2,7 @@
 # embedded synthetic-shapes dataset on CPU and evaluated by CocoMetric (docs/benchmarks.md has
 # the time and mAP measured).
 _base_ = [
-    '../_base_/datasets/synthetic_shapes.py', 'mmdet::_base_/default_runtime.py'
+    '../_base_/datasets/synthetic_shapes.py', '../_base_/schedules/iters_1xb8_synthetic-shapes.py'
 ]
 custom_imports = dict(imports=['mmdet_detrx'], allow_failed_imports=False)
 
@@ -86,9 +86,7 @@ optim_wrapper = dict(
     }))
 
 max_iters = 1000
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=500)
-val_cfg = dict(type='ValLoop')
-test_cfg = dict(type='TestLoop')
+train_cfg = dict(max_iters=max_iters, val_interval=500)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
     dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters, milestones=[800],
@@ -96,8 +94,4 @@ param_scheduler = [
 ]
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=25),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=500, max_keep_ckpts=2))
-log_processor = dict(by_epoch=False)
-# mmdet's tools/train.py --auto-scale-lr needs both keys (it sets enable=True); the lr above is
-# for 1 GPU x batch 8.
-auto_scale_lr = dict(enable=False, base_batch_size=8)
+    checkpoint=dict(interval=500))

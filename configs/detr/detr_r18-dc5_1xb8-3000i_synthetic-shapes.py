@@ -2,7 +2,7 @@
 # "pretrained DETR" that ACT replaces without retraining and that MTKD fine-tunes from
 # (docs/act.md, docs/mtkd.md). Dilated C5 (stride 16) as in the paper's DETR-DC5.
 _base_ = [
-    '../_base_/datasets/synthetic_shapes.py', 'mmdet::_base_/default_runtime.py'
+    '../_base_/datasets/synthetic_shapes.py', '../_base_/schedules/iters_1xb8_synthetic-shapes.py'
 ]
 custom_imports = dict(imports=['mmdet_detrx'], allow_failed_imports=False)
 
@@ -78,9 +78,7 @@ optim_wrapper = dict(
     clip_grad=dict(max_norm=0.1, norm_type=2))
 
 max_iters = 3000
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=1000)
-val_cfg = dict(type='ValLoop')
-test_cfg = dict(type='TestLoop')
+train_cfg = dict(max_iters=max_iters, val_interval=1000)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
     dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters, milestones=[2500],
@@ -88,8 +86,4 @@ param_scheduler = [
 ]
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=1000, max_keep_ckpts=2))
-log_processor = dict(by_epoch=False)
-# mmdet's tools/train.py --auto-scale-lr needs both keys (it sets enable=True); the lr above is
-# for 1 GPU x batch 8.
-auto_scale_lr = dict(enable=False, base_batch_size=8)
+    checkpoint=dict(interval=1000))

@@ -3,32 +3,20 @@
 #   python tools/test.py  configs/mtkd/act-detr-mtkd_r18-dc5_1xb8-300i_synthetic-shapes.py DETR_CKPT
 #   python tools/train.py configs/mtkd/act-detr-mtkd_r18-dc5_1xb8-300i_synthetic-shapes.py
 # Both report act/bbox_mAP (ACT branch) and full/bbox_mAP (exact attention, same weights).
-_base_ = '../act/act-detr_r18-dc5_1xb8-3000i_synthetic-shapes.py'
+_base_ = ['../act/act-detr_r18-dc5_1xb8-3000i_synthetic-shapes.py', '../_base_/mtkd.py']
 
-# The exact DETR trained by configs/detr/detr_r18-dc5_1xb8-3000i_synthetic-shapes.py.
-pretrained_detr = 'work_dirs/detr_r18-dc5_synthetic/iter_3000.pth'
+# What `python tools/train.py configs/detr/detr_r18-dc5_1xb8-3000i_synthetic-shapes.py` writes.
+pretrained_detr = 'work_dirs/detr_r18-dc5_1xb8-3000i_synthetic-shapes/iter_3000.pth'
 load_from = pretrained_detr
 
-model = dict(
-    type='MTKDDETR',
-    act_loss_weight=1.0,
-    full_loss_weight=1.0,
-    loss_kd=dict(type='L2DistillLoss', loss_weight=1.0, reduction='batchmean'),
-    detach_full=True,
-    test_branch='both')
+model = dict(type='MTKDDETR', **_base_.mtkd_model)
 
-# Short fine-tune at the learning rate the DETR schedule ends with (2e-4 decayed by 0.1).
+# Short fine-tune at constant lr (_base_/mtkd.py).
 max_iters = 300
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
-optim_wrapper = dict(optimizer=dict(lr=2e-5))
-param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, end=max_iters)]
 default_hooks = dict(checkpoint=dict(interval=max_iters))
-
-val_evaluator = [
-    dict(type='CocoMetric', ann_file='data/synthetic_shapes/annotations/val.json',
-         metric='bbox', format_only=False, prefix='act'),
-    dict(type='BranchCocoMetric', pred_key='full_pred_instances',
-         ann_file='data/synthetic_shapes/annotations/val.json', metric='bbox',
-         format_only=False, prefix='full'),
-]
+optim_wrapper = _base_.mtkd_synthetic_shapes_optim_wrapper
+param_scheduler = _base_.mtkd_constant_lr
+val_evaluator = [dict(_base_.val_evaluator, prefix='act'),
+                 dict(_base_.val_evaluator, **_base_.mtkd_full_branch_metric)]
 test_evaluator = val_evaluator
