@@ -3,11 +3,9 @@
 # (docs/act.md):
 #   python tools/test.py configs/act/act-conditional-detrx_r18-dc5_1xb8-3000i_synthetic-shapes.py CKPT
 #   python tools/analysis/act_tradeoff.py configs/act/act-conditional-detrx_r18-dc5_1xb8-3000i_synthetic-shapes.py CKPT
-_base_ = '../conditional_detr/conditional-detrx_r18-dc5_1xb8-3000i_synthetic-shapes.py'
+_base_ = [
+    '../conditional_detr/conditional-detrx_r18-dc5_1xb8-3000i_synthetic-shapes.py',
+    '../_base_/act_encoder_attention.py'
+]
 
-model = dict(
-    encoder=dict(
-        layer_cfg=dict(
-            self_attn_cfg=dict(
-                type='AdaptiveClusteringAttention', num_hashes=32, bucket_width=8.0,
-                seed=0))))
+model = dict(encoder=dict(layer_cfg=dict(self_attn_cfg=_base_.act_self_attn_cfg)))

@@ -2,11 +2,8 @@
 # with clustered encoder attention, no retraining (docs/act.md):
 #   python tools/test.py configs/act/act-detr_r18-dc5_1xb8-3000i_synthetic-shapes.py DETR_CKPT
 #   python tools/analysis/act_tradeoff.py configs/act/act-detr_r18-dc5_1xb8-3000i_synthetic-shapes.py DETR_CKPT
-_base_ = '../detr/detr_r18-dc5_1xb8-3000i_synthetic-shapes.py'
+_base_ = [
+    '../detr/detr_r18-dc5_1xb8-3000i_synthetic-shapes.py', '../_base_/act_encoder_attention.py'
+]
 
-model = dict(
-    encoder=dict(
-        layer_cfg=dict(
-            self_attn_cfg=dict(
-                type='AdaptiveClusteringAttention', num_hashes=32, bucket_width=8.0,
-                seed=0))))
+model = dict(encoder=dict(layer_cfg=dict(self_attn_cfg=_base_.act_self_attn_cfg)))

@@ -2,7 +2,7 @@
 # mmdet's exact DETR-R50 teaches an ACT-DETR-R50 initialised from the same checkpoint. Unlike
 # MTKDDETR (one model, two branches), the teacher is a separate network: any mmdet config +
 # checkpoint works, as long as the distilled outputs correspond one to one (same num_queries).
-_base_ = '../act_detr_r50.py'
+_base_ = '../act/act-detr_r50_8xb2-150e_coco.py'
 
 teacher_checkpoint = 'https://download.openmmlab.com/mmdetection/v3.0/detr/detr_r50_8xb2-150e_coco/detr_r50_8xb2-150e_coco_20221023_153551-436d03e8.pth'  # noqa: E501
 load_from = teacher_checkpoint
