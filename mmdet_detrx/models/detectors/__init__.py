@@ -1,2 +1,2 @@
 from .mtkd_detr import *  # noqa: F401,F403
-from .registry_attention import *  # noqa: F401,F403
+from .detrx import *  # noqa: F401,F403

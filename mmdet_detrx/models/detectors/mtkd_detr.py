@@ -51,7 +51,7 @@ from torch import Tensor
 from mmdet_detrx.distill.recorders import ModuleOutputRecorder
 from mmdet_detrx.models.layers.adaptive_clustering_attention import (AdaptiveClusteringAttention,
                                                                      act_exact_mode)
-from .registry_attention import DETRX, ConditionalDETRX
+from .detrx import DETRX, ConditionalDETRX
 
 __all__ = ['MTKDMixin', 'MTKDDETR', 'MTKDConditionalDETR']
 
