@@ -156,7 +156,8 @@ def test_rejects_bad_arguments(capsys):
     tool = load_tool()
     for argv, text in ((['--shape', '16', '96'], '--shape'),
                        (['--dtypes', 'float16'], '--dtypes'),
-                       (['--models', 'yolo'], '--models')):
+                       (['--models', 'yolo'], '--models'),
+                       (['--models', 'dino', '--shape', '64', '96'], 'too small for dino')):
         with pytest.raises(SystemExit):
             tool.parse_args(argv)
         assert text in capsys.readouterr().err

@@ -47,10 +47,10 @@ Measured per case:
   stock's on the first run (0 up to rounding for MSDA; ACT's approximation error for ACT).
 
 Memory safety: before a pair's cases run at the requested shape, each model runs once per mode at
-three small shapes (the largest 1/16 of the pixels and at most 400x667, then 1/4 and 1/16 of
-that) and the peak growth is extrapolated with a constant + linear + quadratic fit in the pixel
-count; a case whose estimate (x2, see MEMORY_MARGIN) does
-not fit in ``MemAvailable`` is refused with a message (and the tool exits 3) rather than run.
+three smaller shapes (the largest 1/4 of the pixels and at most 400x667, the smallest 1/16 of
+that or the model's minimum input) and the peak growth is extrapolated with a constant + linear
++ quadratic fit in the pixel count; a case whose estimate (x2, see ``MEMORY_MARGIN``) does not
+fit in ``MemAvailable`` is refused with a message (and the tool exits 3) rather than run.
 
 Outputs: a markdown table to stdout, and with ``--out-dir``: ``benchmark_detectors.md``,
 ``.csv`` and ``.png`` (time and memory bars on a linear axis, each bar labelled with its ratio to
@@ -66,6 +66,7 @@ import contextlib
 import copy
 import ctypes
 import gc
+import math
 import os
 import os.path as osp
 import sys
@@ -93,6 +94,7 @@ class Pair:
     stock_backbone: Optional[dict] = None  # applied to the stock config's backbone
     strict: bool = True
     compare_encoder: bool = True
+    min_pixels: int = 32 * 32  # smallest input the detector runs on
 
 
 PAIRS = {
@@ -103,11 +105,14 @@ PAIRS = {
     'deformable-detr-2stage': Pair(
         'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
         'configs/deformable_detr/deformable-detrx-refine-twostage_r50_16xb2-50e_coco.py',
-        'mmdet', 'ours (MSDeformAttn)'),
+        'mmdet', 'ours (MSDeformAttn)',
+        min_pixels=48 * 340),  # top-300 proposals need >= 300 encoder tokens
     'dino': Pair(
         'dino/dino-4scale_r50_8xb2-12e_coco.py',
         'configs/dino/dinox-4scale_r50_8xb2-12e_coco.py',
-        'mmdet', 'ours (MSDeformAttn)'),
+        'mmdet', 'ours (MSDeformAttn)',
+        # top-900 proposals need >= 900 encoder tokens (about pixels / 48 over strides 8-64)
+        min_pixels=48 * 1000),
     'detr-dc5-act': Pair(
         'detr/detr_r50_8xb2-150e_coco.py', 'configs/act_detr_r50-dc5.py',
         'exact (mmdet DETR-DC5)', 'ours (ACT)', stock_backbone=DC5),
@@ -154,6 +159,10 @@ def parse_args(argv=None):
         parser.error(f'--dtypes: only float32 and bfloat16 (CPU autocast), got {bad}')
     if min(args.shape) < 32:
         parser.error(f'--shape must be at least 32x32, got {args.shape}')
+    for name in args.models:
+        if args.shape[0] * args.shape[1] < PAIRS[name].min_pixels:
+            parser.error(f'--shape {args.shape[0]} {args.shape[1]} is too small for {name}: it '
+                         f'needs at least {PAIRS[name].min_pixels} pixels')
     for name in ('batch_infer', 'batch_train'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1')
@@ -475,17 +484,19 @@ def count_flops_and_capture(step, model):
 
 
 # ------------------------------------------------------------------------------------- benchmark
-def estimate_memory(models, cfgs, mode, shape, batch, with_masks, seed, states):
+def estimate_memory(models, cfgs, mode, shape, batch, with_masks, seed, states, min_pixels):
     """Extrapolated peak growth (bytes) of each model's ``mode`` step at ``shape``."""
     height, width = shape
     pixels = height * width
-    top = min(pixels / 16, PROBE_MAX_PIXELS)
+    top = max(min(pixels / 4, PROBE_MAX_PIXELS), min(min_pixels, pixels))
+    low = max(top / 16, min(min_pixels, pixels))
+    sizes = sorted({top, low, (top * low)**0.5}) if low < top else [top]
     estimates = []
     for model, cfg, state in zip(models, cfgs, states):
         probes = []
-        for probe_pixels in (top / 16, top / 4, top):
+        for probe_pixels in sizes:
             scale = (probe_pixels / pixels)**0.5
-            probe_shape = (max(32, round(height * scale)), max(32, round(width * scale)))
+            probe_shape = (max(32, math.ceil(height * scale)), max(32, math.ceil(width * scale)))
             data = synthetic_batch(batch, probe_shape, mode == 'train', with_masks, seed)
             model.load_state_dict(state)
             model.train(mode == 'train')
@@ -496,7 +507,11 @@ def estimate_memory(models, cfgs, mode, shape, batch, with_masks, seed, states):
             probes.append((probe_shape[0] * probe_shape[1], meter.stop()))
             del step, data
         extra = 2 * sum(p.numel() for p in model.parameters())  # bf16 weight copies (autocast)
-        estimates.append(extrapolate_peak(probes, pixels) + extra)
+        if len(probes) == 1:  # the input itself is the probe: proportional, no constant
+            grown = probes[0][1] * pixels / probes[0][0]
+        else:
+            grown = extrapolate_peak(probes, pixels)
+        estimates.append(grown + extra)
     for model, state in zip(models, states):
         model.load_state_dict(state)
     return estimates
@@ -518,7 +533,7 @@ def run_pair(args, name, pair, peaks_by_threads, log):
             refused = None
             if not args.no_memory_check and measure_memory:
                 estimates = estimate_memory(models, cfgs, mode, tuple(args.shape), batch,
-                                            with_masks, args.seed, states)
+                                            with_masks, args.seed, states, pair.min_pixels)
                 need, available = MEMORY_MARGIN * max(estimates), memory_available_bytes()
                 log(f'   {mode}: estimated peak growth '
                     f'{", ".join(f"{e / 2**30:.2f}" for e in estimates)} GiB '
