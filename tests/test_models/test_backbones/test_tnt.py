@@ -153,7 +153,7 @@ def test_rejects_bad_arguments(kwargs, argument):
 def test_synthetic_shapes_config_trains_and_evaluates(tmp_path):
     from mmengine.runner import Runner
     cfg = Config.fromfile(
-        osp.join(ROOT, 'configs/tnt/faster-rcnn_tnt-t6_sfp_1xb8-6e_synthetic-shapes.py'))
+        osp.join(ROOT, 'configs/tnt/faster-rcnn_tnt-t6_sfp_1xb8-4e_synthetic-shapes.py'))
     shrink_to_smoke_run(cfg, tmp_path)
     runner = Runner.from_cfg(cfg)
     tnt = runner.model.backbone
