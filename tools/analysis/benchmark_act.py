@@ -2,7 +2,7 @@
 
     python tools/analysis/benchmark_act.py [--tokens 1024 4096 16384] [--heads 8]
         [--embed-dims 256] [--num-hashes 32] [--bucket-width 2.0] [--target-error 0.04]
-        [--no-calibrate] [--repeat 3] [--timer wall|cpu] [--out-dir DIR] [--device cpu]
+        [--no-calibrate] [--repeats 3] [--timer wall|cpu] [--out-dir DIR] [--device cpu]
 
 Tokens: a documented clustered mixture standing in for a DETR encoder feature map, whose large
 flat regions (sky, road, wall) repeat nearly the same feature. ``--regions`` centres
@@ -20,18 +20,15 @@ Two settings per size: the hand-chosen ``--bucket-width`` (skipped with ``--buck
 unless ``--no-calibrate``, the width :func:`mmdet_detrx.models.layers.calibrate_bucket_width`
 picks for ``--target-error`` on a *held-out* draw of the same mixture (another seed, same size):
 nobody chooses r. Reported: mean clusters per head, relative output error
-``||act - exact|| / ||exact||`` (core) on the benchmark draw, the median wall time of ``--repeat``
+``||act - exact|| / ||exact||`` (core) on the benchmark draw, the median wall time of ``--repeats``
 runs and the speed-ups. ``--timer cpu`` measures process CPU time instead of wall time (CPU only):
 on a machine shared with other jobs it is not inflated by their load (with one thread it is the
 compute cost itself). Writes ``benchmark_act.csv`` and
 ``benchmark_act.md`` and ``benchmark_act.png`` to ``--out-dir`` when given.
 """
 import argparse
-import csv
 import os
 import os.path as osp
-import platform
-import statistics
 import time
 
 import matplotlib
@@ -40,6 +37,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _common import (Column, add_common_args, machine_line, markdown_table,  # noqa: E402
+                     time_call, write_csv)
 from mmcv.cnn.bricks.transformer import MultiheadAttention  # noqa: E402
 
 from mmdet_detrx.models.layers import (AdaptiveClusteringAttention,  # noqa: E402
@@ -63,15 +62,11 @@ def parse_args(argv=None):
     parser.add_argument('--regions', type=int, default=None,
                         help='mixture centres (default: tokens // 64)')
     parser.add_argument('--noise', type=float, default=0.05, help='sigma of the token noise')
-    parser.add_argument('--repeat', type=int, default=3)
     parser.add_argument('--mmcv-max-tokens', type=int, default=None,
                         help='skip the mmcv MultiheadAttention comparison above this many tokens '
                         '(it forms the N x N weights: ~9 GB at 16k tokens, 8 heads)')
-    parser.add_argument('--timer', choices=['wall', 'cpu'], default='wall',
-                        help='wall-clock time, or process CPU time (CPU device only)')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--out-dir', default=None)
+    # --repeats (old spelling --repeat), --timer, --seed, --device, --out-dir
+    add_common_args(parser, 'repeats', 'timer', 'seed', 'device', 'out_dir')
     return parser.parse_args(argv)
 
 
@@ -85,18 +80,10 @@ def clustered_tokens(num_tokens, embed_dims, regions, noise, generator):
 
 
 def timed(fn, repeat, device, timer='wall'):
-    clock = time.process_time if timer == 'cpu' else time.perf_counter
-    out = fn()  # warm-up: first-call allocations and kernel selection are not timed
-    times = []
-    for _ in range(repeat):
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
-        start = clock()
-        out = fn()
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
-        times.append(clock() - start)
-    return out, statistics.median(times)
+    """``(last output, median seconds)`` of ``repeat`` runs after one warm-up run (first-call
+    allocations and kernel selection are not timed)."""
+    timing = time_call(fn, repeats=repeat, warmup=1, device=device, clock=timer)
+    return timing.output, timing.median
 
 
 def make_tokens(args, num_tokens, seed):
@@ -130,21 +117,21 @@ def bench_size(args, num_tokens):
 
     with_mmcv = args.mmcv_max_tokens is None or num_tokens <= args.mmcv_max_tokens
     if with_mmcv:
-        ref_module, t_mmcv = timed(lambda: exact(x), args.repeat, args.device, args.timer)
+        ref_module, t_mmcv = timed(lambda: exact(x), args.repeats, args.device, args.timer)
     else:
         ref_module, t_mmcv = None, float('nan')
     head_dims = args.embed_dims // args.heads
     qkv = F.linear(x, act.attn.in_proj_weight, act.attn.in_proj_bias)
     q, k, v = (t.reshape(1, num_tokens, args.heads, head_dims).transpose(1, 2).contiguous()
                for t in qkv.chunk(3, dim=-1))  # (1, heads, N, head_dims)
-    ref_core, t_sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeat,
+    ref_core, t_sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats,
                              args.device, args.timer)
     rows = []
     for name, width, calibration_s in settings:
         act.bucket_width = width
-        out_module, t_act_module = timed(lambda: act(x), args.repeat, args.device, args.timer)
+        out_module, t_act_module = timed(lambda: act(x), args.repeats, args.device, args.timer)
         (out_core, _, clusters), t_act_core = timed(
-            lambda: adaptive_clustering_attention(q, k, v, act.lsh), args.repeat, args.device,
+            lambda: adaptive_clustering_attention(q, k, v, act.lsh), args.repeats, args.device,
             args.timer)
         rows.append(dict(
             tokens=num_tokens,
@@ -166,30 +153,21 @@ def bench_size(args, num_tokens):
     return rows
 
 
-def machine():
-    threads = torch.get_num_threads()
-    name = platform.processor() or platform.machine()
-    if torch.cuda.is_available():
-        name += f', {torch.cuda.get_device_name()}'
-    return f'{name}, torch {torch.__version__}, {threads} threads'
-
-
-def _or_dash(value, fmt, suffix=''):
-    return '-' if value != value else f'{value:{fmt}}{suffix}'  # nan: not measured
+TABLE = [Column('tokens'), Column('regions'), Column('setting', align='left'),
+         Column('bucket_width', 'r', '{:.3g}'), Column('clusters', 'clusters/head'),
+         Column('rel_err_pct', 'rel. err (core)', '{:.2f}%'),
+         Column('sdpa_s', 'SDPA (s)', '{:.3f}'), Column('act_core_s', 'ACT core (s)', '{:.3f}'),
+         Column('speedup_vs_sdpa', 'speed-up vs SDPA', '{:.2f}x'),
+         Column('mmcv_s', 'mmcv MHA (s)', '{:.3f}'),
+         Column('act_module_s', 'ACT module (s)', '{:.3f}'),
+         Column('speedup_vs_mmcv', 'speed-up vs mmcv', '{:.2f}x')]
 
 
 def to_markdown(rows):
-    header = ('| tokens | regions | setting | r | clusters/head | rel. err (core) | SDPA (s) '
-              '| ACT core (s) | speed-up vs SDPA | mmcv MHA (s) | ACT module (s) '
-              '| speed-up vs mmcv |')
-    lines = [header, '|' + '---|' * 12]
-    for r in rows:
-        lines.append(f"| {r['tokens']} | {r['regions']} | {r['setting']} | "
-                     f"{r['bucket_width']:.3g} | {r['clusters']} | "
-                     f"{100 * r['rel_err']:.2f}% | {r['sdpa_s']:.3f} | {r['act_core_s']:.3f} | "
-                     f"{r['speedup_vs_sdpa']:.2f}x | {_or_dash(r['mmcv_s'], '.3f')} | "
-                     f"{r['act_module_s']:.3f} | {_or_dash(r['speedup_vs_mmcv'], '.2f', 'x')} |")
-    return '\n'.join(lines)
+    """The rows as a markdown table; '-' where a time was not measured (nan)."""
+    cells = [{key: (None if value != value else value) for key, value in  # nan -> '-'
+              dict(row, rel_err_pct=100 * row['rel_err']).items()} for row in rows]
+    return markdown_table(cells, TABLE)
 
 
 def plot(rows, path):
@@ -231,18 +209,16 @@ def main(argv=None):
         raise ValueError('nothing to measure: --bucket-width 0 and --no-calibrate')
     rows = [row for n in args.tokens for row in bench_size(args, n)]
     table = to_markdown(rows)
-    print(f'machine: {machine()}; heads={args.heads}, embed_dims={args.embed_dims}, '
+    print(f'machine: {machine_line(args.device)}; heads={args.heads}, '
+          f'embed_dims={args.embed_dims}, '
           f'L={args.num_hashes}, noise={args.noise}, calibration target={args.target_error}, '
           f'timer={args.timer}')
     print(table)
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
-        with open(osp.join(args.out_dir, 'benchmark_act.csv'), 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, osp.join(args.out_dir, 'benchmark_act.csv'))
         with open(osp.join(args.out_dir, 'benchmark_act.md'), 'w') as f:
-            f.write(f'machine: {machine()}, timer: {args.timer}\n\n{table}\n')
+            f.write(f'machine: {machine_line(args.device)}, timer: {args.timer}\n\n{table}\n')
         plot(rows, osp.join(args.out_dir, 'benchmark_act.png'))
     return rows
 

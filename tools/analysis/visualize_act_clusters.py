@@ -26,6 +26,7 @@ import mmcv  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmdet.apis import inference_detector, init_detector  # noqa: E402
+from _common import panel_grid, panel_shape  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
 from mmdet_detrx.models.layers import (AdaptiveClusteringAttention,  # noqa: E402
@@ -54,21 +55,11 @@ def parse_args(argv=None):
     return args
 
 
-
-
-def panel_shape(image_hw: Tuple[int, int], panel_size: int) -> Tuple[int, int]:
-    """Pixel (height, width) of the image area of one panel (longer side = panel_size)."""
-    h, w = image_hw
-    scale = panel_size / max(h, w)
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
 def figure_shape(image_hw: Tuple[int, int], num_layers: int, panel_size: int):
     """Pixel (height, width) of the PNG for ``num_layers`` encoder layers (+ the image)."""
     ph, pw = panel_shape(image_hw, panel_size)
-    panels = num_layers + 1
-    cols = min(panels, PANEL_COLS)
-    return math.ceil(panels / cols) * (ph + TITLE_PX), cols * pw
+    rows, cols = panel_grid(num_layers + 1, PANEL_COLS)
+    return rows * (ph + TITLE_PX), cols * pw
 
 
 def cluster_colours(cluster_map: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -88,7 +79,7 @@ def draw(image_rgb: np.ndarray, cluster_maps: Sequence[np.ndarray], counts: Sequ
     fig_h, fig_w = figure_shape((h, w), len(cluster_maps), panel_size)
     dpi = 100
     fig = plt.figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi)
-    cols = min(len(cluster_maps) + 1, PANEL_COLS)
+    _, cols = panel_grid(len(cluster_maps) + 1, PANEL_COLS)
     panels = [('image', None)] + list(zip(counts, cluster_maps))
     for index, (count, cluster_map) in enumerate(panels):
         row, col = divmod(index, cols)
