@@ -261,8 +261,10 @@ def plot(rows: List[Dict], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def build_runner(args) -> Runner:
+    """A test-ready Runner of ``args.config`` with ``args.checkpoint`` loaded (every weight from
+    it), working under ``args.out_dir``: what Runner.test() does before its loop, so the caller
+    can run the test loop once per setting (also calibrate_act's)."""
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
@@ -272,10 +274,15 @@ def main(argv=None):
     if cfg.model.get('backbone', {}).get('init_cfg') is not None:
         cfg.model.backbone.init_cfg = None  # all weights come from the checkpoint
     runner = Runner.from_cfg(cfg)
-    # What Runner.test() does, with the test loop run once per setting.
     runner._test_loop = runner.build_test_loop(runner._test_loop)
     runner.call_hook('before_run')
     runner.load_or_resume()
+    return runner
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runner = build_runner(args)
     resolve_act_layers(runner.model)  # per-layer settings (lists) take their layer's entry
     if args.bootstrap < 0:
         raise ValueError('--bootstrap must be >= 0')

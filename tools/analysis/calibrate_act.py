@@ -34,7 +34,7 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 from mmengine.runner import Runner
 
 from mmdet_detrx.models.layers import (AdaptiveClusteringAttention, act_exact_mode,
@@ -80,19 +80,8 @@ def parse_args(argv=None):
 
 
 def build_runner(args) -> Runner:
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.load_from = args.checkpoint
-    cfg.work_dir = osp.join(args.out_dir, 'runner')
-    cfg.setdefault('env_cfg', {})['cudnn_benchmark'] = False
-    if cfg.model.get('backbone', {}).get('init_cfg') is not None:
-        cfg.model.backbone.init_cfg = None  # all weights come from the checkpoint
-    runner = Runner.from_cfg(cfg)
-    runner._test_loop = runner.build_test_loop(runner._test_loop)
-    runner.call_hook('before_run')
-    runner.load_or_resume()
-    return runner
+    """act_tradeoff's test-ready Runner (checkpoint loaded, test loop built)."""
+    return _load_sibling('act_tradeoff').build_runner(args)
 
 
 @torch.no_grad()
