@@ -41,7 +41,12 @@ $(STAMP_DEPS): $(PY) Makefile
 		matplotlib pytest pytest-timeout hypothesis
 	# mmdet's analysis tools and TensorBoard backend (psutil, seaborn, tensorboard) and ONNX
 	# export/parity tests (onnx, onnxruntime), pinned to versions tested together.
-	$(PIP) install -q -c $(CONSTRAINTS) $(EXTRA_SPECS)
+	$(PIP) install -q -c $(CONSTRAINTS) $(EXTRA_SPECS) requests pillow
+	# timm (test-only: the ViT/TNT equality tests build timm models) imports torchvision. PyPI's
+	# torchvision for this torch is a CUDA build that fails to import beside the CPU wheel
+	# ('operator torchvision::nms does not exist'); 0.16.2 is the newest whose import survives
+	# missing C++ ops, and nothing here uses torchvision's ops. pip check will name the mismatch.
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps "torchvision==0.16.2" "timm==1.0.31"
 	touch $(STAMP_DEPS)
 
 $(STAMP_PKG): $(STAMP_DEPS) setup.py pyproject.toml $(wildcard build_tools/*.py) $(wildcard ops/*.h ops/*.cpp ops/*/*.cpp ops/*/*.h ops/cuda/*.cu ops/cuda/*.cuh)
