@@ -1,22 +1,9 @@
 # Deformable DETR (our MSDeformAttn: configs/deformable_detr) with a TNT-S backbone
 # (timm's tnt_s_patch16_224) and ViTDet's simple feature pyramid: strides 8, 16, 32 plus a
 # stride-64 level by a strided conv, the four levels Deformable DETR's ChannelMapper gives R50.
-_base_ = '../deformable_detr/deformable-detrx_r50_16xb2-50e_coco.py'
+# The ViT-S config with the backbone swapped: timm's TNT-S weights were trained on the same
+# [-1, 1] normalisation, and TNT-S outputs ViT-S's 384 channels at stride 16.
+_base_ = '../vit/deformable-detrx_vit-s_sfp_16xb2-50e_coco.py'
 
 model = dict(
-    # timm's TNT-S weights were trained on images normalised to [-1, 1]
-    data_preprocessor=dict(mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5]),
-    backbone=dict(
-        _delete_=True,
-        type='TNT',
-        arch='small',
-        drop_path_rate=0.1,
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/tnt_s_patch16_224.pth')),
-    neck=dict(
-        _delete_=True,
-        type='SimpleFeaturePyramid',
-        in_channels=384,
-        out_channels=256,
-        scale_factors=(2.0, 1.0, 0.5),
-        num_outs=4,
-        extra_level='conv'))
+    backbone=dict(type='TNT', init_cfg=dict(checkpoint='checkpoints/tnt_s_patch16_224.pth')))

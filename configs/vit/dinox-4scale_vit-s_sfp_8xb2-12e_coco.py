@@ -1,22 +1,9 @@
 # DINO (4 scales, our MSDeformAttn: configs/dino) with a plain ViT-S/16 backbone (timm's
 # vit_small_patch16_224) and ViTDet's simple feature pyramid: strides 8, 16, 32 from the stride-16
 # map plus a stride-64 level by a strided conv, the four levels DINO's ChannelMapper gives R50.
-_base_ = '../dino/dinox-4scale_r50_8xb2-12e_coco.py'
+_base_ = ['../dino/dinox-4scale_r50_8xb2-12e_coco.py', '../_base_/models/vit-s_sfp.py']
 
 model = dict(
-    # timm's ViT-S/16 weights were trained on images normalised to [-1, 1]
-    data_preprocessor=dict(mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5]),
-    backbone=dict(
-        _delete_=True,
-        type='ViT',
-        arch='small',
-        drop_path_rate=0.1,
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/vit_small_patch16_224.pth')),
-    neck=dict(
-        _delete_=True,
-        type='SimpleFeaturePyramid',
-        in_channels=384,
-        out_channels=256,
-        scale_factors=(2.0, 1.0, 0.5),
-        num_outs=4,
-        extra_level='conv'))
+    data_preprocessor=_base_.vit_s_data_preprocessor,
+    backbone=dict(_delete_=True, **_base_.vit_s_backbone),
+    neck=dict(_delete_=True, **_base_.sfp_detr_neck))

@@ -1,26 +1,14 @@
 # Mask R-CNN with a plain ViT-S/16 backbone (timm's vit_small_patch16_224) and ViTDet's simple
 # feature pyramid (strides 4-32 from the stride-16 map, + a max-pooled stride-64 level for RPN)
 # in place of ResNet-50 + FPN. The backbone loads timm's ImageNet state dict, see README.md.
-_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+_base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', '../_base_/models/vit-s_sfp.py']
 
 custom_imports = dict(imports=['mmdet_detrx'], allow_failed_imports=False)
 
 model = dict(
-    # timm's ViT-S/16 weights were trained on images normalised to [-1, 1]
-    data_preprocessor=dict(mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5]),
-    backbone=dict(
-        _delete_=True,
-        type='ViT',
-        arch='small',
-        drop_path_rate=0.1,
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/vit_small_patch16_224.pth')),
-    neck=dict(
-        _delete_=True,
-        type='SimpleFeaturePyramid',
-        in_channels=384,
-        out_channels=256,
-        scale_factors=(4.0, 2.0, 1.0, 0.5),
-        num_outs=5))
+    data_preprocessor=_base_.vit_s_data_preprocessor,
+    backbone=dict(_delete_=True, **_base_.vit_s_backbone),
+    neck=dict(_delete_=True, **_base_.sfp_rcnn_neck))
 
 # Plain ViTs are trained with AdamW (ViTDet: lr 1e-4, weight decay 0.1), none on norms and
 # position / class embeddings.
