@@ -1,15 +1,7 @@
 # mmdet's two-stage Deformable DETR with box refinement, every deformable attention computed
 # by mmdet_detrx's MSDeformAttn. Loads mmdet's
-# deformable-detr-refine-twostage_r50_16xb2-50e_coco checkpoint strictly.
-_base_ = 'mmdet::deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py'
+# deformable-detr-refine-twostage_r50_16xb2-50e_coco checkpoint strictly. Upstream's config is
+# its single-stage one with these two switches, and so is this one.
+_base_ = './deformable-detrx_r50_16xb2-50e_coco.py'
 
-custom_imports = dict(imports=['mmdet_detrx'], allow_failed_imports=False)
-
-model = dict(
-    type='DeformableDETRX',
-    encoder=dict(layer_cfg=dict(self_attn_cfg=dict(type='MSDeformAttn'))),
-    decoder=dict(layer_cfg=dict(cross_attn_cfg=dict(type='MSDeformAttn'))))
-
-# Upstream's auto_scale_lr lacks `enable`, without which mmdet's tools/train.py --auto-scale-lr
-# refuses the config; base_batch_size stays upstream's.
-auto_scale_lr = dict(enable=False)
+model = dict(with_box_refine=True, as_two_stage=True)
