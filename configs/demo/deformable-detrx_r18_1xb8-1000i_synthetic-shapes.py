@@ -2,7 +2,8 @@
 # embedded synthetic-shapes dataset on CPU and evaluated by CocoMetric (docs/benchmarks.md has
 # the time and mAP measured).
 _base_ = [
-    '../_base_/datasets/synthetic_shapes.py', '../_base_/schedules/iters_1xb8_synthetic-shapes.py'
+    '../_base_/datasets/synthetic_shapes.py', '../_base_/schedules/iters_1xb8_synthetic-shapes.py',
+    '../_base_/models/detrs_r18_synthetic-shapes.py'
 ]
 custom_imports = dict(imports=['mmdet_detrx'], allow_failed_imports=False)
 
@@ -14,22 +15,8 @@ model = dict(
     num_feature_levels=num_levels,
     with_box_refine=False,
     as_two_stage=False,
-    data_preprocessor=dict(
-        type='DetDataPreprocessor',
-        mean=[123.675, 116.28, 103.53],
-        std=[58.395, 57.12, 57.375],
-        bgr_to_rgb=True,
-        pad_size_divisor=1),
-    backbone=dict(
-        type='ResNet',
-        depth=18,
-        num_stages=4,
-        out_indices=(1, 2, 3),
-        frozen_stages=-1,
-        norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=False,
-        style='pytorch',
-        init_cfg=None),  # from scratch: no pretrained weights are downloadable here
+    data_preprocessor=_base_.detr_data_preprocessor,
+    backbone=dict(**_base_.resnet18_from_scratch, out_indices=(1, 2, 3)),
     neck=dict(
         type='ChannelMapper',
         in_channels=[128, 256, 512],
@@ -66,20 +53,12 @@ model = dict(
                       loss_weight=2.0),
         loss_bbox=dict(type='L1Loss', loss_weight=5.0),
         loss_iou=dict(type='GIoULoss', loss_weight=2.0)),
-    train_cfg=dict(
-        assigner=dict(
-            type='HungarianAssigner',
-            match_costs=[
-                dict(type='FocalLossCost', weight=2.0),
-                dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
-                dict(type='IoUCost', iou_mode='giou', weight=2.0)
-            ])),
+    train_cfg=dict(assigner=_base_.focal_hungarian_assigner),
     test_cfg=dict(max_per_img=50))
 
+# DETR's optimizer (the schedule base) at twice its lr, offsets and reference points at 0.1x.
 optim_wrapper = dict(
-    type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=4e-4, weight_decay=1e-4),
-    clip_grad=dict(max_norm=0.1, norm_type=2),
+    optimizer=dict(lr=4e-4),
     paramwise_cfg=dict(custom_keys={
         'sampling_offsets': dict(lr_mult=0.1),
         'reference_points': dict(lr_mult=0.1)
@@ -88,10 +67,7 @@ optim_wrapper = dict(
 max_iters = 1000
 train_cfg = dict(max_iters=max_iters, val_interval=500)
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
-    dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters, milestones=[800],
-         gamma=0.1)
+    _base_.lr_warmup_100i,
+    dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters, milestones=[800], gamma=0.1)
 ]
-default_hooks = dict(
-    logger=dict(type='LoggerHook', interval=25),
-    checkpoint=dict(interval=500))
+default_hooks = dict(logger=dict(interval=25), checkpoint=dict(interval=500))

@@ -2,7 +2,8 @@
 # "pretrained DETR" that ACT replaces without retraining and that MTKD fine-tunes from
 # (docs/act.md, docs/mtkd.md). Dilated C5 (stride 16) as in the paper's DETR-DC5.
 _base_ = [
-    '../_base_/datasets/synthetic_shapes.py', '../_base_/schedules/iters_1xb8_synthetic-shapes.py'
+    '../_base_/datasets/synthetic_shapes.py', '../_base_/schedules/iters_1xb8_synthetic-shapes.py',
+    '../_base_/models/detrs_r18_synthetic-shapes.py'
 ]
 custom_imports = dict(imports=['mmdet_detrx'], allow_failed_imports=False)
 
@@ -10,24 +11,12 @@ embed_dims = 128
 model = dict(
     type='DETRX',
     num_queries=30,
-    data_preprocessor=dict(
-        type='DetDataPreprocessor',
-        mean=[123.675, 116.28, 103.53],
-        std=[58.395, 57.12, 57.375],
-        bgr_to_rgb=True,
-        pad_size_divisor=1),
+    data_preprocessor=_base_.detr_data_preprocessor,
     backbone=dict(
-        type='ResNet',
-        depth=18,
-        num_stages=4,
+        **_base_.resnet18_from_scratch,
         strides=(1, 2, 2, 1),
         dilations=(1, 1, 1, 2),
-        out_indices=(3, ),
-        frozen_stages=-1,
-        norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=False,
-        style='pytorch',
-        init_cfg=None),
+        out_indices=(3, )),
     neck=dict(
         type='ChannelMapper',
         in_channels=[512],
@@ -65,25 +54,14 @@ model = dict(
     train_cfg=dict(
         assigner=dict(
             type='HungarianAssigner',
-            match_costs=[
-                dict(type='ClassificationCost', weight=1.),
-                dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
-                dict(type='IoUCost', iou_mode='giou', weight=2.0)
-            ])),
+            match_costs=[dict(type='ClassificationCost', weight=1.), *_base_.hungarian_box_costs])),
     test_cfg=dict(max_per_img=30))
 
-optim_wrapper = dict(
-    type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4),
-    clip_grad=dict(max_norm=0.1, norm_type=2))
-
+# The schedule base's optimizer (DETR's) as it is; logs every 50 iterations (mmdet's default).
 max_iters = 3000
 train_cfg = dict(max_iters=max_iters, val_interval=1000)
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
-    dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters, milestones=[2500],
-         gamma=0.1)
+    _base_.lr_warmup_100i,
+    dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters, milestones=[2500], gamma=0.1)
 ]
-default_hooks = dict(
-    logger=dict(type='LoggerHook', interval=50),
-    checkpoint=dict(interval=1000))
+default_hooks = dict(checkpoint=dict(interval=1000))

@@ -16,7 +16,7 @@ model = dict(type='MTKDConditionalDETR', **_base_.mtkd_model)
 
 # Short fine-tune at constant lr (_base_/mtkd.py).
 max_iters = 500
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
+train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
 default_hooks = dict(checkpoint=dict(interval=max_iters))
 optim_wrapper = _base_.mtkd_synthetic_shapes_optim_wrapper
 param_scheduler = _base_.mtkd_constant_lr
