@@ -14,7 +14,6 @@ Shapes: input ``(B, 3, H, W)`` of any size; outputs are those of ResNet of the s
 c5 of BoTNet-S1).
 """
 import torch.nn as nn
-import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 
 from mmdet.models.backbones.resnet import Bottleneck, ResNet
@@ -46,37 +45,22 @@ class BoTBlock(Bottleneck):
         super().__init__(inplanes, planes, **kwargs)
         if self.conv2_stride not in (1, 2):
             raise ValueError(f'stride must be 1 or 2 in a BoT block, got {self.conv2_stride}')
-        del self.conv2
+        del self.conv2  # the 3x3 convolution; the name now resolves to the method below
         self.mhsa = BottleneckAttention(
             planes, num_heads=num_heads, pos_embed=pos_embed, max_size=max_size,
             query_chunk_size=query_chunk_size)
         self.pool = (nn.AvgPool2d(2, ceil_mode=True)
                      if self.conv2_stride == 2 else nn.Identity())
 
-    def forward(self, x):
+    def conv2(self, x):
+        """``Bottleneck.forward``'s ``conv2`` step in a BoT block: attention, then the pool.
 
-        def _inner_forward(x):
-            out = self.relu(self.norm1(self.conv1(x)))
-            if self.with_plugins:
-                out = self.forward_plugin(out, self.after_conv1_plugin_names)
-
-            out = self.pool(self.mhsa(out))
-            out = self.relu(self.norm2(out))
-            if self.with_plugins:
-                out = self.forward_plugin(out, self.after_conv2_plugin_names)
-
-            out = self.norm3(self.conv3(out))
-            if self.with_plugins:
-                out = self.forward_plugin(out, self.after_conv3_plugin_names)
-
-            identity = x if self.downsample is None else self.downsample(x)
-            return out + identity
-
-        if self.with_cp and x.requires_grad:
-            out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        else:
-            out = _inner_forward(x)
-        return self.relu(out)
+        A method, not a submodule, so the attention's tensors keep their ``mhsa.*`` names;
+        ``__init__`` deletes the 3x3 convolution that ``Bottleneck.__init__`` registers under
+        this name. Everything around it (``norm2``, ReLU, plugins, ``conv3``, the shortcut,
+        ``with_cp``) is mmdet's ``Bottleneck.forward``.
+        """
+        return self.pool(self.mhsa(x))
 
 
 @MODELS.register_module()

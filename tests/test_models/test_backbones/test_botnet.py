@@ -3,6 +3,8 @@ import os.path as osp
 
 import pytest
 import torch
+from _helpers import REPO_ROOT as ROOT
+from _helpers.backbones import num_params
 from mmdet.models.backbones import ResNet
 from mmdet.registry import MODELS
 from mmengine.config import Config
@@ -12,11 +14,54 @@ import mmdet_detrx  # noqa: F401
 from mmdet_detrx.models.backbones.botnet import BoTBlock, BoTNet
 from mmdet_detrx.models.layers.bottleneck_attention import BottleneckAttention
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+# A stride-2 BoT block's tensors, in state-dict order, as BoTNet checkpoints have always
+# stored them: mmdet's Bottleneck without conv2, then the attention under `mhsa`.
+BOT_BLOCK_KEYS = [
+    'conv1.weight', *(f'bn1.{k}' for k in ('weight', 'bias', 'running_mean', 'running_var',
+                                           'num_batches_tracked')),
+    *(f'bn2.{k}' for k in ('weight', 'bias', 'running_mean', 'running_var',
+                           'num_batches_tracked')),
+    'conv3.weight', *(f'bn3.{k}' for k in ('weight', 'bias', 'running_mean', 'running_var',
+                                           'num_batches_tracked')),
+    'downsample.0.weight', *(f'downsample.1.{k}' for k in ('weight', 'bias', 'running_mean',
+                                                           'running_var', 'num_batches_tracked')),
+    'mhsa.pos_h', 'mhsa.pos_w', 'mhsa.qkv.weight',
+]
 
 
-def num_params(model):
-    return sum(p.numel() for p in model.parameters())
+def test_bot_block_keys_are_the_checkpoint_layout_and_load_strictly():
+    torch.manual_seed(0)
+    bot = BoTNet(depth=50, stem_channels=16, base_channels=16)
+    assert list(bot.layer4[0].state_dict()) == BOT_BLOCK_KEYS
+    no_shortcut = [k for k in BOT_BLOCK_KEYS if not k.startswith('downsample.')]
+    assert [list(bot.layer4[i].state_dict()) for i in (1, 2)] == [no_shortcut] * 2
+    # conv2 is the attention step, not a module: no `conv2.*` tensor, no duplicate of mhsa's.
+    assert not any('conv2' in name for name, _ in bot.layer4.named_modules())
+    other = BoTNet(depth=50, stem_channels=16, base_channels=16)
+    other.load_state_dict(bot.state_dict(), strict=True)
+    for key, value in bot.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_bot_block_is_the_bottleneck_with_attention_for_its_3x3_conv(stride):
+    torch.manual_seed(0)
+    bot = BoTNet(depth=50, stem_channels=16, base_channels=16, strides=(1, 2, 2, stride))
+    bot.init_weights()
+    for block in bot.layer4:  # BN statistics that are not the identity
+        block.bn2.running_mean.normal_(), block.bn2.running_var.uniform_(0.5, 2.0)
+    bot.eval()
+    block = bot.layer4[0]
+    relu = torch.nn.functional.relu
+    x = torch.randn(2, 256, 13, 9)
+    with torch.no_grad():
+        out = relu(block.bn1(block.conv1(x)))
+        out = block.mhsa(out)
+        out = torch.nn.functional.avg_pool2d(out, 2, ceil_mode=True) if stride == 2 else out
+        out = block.bn3(block.conv3(relu(block.bn2(out))))
+        expected = relu(out + block.downsample(x))
+        assert torch.equal(block(x), expected)
+    assert expected.shape == (2, 512, (13 + stride - 1) // stride, (9 + stride - 1) // stride)
 
 
 def test_registered_and_parameter_count():
