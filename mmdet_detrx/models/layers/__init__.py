@@ -1,5 +1,6 @@
 from .act_calibration import *  # noqa: F401,F403
 from .adaptive_clustering_attention import *  # noqa: F401,F403
+from .attention_inputs import *  # noqa: F401,F403
 from .bottleneck_attention import *  # noqa: F401,F403
 from .e2lsh import *  # noqa: F401,F403
 from .multi_scale_deform_attn import *  # noqa: F401,F403

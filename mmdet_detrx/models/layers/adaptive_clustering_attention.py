@@ -32,7 +32,7 @@ batches of any size (0 included) give the same per-image result; hash codes cann
 """
 import contextlib
 import math
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,12 @@ from mmcv.cnn.bricks.transformer import MultiheadAttention
 from mmdet.registry import MODELS
 from torch import Tensor, nn
 
+from .attention_inputs import attention_inputs
 from .e2lsh import E2LSH, all_finite
 
-__all__ = ['AdaptiveClusteringAttention', 'act_exact_mode', 'adaptive_clustering_attention',
-           'group_codes', 'hash_queries', 'query_spread', 'resolve_act_layers']
+__all__ = ['AdaptiveClusteringAttention', 'Clusters', 'act_exact_mode',
+           'adaptive_clustering_attention', 'cluster_queries', 'group_codes', 'hash_queries',
+           'query_spread', 'resolve_act_layers']
 
 _INT64_SAFE = 2**62
 _SPREAD_RESOLUTION = 2.0**-20
@@ -164,6 +166,99 @@ def hash_queries(scaled_query: Tensor, lsh: E2LSH,
     return lsh.bucket(projected, widths), widths.view(batch, heads)
 
 
+class Clusters(NamedTuple):
+    """Which cluster each query of a (B, heads, N) batch joined (:func:`cluster_queries`).
+
+    Attributes:
+        ids (Tensor): (B, heads, N) int64 cluster of each query, numbered per (image, head)
+            from 0 in code order; -1 for padded queries.
+        num_real (Tensor): (B, heads) int64 clusters of real (non-padded) queries.
+        max_clusters (int): most clusters of any (image, head) (padded clusters included):
+            the prototypes are stored as (B, heads, max_clusters, d).
+        slot (Tensor): (B * heads * N,) int64 row of each query's prototype in that store
+            flattened, ``(image * heads + head) * max_clusters + cluster``.
+    """
+    ids: Tensor
+    num_real: Tensor
+    max_clusters: int
+    slot: Tensor
+
+
+def cluster_queries(codes: Tensor, query_padding_mask: Optional[Tensor] = None) -> Clusters:
+    """Group the queries of each (image, head) whose ``L`` hash codes are all equal.
+
+    Args:
+        codes (Tensor): (B, heads, N, L) int64, from :func:`hash_queries`.
+        query_padding_mask (Tensor, optional): (B, N) bool, True marks padded queries: they
+            are clustered among themselves only, so they never change a real prototype.
+
+    Returns:
+        Clusters: ids, real-cluster counts and prototype slots.
+    """
+    batch, heads, num_queries, _ = codes.shape
+    device = codes.device
+    group = torch.arange(batch * heads, device=device).view(batch, heads, 1)
+    group = group.expand(batch, heads, num_queries)  # (B, heads, N)
+    if query_padding_mask is not None:
+        is_pad = query_padding_mask.view(batch, 1, num_queries).expand_as(group).to(torch.int64)
+        group = group * 2 + is_pad  # padded queries get their own clusters
+    cluster = group_codes(group.reshape(-1), codes.reshape(batch * heads * num_queries, -1))
+
+    # Clusters are numbered in (image, head, [pad,] codes) order: renumber them per (image, head).
+    num_total = int(cluster.max()) + 1
+    cluster_group = torch.empty(num_total, dtype=torch.int64, device=device)
+    cluster_group.scatter_(0, cluster, group.reshape(-1))
+    cluster_bh = cluster_group // 2 if query_padding_mask is not None else cluster_group
+    per_bh = torch.bincount(cluster_bh, minlength=batch * heads)  # (B*heads,)
+    first = torch.cumsum(per_bh, 0) - per_bh
+    token_bh = torch.arange(batch * heads, device=device).repeat_interleave(num_queries)
+    local = cluster - first[token_bh]  # (B*heads*N,)
+    max_clusters = int(per_bh.max())
+    slot = token_bh * max_clusters + local  # row of each token's prototype
+
+    local = local.view(batch, heads, num_queries)
+    if query_padding_mask is not None:
+        local = local.masked_fill(query_padding_mask.view(batch, 1, num_queries), -1)
+        real_clusters = torch.bincount(cluster_group, minlength=2 * batch * heads)[0::2]
+    else:
+        real_clusters = per_bh
+    return Clusters(local, real_clusters.view(batch, heads), max_clusters, slot)
+
+
+def _cluster_means(query: Tensor, clusters: Clusters) -> Tensor:
+    """Prototypes (B, heads, max_clusters, d): mean of member queries, accumulated in fp32 at
+    least (an empty slot is zero)."""
+    batch, heads, _, head_dims = query.shape
+    acc_dtype = torch.promote_types(query.dtype, torch.float32)
+    flat_query = query.reshape(-1, head_dims).to(acc_dtype)
+    sums = flat_query.new_zeros(batch * heads * clusters.max_clusters, head_dims)
+    sums = sums.index_add(0, clusters.slot, flat_query)
+    counts = torch.bincount(clusters.slot, minlength=sums.shape[0]).clamp_(min=1)
+    prototypes = (sums / counts.unsqueeze(1).to(acc_dtype)).to(query.dtype)
+    return prototypes.view(batch, heads, clusters.max_clusters, head_dims)  # (B, heads, C, d)
+
+
+def _prototype_attention(prototypes: Tensor, key: Tensor, value: Tensor,
+                         key_padding_mask: Optional[Tensor], dropout_p: float) -> Tensor:
+    """Exact softmax attention of the prototypes (B, heads, C, d) over the real keys.
+
+    Returns (B, heads, C, dv); zero for an image whose keys are all padded.
+    """
+    batch, num_keys = key.shape[0], key.shape[2]
+    attn_mask = None
+    empty = None
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask  # (B, S)
+        empty = ~keep.any(dim=1)  # (B,) images with no real key
+        keep = keep | empty.unsqueeze(1)  # keep the softmax finite; zeroed below
+        attn_mask = keep.view(batch, 1, 1, num_keys)
+    out = F.scaled_dot_product_attention(
+        prototypes, key, value, attn_mask=attn_mask, dropout_p=dropout_p)  # (B, heads, C, dv)
+    if empty is not None:
+        out = out.masked_fill(empty.view(batch, 1, 1, 1), 0.0)
+    return out
+
+
 def adaptive_clustering_attention(
         query: Tensor,
         key: Tensor,
@@ -176,6 +271,11 @@ def adaptive_clustering_attention(
         relative_bucket_width: Optional[float] = None,
         return_widths: bool = False) -> Tuple[Tensor, ...]:
     """Clustered-query attention on per-head tensors.
+
+    The steps: hash the scaled queries (:func:`hash_queries`), group equal codes into clusters
+    (:func:`cluster_queries`), average each cluster's queries into a prototype, let the
+    prototypes attend to the keys with an exact softmax, and broadcast each prototype's output
+    to its members.
 
     Args:
         query (Tensor): (B, heads, N, head_dims), not yet scaled.
@@ -211,63 +311,35 @@ def adaptive_clustering_attention(
         raise ValueError('query contains non-finite values (inf/nan): the queries cannot be '
                          'hashed into clusters')
 
-    scale = head_dims**-0.5
-    codes, widths = hash_queries(query * scale, lsh, query_padding_mask, bucket_width,
+    scaled_query = query * head_dims**-0.5
+    codes, widths = hash_queries(scaled_query, lsh, query_padding_mask, bucket_width,
                                  relative_bucket_width)  # (B, heads, N, L)
-    group = torch.arange(batch * heads, device=device).view(batch, heads, 1)
-    group = group.expand(batch, heads, num_queries)  # (B, heads, N)
-    if query_padding_mask is not None:
-        is_pad = query_padding_mask.view(batch, 1, num_queries).expand_as(group).to(torch.int64)
-        group = group * 2 + is_pad  # padded queries get their own clusters
-    cluster = group_codes(group.reshape(-1), codes.reshape(batch * heads * num_queries, -1))
-
-    # Clusters are numbered in (image, head, [pad,] codes) order: renumber them per (image, head).
-    num_total = int(cluster.max()) + 1
-    cluster_group = torch.empty(num_total, dtype=torch.int64, device=device)
-    cluster_group.scatter_(0, cluster, group.reshape(-1))
-    cluster_bh = cluster_group // 2 if query_padding_mask is not None else cluster_group
-    per_bh = torch.bincount(cluster_bh, minlength=batch * heads)  # (B*heads,)
-    first = torch.cumsum(per_bh, 0) - per_bh
-    token_bh = torch.arange(batch * heads, device=device).repeat_interleave(num_queries)
-    local = cluster - first[token_bh]  # (B*heads*N,)
-    max_clusters = int(per_bh.max())
-    slot = token_bh * max_clusters + local  # row of each token's prototype
-
-    # Prototypes: mean of member queries, accumulated in fp32 at least.
-    acc_dtype = torch.promote_types(query.dtype, torch.float32)
-    flat_query = query.reshape(-1, head_dims).to(acc_dtype)
-    sums = flat_query.new_zeros(batch * heads * max_clusters, head_dims)
-    sums = sums.index_add(0, slot, flat_query)
-    counts = torch.bincount(slot, minlength=sums.shape[0]).clamp_(min=1)
-    prototypes = (sums / counts.unsqueeze(1).to(acc_dtype)).to(query.dtype)
-    prototypes = prototypes.view(batch, heads, max_clusters, head_dims)  # (B, heads, C, d)
-
-    attn_mask = None
-    empty = None
-    if key_padding_mask is not None:
-        keep = ~key_padding_mask  # (B, S)
-        empty = ~keep.any(dim=1)  # (B,) images with no real key
-        keep = keep | empty.unsqueeze(1)  # keep the softmax finite; zeroed below
-        attn_mask = keep.view(batch, 1, 1, num_keys)
-    out = F.scaled_dot_product_attention(
-        prototypes, key, value, attn_mask=attn_mask, dropout_p=dropout_p)  # (B, heads, C, dv)
-    if empty is not None:
-        out = out.masked_fill(empty.view(batch, 1, 1, 1), 0.0)
-
-    output = out.reshape(batch * heads * max_clusters, -1)[slot]  # broadcast to members
+    clusters = cluster_queries(codes, query_padding_mask)
+    prototypes = _cluster_means(query, clusters)  # (B, heads, C, d)
+    out = _prototype_attention(prototypes, key, value, key_padding_mask, dropout_p)
+    # Broadcast: every query takes its prototype's output.
+    output = out.reshape(batch * heads * clusters.max_clusters, -1)[clusters.slot]
     output = output.view(batch, heads, num_queries, -1)  # (B, heads, N, dv)
-
-    local = local.view(batch, heads, num_queries)
-    if query_padding_mask is not None:
-        local = local.masked_fill(query_padding_mask.view(batch, 1, num_queries), -1)
-        real_clusters = torch.bincount(cluster_group, minlength=2 * batch * heads)[0::2]
-    else:
-        real_clusters = per_bh
-    result = (output, local, real_clusters.view(batch, heads))
+    result = (output, clusters.ids, clusters.num_real)
     return result + (widths, ) if return_widths else result
 
 
 _PER_LAYER_ARGS = ('num_hashes', 'bucket_width', 'relative_bucket_width')
+
+
+class _HashSetting:
+    """An attribute of the attention that lives in its hash: read ``lsh.<name>``, write with
+    ``lsh.set_<name>(value)`` (which checks the value and keeps the hash consistent)."""
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.name = name
+        self.__doc__ = doc
+
+    def __get__(self, module, owner=None):
+        return self if module is None else getattr(module.lsh, self.name)
+
+    def __set__(self, module, value) -> None:
+        getattr(module.lsh, f'set_{self.name}')(value)
 
 
 @MODELS.register_module()
@@ -367,21 +439,8 @@ class AdaptiveClusteringAttention(MultiheadAttention):
         self.last_num_queries: Optional[Tensor] = None
         self.last_num_keys: Optional[Tensor] = None
 
-    @property
-    def num_hashes(self) -> int:
-        return self.lsh.num_hashes
-
-    @num_hashes.setter
-    def num_hashes(self, value: int) -> None:
-        self.lsh.set_num_hashes(value)
-
-    @property
-    def bucket_width(self) -> float:
-        return self.lsh.bucket_width
-
-    @bucket_width.setter
-    def bucket_width(self, value: float) -> None:
-        self.lsh.set_bucket_width(value)
+    num_hashes = _HashSetting('num_hashes', 'E2LSH rounds ``L``.')
+    bucket_width = _HashSetting('bucket_width', 'Absolute E2LSH bucket width ``r``.')
 
     @property
     def relative_bucket_width(self) -> Optional[float]:
@@ -462,22 +521,12 @@ class AdaptiveClusteringAttention(MultiheadAttention):
                       key_padding_mask: Optional[Tensor]) -> Tuple[Tensor, ...]:
         """Per-head ``q, k, v`` (B, heads, N|S, head_dims) as forward computes them.
 
-        Returns ``(q, k, v, key_padding_mask, query_padding_mask)`` with the masks checked and
-        boolean (the query mask is the key mask in self-attention, else None).
+        Omitted arguments take mmcv's defaults (:func:`attention_inputs`). Returns
+        ``(q, k, v, key_padding_mask, query_padding_mask)`` with the masks checked and boolean
+        (the query mask is the key mask in self-attention, else None).
         """
-        if key is None:
-            key = query
-        if value is None:
-            value = key
-        if key_pos is None and query_pos is not None and query_pos.shape == key.shape:
-            key_pos = query_pos
-        if query_pos is not None:
-            query = query + query_pos
-        if key_pos is not None:
-            key = key + key_pos
-        if not self.batch_first:
-            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-
+        query, key, value, _ = attention_inputs(query, key, value, None, query_pos, key_pos,
+                                                self.batch_first)  # (B, N|S, C)
         batch, num_queries, _ = query.shape
         num_keys = key.shape[1]
         if key_padding_mask is not None:

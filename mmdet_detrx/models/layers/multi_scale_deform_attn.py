@@ -25,6 +25,7 @@ from mmdet.registry import MODELS
 from torch import Tensor
 
 from mmdet_detrx.ops import ms_deform_attn
+from .attention_inputs import attention_inputs
 
 __all__ = ['MSDeformAttn']
 
@@ -99,12 +100,9 @@ class MSDeformAttn(MultiScaleDeformableAttention):
         if reference_points is None or spatial_shapes is None or level_start_index is None:
             raise ValueError('MSDeformAttn needs reference_points, spatial_shapes and '
                              'level_start_index')
-        value = query if value is None else value
-        identity = query if identity is None else identity
-        if query_pos is not None:
-            query = query + query_pos
-        if not self.batch_first:
-            query, value = query.transpose(0, 1), value.transpose(0, 1)  # (B, N, C)
+        query, _, value, identity = attention_inputs(
+            query, value=value, identity=identity, query_pos=query_pos,
+            batch_first=self.batch_first, uses_key=False)  # (B, N, C), mmcv's defaults
 
         # The op itself checks that spatial_shapes cover value, before any kernel runs.
         batch_size, num_values, _ = value.shape

@@ -8,7 +8,7 @@ from mmengine.config import Config
 from mmengine.runner import load_checkpoint
 
 from mmdet_detrx.models.layers import (E2LSH, AdaptiveClusteringAttention, act_exact_mode,
-                                       adaptive_clustering_attention)
+                                       adaptive_clustering_attention, cluster_queries)
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 EMBED_DIMS, HEADS = 32, 4
@@ -46,17 +46,22 @@ def self_attn(module, x, pos, mask):
     return module(query=x, key=x, value=x, query_pos=pos, key_pos=pos, key_padding_mask=mask)
 
 
-@pytest.mark.parametrize('batch_first', [True, False])
-def test_tiny_buckets_give_exact_attention(batch_first):
-    exact, act = make_pair(batch_first=batch_first, bucket_width=1e-6)
+def assert_tiny_width_gives_exact_attention(batch_first, **width):
+    """Buckets far narrower than the queries' spacing: one cluster per real token, so ACT is
+    mmcv's attention on the real tokens."""
+    exact, act = make_pair(batch_first=batch_first, **width)
     x, pos, mask = make_inputs()
     if not batch_first:
         x, pos = x.transpose(0, 1), pos.transpose(0, 1)
-    out = self_attn(act, x, pos, mask)
-    ref = self_attn(exact, x, pos, mask)
+    out, ref = self_attn(act, x, pos, mask), self_attn(exact, x, pos, mask)
     real = ~mask if batch_first else ~mask.t()
     torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=0)
     assert act.last_num_clusters.tolist() == [[40] * HEADS, [int((~mask[1]).sum())] * HEADS]
+
+
+@pytest.mark.parametrize('batch_first', [True, False])
+def test_tiny_buckets_give_exact_attention(batch_first):
+    assert_tiny_width_gives_exact_attention(batch_first, bucket_width=1e-6)
 
 
 def test_use_exact_is_mmcv_attention_and_context_manager_restores():
@@ -122,6 +127,21 @@ def test_deterministic_for_a_seed():
     assert torch.equal(out, self_attn(act, x, pos, mask))
     assert torch.equal(out, self_attn(same, x, pos, mask))
     assert not torch.equal(out, self_attn(other, x, pos, mask))
+
+
+def test_cluster_queries_groups_equal_codes_per_image_and_head():
+    codes = torch.tensor([[[[1, 2], [1, 2], [3, 0], [1, 2]]],
+                          [[[5, 5], [0, 0], [5, 5], [0, 0]]]])  # (B=2, heads=1, N=4, L=2)
+    mask = torch.tensor([[False] * 4, [False, False, False, True]])
+    clusters = cluster_queries(codes, mask)
+    # Numbered in code order within each image; the padded query joins no real cluster.
+    assert clusters.ids.tolist() == [[[0, 0, 1, 0]], [[1, 0, 1, -1]]]
+    assert clusters.num_real.tolist() == [[2], [2]]
+    assert clusters.max_clusters == 3  # image 1: two real clusters and one of padding
+    assert clusters.slot.tolist() == [0, 0, 1, 0, 4, 3, 4, 5]
+    unmasked = cluster_queries(codes)
+    assert unmasked.ids.tolist() == [[[0, 0, 1, 0]], [[1, 0, 1, 0]]]
+    assert unmasked.max_clusters == 2
 
 
 def test_gradcheck_through_clustering_mean_and_broadcast():
@@ -305,14 +325,7 @@ def test_relative_width_ignores_a_shift_of_the_queries():
 
 @pytest.mark.parametrize('batch_first', [True, False])
 def test_tiny_relative_width_gives_exact_attention(batch_first):
-    exact, act = make_pair(batch_first=batch_first, relative_bucket_width=1e-7)
-    x, pos, mask = make_inputs()
-    if not batch_first:
-        x, pos = x.transpose(0, 1), pos.transpose(0, 1)
-    out, ref = self_attn(act, x, pos, mask), self_attn(exact, x, pos, mask)
-    real = ~mask if batch_first else ~mask.t()
-    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=0)
-    assert act.last_num_clusters.tolist() == [[40] * HEADS, [int((~mask[1]).sum())] * HEADS]
+    assert_tiny_width_gives_exact_attention(batch_first, relative_bucket_width=1e-7)
 
 
 def test_relative_width_padding_batch_and_determinism():
