@@ -17,6 +17,7 @@ dicts load through ``init_cfg=dict(type='Pretrained', checkpoint=PATH)`` (keys c
 Shapes: input ``(B, 3, H, W)`` of any size; each output ``(B, C, ceil(H / 16), ceil(W / 16))``.
 """
 import re
+from functools import partial
 from typing import Dict, Sequence, Tuple
 
 import torch
@@ -26,10 +27,9 @@ from mmengine.model import BaseModule
 
 from mmdet.registry import MODELS
 from ..layers.pixel_embed import PixelEmbed
-from ..layers.pos_embed import AbsolutePositionEmbedding
 from ..layers.tnt_block import TNTBlock
-from .vit import (TokenBackboneMixin, to_2tuple, drop_class_token, drop_classifier,
-                  init_linear_and_norm, normalize_out_indices, rename_keys, resolve_arch)
+from .vit import (TokenBackboneMixin, check_heads, drop_class_token, drop_classifier,
+                  init_linear_and_norm, rename_keys, resolve_arch, timm_block_rules)
 
 __all__ = ['TNT']
 
@@ -49,19 +49,11 @@ _TIMM_TNT_RULES = (
     (r'^pixel_embed\.proj\.', 'pixel_embed.projection.'),
     (r'^norm1_proj\.', 'proj_norm1.'),
     (r'^norm2_proj\.', 'proj_norm2.'),
-    (r'^blocks\.(\d+)\.norm_in\.', r'layers.\1.inner.ln1.'),
-    (r'^blocks\.(\d+)\.attn_in\.', r'layers.\1.inner.attn.'),
-    (r'^blocks\.(\d+)\.norm_mlp_in\.', r'layers.\1.inner.ln2.'),
-    (r'^blocks\.(\d+)\.mlp_in\.fc1\.', r'layers.\1.inner.ffn.layers.0.0.'),
-    (r'^blocks\.(\d+)\.mlp_in\.fc2\.', r'layers.\1.inner.ffn.layers.1.'),
+    *timm_block_rules('norm_in', 'attn_in', 'norm_mlp_in', 'mlp_in', block='inner.'),
     (r'^blocks\.(\d+)\.norm1_proj\.', r'layers.\1.proj_norm1.'),
     (r'^blocks\.(\d+)\.norm2_proj\.', r'layers.\1.proj_norm2.'),
     (r'^blocks\.(\d+)\.proj\.', r'layers.\1.proj.'),
-    (r'^blocks\.(\d+)\.norm_out\.', r'layers.\1.outer.ln1.'),
-    (r'^blocks\.(\d+)\.attn_out\.', r'layers.\1.outer.attn.'),
-    (r'^blocks\.(\d+)\.norm_mlp\.', r'layers.\1.outer.ln2.'),
-    (r'^blocks\.(\d+)\.mlp\.fc1\.', r'layers.\1.outer.ffn.layers.0.0.'),
-    (r'^blocks\.(\d+)\.mlp\.fc2\.', r'layers.\1.outer.ffn.layers.1.'),
+    *timm_block_rules('norm_out', 'attn_out', 'norm_mlp', 'mlp', block='outer.'),
 )
 
 
@@ -132,40 +124,18 @@ class TNT(TokenBackboneMixin, BaseModule):
         self.embed_dims = embed_dims = arch['embed_dims']
         inner_dims = arch['inner_dims']
         self.num_layers = arch['num_layers']
-        if not isinstance(patch_size, int) or patch_size <= 0:
-            raise ValueError(f'patch_size must be a positive int, got {patch_size!r}')
-        pretrain_img_size = to_2tuple(pretrain_img_size, 'pretrain_img_size')
-        if any(side % patch_size for side in pretrain_img_size):
-            raise ValueError(f'patch_size={patch_size} must divide pretrain_img_size='
-                             f'{pretrain_img_size}: the position embedding is learnt on that grid')
-        for dims_name, heads_name in (('embed_dims', 'num_heads'),
-                                      ('inner_dims', 'inner_num_heads')):
-            dims, heads = arch[dims_name], arch[heads_name]
-            if not isinstance(heads, int) or heads <= 0 or dims % heads:
-                raise ValueError(f'{dims_name}={dims} must be divisible by '
-                                 f'{heads_name}={heads!r}')
-        self.patch_size = patch_size
-        self.out_indices = normalize_out_indices(out_indices, self.num_layers)
-        self.frozen_stages = self._check_frozen_stages(frozen_stages, self.num_layers)
-        self.with_cls_token = with_cls_token
-        self.num_extra_tokens = int(with_cls_token)
-        self.pretrain_grid = (pretrain_img_size[0] // patch_size,
-                              pretrain_img_size[1] // patch_size)
+        self._init_layout(patch_size, pretrain_img_size, out_indices, frozen_stages,
+                          with_cls_token)
+        check_heads(arch, 'embed_dims', 'num_heads')
+        check_heads(arch, 'inner_dims', 'inner_num_heads')
 
         self.pixel_embed = PixelEmbed(in_channels, inner_dims, patch_size, inner_patch_size)
         num_words = self.pixel_embed.num_words
         self.proj_norm1 = build_norm_layer(norm_cfg, num_words * inner_dims)[1]
         self.proj = nn.Linear(num_words * inner_dims, embed_dims)
         self.proj_norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
-        if with_cls_token:
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims))
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
-        else:
-            self.cls_token = None
-        self.pos_embed = AbsolutePositionEmbedding(
-            embed_dims, self.pretrain_grid, num_extra_tokens=self.num_extra_tokens,
-            mode=interpolate_mode)
-        self.drop_after_pos = nn.Dropout(drop_rate)
+        self._init_token_embeddings(partial(nn.init.trunc_normal_, std=0.02), interpolate_mode,
+                                    drop_rate)
 
         drop_path_rates = torch.linspace(0, drop_path_rate, self.num_layers).tolist()
         self.layers = nn.ModuleList([
@@ -191,17 +161,11 @@ class TNT(TokenBackboneMixin, BaseModule):
         pixel_tokens, grid = self.pixel_embed(x)  # (B*Hp*Wp, P, Ci), (Hp, Wp)
         words = pixel_tokens.reshape(batch, grid[0] * grid[1], -1)  # (B, Hp*Wp, P*Ci)
         patch_tokens = self.proj_norm2(self.proj(self.proj_norm1(words)))  # (B, Hp*Wp, C)
-        if self.cls_token is not None:
-            patch_tokens = torch.cat(
-                [self.cls_token.expand(batch, -1, -1), patch_tokens], dim=1)
-        patch_tokens = self.drop_after_pos(patch_tokens + self.pos_embed(grid))
+        patch_tokens = self._add_token_embeddings(patch_tokens, grid)  # (B, E + Hp*Wp, C)
         outs = []
         for i, layer in enumerate(self.layers):
             pixel_tokens, patch_tokens = layer(pixel_tokens, patch_tokens)
-            if i == self.num_layers - 1 and self.norm is not None:
-                patch_tokens = self.norm(patch_tokens)
-            if i in self.out_indices:
-                outs.append(self._token_maps(patch_tokens, grid))  # (B, C, Hp, Wp)
+            patch_tokens = self._after_block(i, patch_tokens, grid, outs)
         return tuple(outs)
 
     def convert_checkpoint(self, state: Dict[str, torch.Tensor]):

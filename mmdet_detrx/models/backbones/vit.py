@@ -17,6 +17,7 @@ Shapes: input ``(B, 3, H, W)`` of any size; each output ``(B, C, ceil(H / p), ce
 """
 import os.path as osp
 import re
+from functools import partial
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
@@ -131,17 +132,68 @@ def _resize_checkpoint_pos_embed(table: torch.Tensor, model: nn.Module, checkpoi
 
 
 class TokenBackboneMixin:
-    """What ViT and TNT share: stage freezing, train mode, loading converted checkpoints.
+    """What ViT and TNT share: argument checks, class token and positions, the loop's outputs,
+    stage freezing, train mode, loading converted checkpoints.
 
-    A subclass defines ``embedding_modules()`` (everything before the blocks), ``layers``,
-    ``norm``, ``frozen_stages`` and ``convert_checkpoint(state)``.
+    A subclass sets ``embed_dims`` and ``num_layers``, calls :meth:`_init_layout` and
+    :meth:`_init_token_embeddings` in its constructor, and defines ``embedding_modules()``
+    (everything before the blocks), ``layers``, ``norm`` and ``convert_checkpoint(state)``.
     """
 
-    def _check_frozen_stages(self, frozen_stages: int, num_layers: int) -> int:
+    def _init_layout(self, patch_size: int, pretrain_img_size, out_indices: Sequence[int],
+                     frozen_stages: int, with_cls_token: bool) -> None:
+        """Check and keep the arguments about patches, outputs, freezing and the class token.
+
+        Needs ``self.num_layers``; sets ``patch_size``, ``out_indices``, ``frozen_stages``,
+        ``with_cls_token``, ``num_extra_tokens`` and ``pretrain_grid`` (the position table's).
+        """
+        num_layers = self.num_layers
+        if not isinstance(patch_size, int) or patch_size <= 0:
+            raise ValueError(f'patch_size must be a positive int, got {patch_size!r}')
+        pretrain_img_size = to_2tuple(pretrain_img_size, 'pretrain_img_size')
+        if any(side % patch_size for side in pretrain_img_size):
+            raise ValueError(f'patch_size={patch_size} must divide pretrain_img_size='
+                             f'{pretrain_img_size}: the position embedding is learnt on that grid')
         if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= num_layers:
             raise ValueError(f'frozen_stages must be in [-1, {num_layers}] (-1: nothing, 0: '
                              f'the embeddings, k: also blocks 0..k-1), got {frozen_stages!r}')
-        return frozen_stages
+        self.patch_size = patch_size
+        self.out_indices = normalize_out_indices(out_indices, num_layers)
+        self.frozen_stages = frozen_stages
+        self.with_cls_token = with_cls_token
+        self.num_extra_tokens = int(with_cls_token)
+        self.pretrain_grid = (pretrain_img_size[0] // patch_size,
+                              pretrain_img_size[1] // patch_size)
+
+    def _init_token_embeddings(self, init_cls_token: Callable[[torch.Tensor], None],
+                               interpolate_mode: str, drop_rate: float) -> None:
+        """The class token (if any, initialised in place by ``init_cls_token``), the position
+        table on ``pretrain_grid`` and the dropout after it, in this order."""
+        if self.with_cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dims))
+            init_cls_token(self.cls_token)
+        else:
+            self.cls_token = None
+        self.pos_embed = AbsolutePositionEmbedding(
+            self.embed_dims, self.pretrain_grid, num_extra_tokens=self.num_extra_tokens,
+            mode=interpolate_mode)
+        self.drop_after_pos = nn.Dropout(drop_rate)
+
+    def _add_token_embeddings(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """Patch tokens (B, Hp*Wp, C) -> class token prepended, positions added, dropout."""
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return self.drop_after_pos(tokens + self.pos_embed(grid))  # (B, E + Hp*Wp, C)
+
+    def _after_block(self, index: int, tokens: torch.Tensor, grid: Tuple[int, int],
+                     outs: List[torch.Tensor]) -> torch.Tensor:
+        """The final norm after the last block; block ``index``'s map appended to ``outs`` if
+        it is an output. Returns the tokens the next block takes."""
+        if index == self.num_layers - 1 and self.norm is not None:
+            tokens = self.norm(tokens)
+        if index in self.out_indices:
+            outs.append(self._token_maps(tokens, grid))  # (B, C, Hp, Wp)
+        return tokens
 
     def _frozen_modules(self) -> List[nn.Module]:
         if self.frozen_stages < 0:
@@ -211,15 +263,25 @@ def rename_keys(state: Dict[str, torch.Tensor],
     return renamed
 
 
+def timm_block_rules(norm1: str, attn: str, norm2: str, mlp: str,
+                     block: str = '') -> Tuple[Tuple[str, str], ...]:
+    """:func:`rename_keys` rules from one timm transformer block to a :class:`ViTBlock`.
+
+    timm's ``blocks.{i}.{norm1,attn,norm2,mlp.fc1,mlp.fc2}.*`` (sub-module names as given)
+    become ``layers.{i}.{block}{ln1,attn,ln2,ffn.layers.0.0,ffn.layers.1}.*``; ``block`` is
+    the ViTBlock's place inside our layer (``'inner.'`` in TNT), empty for ViT.
+    """
+    pairs = ((norm1, 'ln1'), (attn, 'attn'), (norm2, 'ln2'),
+             (mlp + r'\.fc1', 'ffn.layers.0.0'), (mlp + r'\.fc2', 'ffn.layers.1'))
+    return tuple((rf'^blocks\.(\d+)\.{timm_name}\.', rf'layers.\1.{block}{ours}.')
+                 for timm_name, ours in pairs)
+
+
 # timm's ViT names -> ours (first match wins; anything unmatched is reported as unexpected).
 _TIMM_VIT_RULES = (
     (r'^pos_embed$', 'pos_embed.weight'),
     (r'^patch_embed\.proj\.', 'patch_embed.projection.'),
-    (r'^blocks\.(\d+)\.norm1\.', r'layers.\1.ln1.'),
-    (r'^blocks\.(\d+)\.norm2\.', r'layers.\1.ln2.'),
-    (r'^blocks\.(\d+)\.attn\.', r'layers.\1.attn.'),
-    (r'^blocks\.(\d+)\.mlp\.fc1\.', r'layers.\1.ffn.layers.0.0.'),
-    (r'^blocks\.(\d+)\.mlp\.fc2\.', r'layers.\1.ffn.layers.1.'),
+    *timm_block_rules('norm1', 'attn', 'norm2', 'mlp'),
 )
 _CLASSIFIER_KEYS = re.compile(r'^(head|head_dist|fc_norm|pre_logits)\.')
 
@@ -251,6 +313,13 @@ _ARCHS = {
     **dict.fromkeys(('b', 'base'), dict(embed_dims=768, num_layers=12, num_heads=12,
                                         feedforward_channels=3072)),
 }
+
+
+def check_heads(arch: dict, dims_name: str, heads_name: str) -> None:
+    """``arch[heads_name]`` must be a positive int dividing ``arch[dims_name]``."""
+    dims, heads = arch[dims_name], arch[heads_name]
+    if not isinstance(heads, int) or heads <= 0 or dims % heads:
+        raise ValueError(f'{dims_name}={dims} must be divisible by {heads_name}={heads!r}')
 
 
 def resolve_arch(arch, archs: Dict[str, dict], name: str) -> dict:
@@ -321,35 +390,15 @@ class ViT(TokenBackboneMixin, BaseModule):
         self.embed_dims = arch['embed_dims']
         self.num_layers = arch['num_layers']
         num_heads = arch['num_heads']
-        if not isinstance(patch_size, int) or patch_size <= 0:
-            raise ValueError(f'patch_size must be a positive int, got {patch_size!r}')
-        pretrain_img_size = to_2tuple(pretrain_img_size, 'pretrain_img_size')
-        if any(side % patch_size for side in pretrain_img_size):
-            raise ValueError(f'patch_size={patch_size} must divide pretrain_img_size='
-                             f'{pretrain_img_size}: the position embedding is learnt on that grid')
-        if not isinstance(num_heads, int) or num_heads <= 0 or self.embed_dims % num_heads:
-            raise ValueError(f'embed_dims={self.embed_dims} must be divisible by '
-                             f'num_heads={num_heads!r}')
-        self.patch_size = patch_size
-        self.out_indices = normalize_out_indices(out_indices, self.num_layers)
-        self.frozen_stages = self._check_frozen_stages(frozen_stages, self.num_layers)
-        self.with_cls_token = with_cls_token
-        self.num_extra_tokens = int(with_cls_token)
-        self.pretrain_grid = (pretrain_img_size[0] // patch_size,
-                              pretrain_img_size[1] // patch_size)
+        self._init_layout(patch_size, pretrain_img_size, out_indices, frozen_stages,
+                          with_cls_token)
+        check_heads(arch, 'embed_dims', 'num_heads')
 
         self.patch_embed = PatchEmbed(
             in_channels=in_channels, embed_dims=self.embed_dims, conv_type='Conv2d',
             kernel_size=patch_size, stride=patch_size, padding='corner', bias=True)
-        if with_cls_token:
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dims))
-            nn.init.normal_(self.cls_token, std=1e-6)
-        else:
-            self.cls_token = None
-        self.pos_embed = AbsolutePositionEmbedding(
-            self.embed_dims, self.pretrain_grid, num_extra_tokens=self.num_extra_tokens,
-            mode=interpolate_mode)
-        self.drop_after_pos = nn.Dropout(drop_rate)
+        self._init_token_embeddings(partial(nn.init.normal_, std=1e-6), interpolate_mode,
+                                    drop_rate)
 
         drop_path_rates = torch.linspace(0, drop_path_rate, self.num_layers).tolist()
         self.layers = nn.ModuleList([
@@ -368,16 +417,10 @@ class ViT(TokenBackboneMixin, BaseModule):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         tokens, grid = self.patch_embed(x)  # (B, Hp*Wp, C), (Hp, Wp)
-        if self.cls_token is not None:
-            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        tokens = self.drop_after_pos(tokens + self.pos_embed(grid))  # (B, E + Hp*Wp, C)
+        tokens = self._add_token_embeddings(tokens, grid)  # (B, E + Hp*Wp, C)
         outs = []
         for i, layer in enumerate(self.layers):
-            tokens = layer(tokens)
-            if i == self.num_layers - 1 and self.norm is not None:
-                tokens = self.norm(tokens)
-            if i in self.out_indices:
-                outs.append(self._token_maps(tokens, grid))  # (B, C, Hp, Wp)
+            tokens = self._after_block(i, layer(tokens), grid, outs)
         return tuple(outs)
 
     def convert_checkpoint(self, state: Dict[str, torch.Tensor]):

@@ -17,10 +17,9 @@ from typing import Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 
-from .vit_block import ViTBlock
+from .vit_block import ViTBlock, checkpoint_if
 
 __all__ = ['TNTBlock']
 
@@ -37,10 +36,12 @@ class TNTBlock(nn.Module):
         mlp_ratio (float): outer FFN width / ``embed_dims`` (the inner FFN is ``4 * Ci``,
             as released). Default: 4.
         num_extra_tokens (int): leading outer tokens without visual words. Default: 1.
-        qkv_bias, drop_rate, attn_drop_rate, drop_path_rate, act_cfg, norm_cfg: as in
-            :class:`ViTBlock`, for both transformers. ``norm_cfg`` defaults to ``LN`` with
-            eps 1e-5 (TNT's).
+        qkv_bias (bool): bias in the q/k/v projections of both transformers. Default: False
+            (TNT's).
+        norm_cfg (dict): every norm. Default: ``dict(type='LN', eps=1e-5)`` (TNT's).
         with_cp (bool): recompute the whole block in backward. Default: False.
+        **block_cfg: the other :class:`ViTBlock` arguments (``drop_rate``,
+            ``attn_drop_rate``, ``drop_path_rate``, ``act_cfg``), for both transformers.
     """
 
     def __init__(self,
@@ -52,15 +53,11 @@ class TNTBlock(nn.Module):
                  mlp_ratio: float = 4.,
                  num_extra_tokens: int = 1,
                  qkv_bias: bool = False,
-                 drop_rate: float = 0.,
-                 attn_drop_rate: float = 0.,
-                 drop_path_rate: float = 0.,
-                 act_cfg: dict = dict(type='GELU'),
                  norm_cfg: dict = dict(type='LN', eps=1e-5),
-                 with_cp: bool = False):
+                 with_cp: bool = False,
+                 **block_cfg):
         super().__init__()
-        common = dict(qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                      drop_path_rate=drop_path_rate, act_cfg=act_cfg, norm_cfg=norm_cfg)
+        common = dict(qkv_bias=qkv_bias, norm_cfg=norm_cfg, **block_cfg)
         try:
             self.inner = ViTBlock(inner_dims, inner_num_heads, 4 * inner_dims, **common)
         except ValueError as error:
@@ -86,7 +83,5 @@ class TNTBlock(nn.Module):
 
     def forward(self, pixel_tokens: torch.Tensor,
                 patch_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.with_cp and self.training and (pixel_tokens.requires_grad
-                                               or patch_tokens.requires_grad):
-            return cp.checkpoint(self._forward, pixel_tokens, patch_tokens, use_reentrant=False)
-        return self._forward(pixel_tokens, patch_tokens)
+        return checkpoint_if(self.with_cp and self.training, self._forward, pixel_tokens,
+                             patch_tokens)

@@ -11,6 +11,8 @@ is mmcv's.
 
 Shapes: ``(B, N, C) -> (B, N, C)``.
 """
+from typing import Any, Callable
+
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
@@ -20,7 +22,7 @@ from mmcv.cnn.bricks.transformer import FFN
 
 from .self_attention import MultiheadSelfAttention
 
-__all__ = ['ViTBlock']
+__all__ = ['ViTBlock', 'checkpoint_if']
 
 
 class ViTBlock(nn.Module):
@@ -76,6 +78,12 @@ class ViTBlock(nn.Module):
         return self.ffn(self.ln2(x), identity=x)  # x + DropPath(FFN(LN2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_cp and self.training and x.requires_grad:
-            return cp.checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        return checkpoint_if(self.with_cp and self.training, self._forward, x)
+
+
+def checkpoint_if(enabled: bool, function: Callable[..., Any], *tensors: torch.Tensor) -> Any:
+    """``function(*tensors)``, recomputed in backward instead of keeping its activations
+    (non-reentrant activation checkpointing) when ``enabled`` and a tensor needs gradients."""
+    if enabled and any(t.requires_grad for t in tensors):
+        return cp.checkpoint(function, *tensors, use_reentrant=False)
+    return function(*tensors)

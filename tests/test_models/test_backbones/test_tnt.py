@@ -1,15 +1,15 @@
 """TNT backbone: timm equality, any input size, visual words, checkpoints, bad arguments."""
-import os.path as osp
-
 import pytest
 import torch
+from _helpers.backbones import (assert_config_trains_and_evaluates,
+                                assert_every_parameter_has_a_gradient,
+                                assert_with_cp_gives_same_gradients, num_params, timm_checkpoint)
+from _helpers.backbones import timm  # noqa: F401 (a fixture)
 from mmdet.registry import MODELS
-from mmengine.config import Config
 
 import mmdet_detrx  # noqa: F401
 from mmdet_detrx.models.backbones.tnt import TNT
 from mmdet_detrx.models.layers.pixel_embed import PixelEmbed
-from test_vit import ROOT, num_params, randomize_, shrink_to_smoke_run, timm, timm_checkpoint  # noqa: F401
 
 MINI = dict(embed_dims=64, inner_dims=8, num_layers=2, num_heads=2, inner_num_heads=2,
             mlp_ratio=2.)
@@ -82,21 +82,11 @@ def test_gradients_reach_every_parameter():
     tnt = TNT(arch=MINI)
     tnt.train()
     tnt(torch.randn(2, 3, 100, 130))[0].square().mean().backward()  # 7x9 grid: resized table
-    for name, param in tnt.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
-        assert param.grad.abs().sum() > 0, name
+    assert_every_parameter_has_a_gradient(tnt)
 
 
 def test_with_cp_gives_same_gradients():
-    torch.manual_seed(0)
-    plain, checkpointed = TNT(arch=MINI), TNT(arch=MINI, with_cp=True)
-    checkpointed.load_state_dict(plain.state_dict())
-    x = torch.randn(1, 3, 64, 96)
-    for model in (plain, checkpointed):
-        model.train()
-        model(x)[0].square().mean().backward()
-    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert_with_cp_gives_same_gradients(lambda **kwargs: TNT(arch=MINI, **kwargs))
 
 
 def test_drop_path_in_inner_and_outer_transformers():
@@ -151,15 +141,6 @@ def test_rejects_bad_arguments(kwargs, argument):
 
 
 def test_synthetic_shapes_config_trains_and_evaluates(tmp_path):
-    from mmengine.runner import Runner
-    cfg = Config.fromfile(
-        osp.join(ROOT, 'configs/tnt/faster-rcnn_tnt-t6_sfp_1xb8-4e_synthetic-shapes.py'))
-    shrink_to_smoke_run(cfg, tmp_path)
-    runner = Runner.from_cfg(cfg)
-    tnt = runner.model.backbone
-    assert isinstance(tnt, TNT)
-    before = tnt.layers[0].inner.attn.qkv.weight.detach().clone()
-    runner.train()
-    assert not torch.equal(tnt.layers[0].inner.attn.qkv.weight.detach(), before)
-    metrics = runner.val_loop.run()
-    assert 'coco/bbox_mAP' in metrics
+    assert_config_trains_and_evaluates(
+        'configs/tnt/faster-rcnn_tnt-t6_sfp_1xb8-4e_synthetic-shapes.py', tmp_path, TNT,
+        lambda tnt: tnt.layers[0].inner.attn.qkv.weight)

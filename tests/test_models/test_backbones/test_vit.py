@@ -1,47 +1,19 @@
 """ViT backbone: timm equality, any input size, position-embedding resizing, checkpoints."""
-import os.path as osp
-
 import pytest
 import torch
+from _helpers.backbones import (assert_config_trains_and_evaluates,
+                                assert_every_parameter_has_a_gradient,
+                                assert_with_cp_gives_same_gradients, num_params, randomize_,
+                                timm_checkpoint)
+from _helpers.backbones import timm  # noqa: F401 (a fixture)
 from mmdet.registry import MODELS
-from mmengine.config import Config
 
 import mmdet_detrx  # noqa: F401
 from mmdet_detrx.models.backbones.vit import ViT
 from mmdet_detrx.models.layers.pos_embed import AbsolutePositionEmbedding, resize_pos_embed
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 # Small enough for fast CPU tests where equality with timm is not the point.
 MINI = dict(embed_dims=64, num_layers=3, num_heads=2, feedforward_channels=128)
-
-
-@pytest.fixture(scope='module')
-def timm():
-    import warnings
-    with warnings.catch_warnings():  # torchvision without its C++ image ops says so
-        warnings.simplefilter('ignore')
-        import timm
-    return timm
-
-
-def randomize_(model, seed=0):
-    """Random values in every tensor (LayerNorms included), so any swapped key shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.02 * torch.randn(param.shape, generator=generator))
-    return model
-
-
-def timm_checkpoint(timm, name, tmp_path, seed=0, **kwargs):
-    model = randomize_(timm.create_model(name, pretrained=False, **kwargs), seed).eval()
-    path = str(tmp_path / f'{name}.pth')
-    torch.save(model.state_dict(), path)
-    return model, path
-
-
-def num_params(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize('arch, timm_name', [
@@ -157,21 +129,11 @@ def test_gradients_reach_every_parameter():
     vit.train()
     outs = vit(torch.randn(2, 3, 100, 130))  # 7x9 grid: the resized position table
     sum(o.square().mean() for o in outs).backward()
-    for name, param in vit.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
-        assert param.grad.abs().sum() > 0, name
+    assert_every_parameter_has_a_gradient(vit)
 
 
 def test_with_cp_gives_same_gradients():
-    torch.manual_seed(0)
-    plain, checkpointed = ViT(arch=MINI), ViT(arch=MINI, with_cp=True)
-    checkpointed.load_state_dict(plain.state_dict())
-    x = torch.randn(1, 3, 64, 96)
-    for model in (plain, checkpointed):
-        model.train()
-        model(x)[0].square().mean().backward()
-    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert_with_cp_gives_same_gradients(lambda **kwargs: ViT(arch=MINI, **kwargs))
 
 
 def test_drop_path_only_while_training():
@@ -290,30 +252,7 @@ def test_rejects_bad_arguments(kwargs, argument):
 
 
 def test_synthetic_shapes_config_trains_and_evaluates(tmp_path):
-    from mmengine.runner import Runner
-    cfg = Config.fromfile(
-        osp.join(ROOT, 'configs/vit/faster-rcnn_vit-t6_sfp_1xb8-4e_synthetic-shapes.py'))
-    shrink_to_smoke_run(cfg, tmp_path)
-    runner = Runner.from_cfg(cfg)
-    vit = runner.model.backbone
-    assert isinstance(vit, ViT)
-    before = vit.layers[0].attn.qkv.weight.detach().clone()
-    runner.train()
-    assert not torch.equal(vit.layers[0].attn.qkv.weight.detach(), before)
-    metrics = runner.val_loop.run()
-    assert 'coco/bbox_mAP' in metrics
+    assert_config_trains_and_evaluates(
+        'configs/vit/faster-rcnn_vit-t6_sfp_1xb8-4e_synthetic-shapes.py', tmp_path, ViT,
+        lambda vit: vit.layers[0].attn.qkv.weight)
 
-
-def shrink_to_smoke_run(cfg, tmp_path):
-    """The config as it is, on 8 tiny images for 2 iterations, evaluated at the end."""
-    spec = dict(seed=0, num_train=4, num_val=2, image_size=(96, 128), max_objects=3)
-    data_root = str(tmp_path / 'shapes') + '/'
-    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
-        loader.update(batch_size=2, num_workers=0, persistent_workers=False)
-        loader.dataset.update(data_root=data_root, spec=spec)
-    cfg.val_evaluator.ann_file = data_root + 'annotations/val.json'
-    cfg.test_evaluator = cfg.val_evaluator
-    cfg.train_cfg.update(max_epochs=1, val_interval=1)
-    cfg.work_dir = str(tmp_path / 'work')
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, save_last=False)
-    cfg.log_level = 'WARNING'
