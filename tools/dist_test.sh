@@ -1,21 +1,8 @@
 #!/usr/bin/env bash
 # Data-parallel evaluation with torchrun: tools/dist_test.sh CONFIG CHECKPOINT NPROC [test.py args...]
+# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, PORT (tools/dist_run.sh).
 CONFIG=$1
 CHECKPOINT=$2
 NPROC=$3
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
-
-PYTHONPATH="$(dirname "$0")/..":$PYTHONPATH \
-exec python -m torch.distributed.run \
-    --nnodes="$NNODES" \
-    --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" \
-    --nproc_per_node="$NPROC" \
-    --master_port="$PORT" \
-    "$(dirname "$0")/test.py" \
-    "$CONFIG" \
-    "$CHECKPOINT" \
-    --launcher pytorch "${@:4}"
+exec "$(dirname "$0")/dist_run.sh" "$NPROC" test.py "$CONFIG" "$CHECKPOINT" --launcher pytorch \
+    "${@:4}"

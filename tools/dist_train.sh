@@ -5,18 +5,4 @@
 # on CPU because mmengine's init_dist always calls torch.cuda.set_device: see docs/tools.md).
 CONFIG=$1
 NPROC=$2
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
-
-PYTHONPATH="$(dirname "$0")/..":$PYTHONPATH \
-exec python -m torch.distributed.run \
-    --nnodes="$NNODES" \
-    --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" \
-    --nproc_per_node="$NPROC" \
-    --master_port="$PORT" \
-    "$(dirname "$0")/train.py" \
-    "$CONFIG" \
-    --launcher pytorch "${@:3}"
+exec "$(dirname "$0")/dist_run.sh" "$NPROC" train.py "$CONFIG" --launcher pytorch "${@:3}"

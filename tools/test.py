@@ -6,16 +6,14 @@ first. Beyond it: the checkpoint must match the model (``CheckpointMatchHook``) 
 every dataset path.
 """
 import argparse
-import os
 import os.path as osp
 
-from mmengine.config import Config, ConfigDict, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
+from mmengine.config import ConfigDict
 
 import mmdet_detrx  # noqa: F401  (registers our modules)
-from mmdet_detrx.utils import (TRUSTED_CHECKPOINTS_ENV, check_dataset_files, distributed_teardown,
-                               merge_cfg_options, setup_cpu_distributed)
+from mmdet_detrx.utils import check_dataset_files
+from mmdet_detrx.utils.tool_cli import (add_runner_args, load_tool_config, parse_tool_args,
+                                        require_checkpoint_match, tool_runner)
 
 
 def parse_args():
@@ -30,21 +28,8 @@ def parse_args():
     parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
     parser.add_argument('--tta', action='store_true',
                         help="test-time augmentation with the config's tta_model and tta_pipeline")
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings in the config, key=value (unknown top-level keys '
-                        'fail; data_root=DIR moves the dataloaders and evaluators together)')
-    parser.add_argument('--allow-partial-load', action='store_true',
-                        help='evaluate a checkpoint whose keys do not match the model (default: '
-                        'refuse it, listing the keys)')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help=f'load the checkpoint as a full pickle (weights_only=False), for '
-                        f'trusted legacy files only; same as {TRUSTED_CHECKPOINTS_ENV}=1')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_runner_args(parser, partial_load_help='evaluate a checkpoint')
+    return parse_tool_args(parser)
 
 
 def trigger_visualization_hook(cfg, args):
@@ -85,29 +70,16 @@ def main():
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         raise ValueError(f'--out must be a .pkl/.pickle file, got {args.out}')
 
-    if args.trust_checkpoint:
-        os.environ[TRUSTED_CHECKPOINTS_ENV] = '1'
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        merge_cfg_options(cfg, args.cfg_options)
-
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_tool_config(args)
     cfg.load_from = args.checkpoint
 
     if args.show or args.show_dir:
         cfg = trigger_visualization_hook(cfg, args)
     if args.tta:
         cfg = use_tta(cfg)
-    if not args.allow_partial_load:
-        cfg.custom_hooks = [*(cfg.get('custom_hooks') or []), dict(type='CheckpointMatchHook')]
+    require_checkpoint_match(cfg, args.allow_partial_load)
     check_dataset_files(cfg, ('test_dataloader', ))
-    with distributed_teardown():
-        setup_cpu_distributed(cfg, args.launcher)
-        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    with tool_runner(cfg, args.launcher) as runner:
         if args.out is not None:
             from mmdet.evaluation import DumpDetResults
             runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))

@@ -7,17 +7,12 @@ unknown top-level ``--cfg-options`` keys fail and ``data_root=X`` moves every da
 ``load_from`` must match the model (``CheckpointMatchHook``) unless ``--allow-partial-load``.
 """
 import argparse
-import os
 import os.path as osp
 
-from mmengine.config import Config, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
-
 import mmdet_detrx  # noqa: F401  (registers our modules)
-from mmdet_detrx.utils import (TRUSTED_CHECKPOINTS_ENV, check_dataset_files, distributed_teardown,
-                               find_resumable_checkpoint, merge_cfg_options, setup_cpu_distributed,
-                               use_atomic_checkpoints)
+from mmdet_detrx.utils import check_dataset_files, find_resumable_checkpoint, use_atomic_checkpoints
+from mmdet_detrx.utils.tool_cli import (add_runner_args, load_tool_config, parse_tool_args,
+                                        require_checkpoint_match, tool_runner)
 
 
 def parse_args():
@@ -31,36 +26,13 @@ def parse_args():
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
         help='resume from PATH, or from the latest checkpoint in the work dir if no PATH')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings in the config, key=value (unknown top-level keys '
-                        'fail; data_root=DIR moves the dataloaders and evaluators together)')
-    parser.add_argument('--allow-partial-load', action='store_true',
-                        help='load a load_from checkpoint whose keys do not match the model '
-                        '(default: refuse it, listing the keys)')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help=f'load checkpoints as full pickles (weights_only=False), for '
-                        f'trusted legacy files only; same as {TRUSTED_CHECKPOINTS_ENV}=1')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_runner_args(parser, partial_load_help='load a load_from checkpoint')
+    return parse_tool_args(parser)
 
 
 def main():
     args = parse_args()
-    if args.trust_checkpoint:
-        os.environ[TRUSTED_CHECKPOINTS_ENV] = '1'
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        merge_cfg_options(cfg, args.cfg_options)
-
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_tool_config(args)
 
     if args.amp:
         import torch
@@ -95,13 +67,10 @@ def main():
     load_from = cfg.get('load_from')
     if load_from and '://' not in load_from and not osp.isfile(load_from):
         raise FileNotFoundError(f'load_from checkpoint not found: {load_from}')
-    if not args.allow_partial_load:
-        cfg.custom_hooks = [*(cfg.get('custom_hooks') or []), dict(type='CheckpointMatchHook')]
+    require_checkpoint_match(cfg, args.allow_partial_load)
     use_atomic_checkpoints(cfg)
     check_dataset_files(cfg, ('train_dataloader', 'val_dataloader'))
-    with distributed_teardown():
-        setup_cpu_distributed(cfg, args.launcher)
-        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    with tool_runner(cfg, args.launcher) as runner:
         runner.train()
 
 
