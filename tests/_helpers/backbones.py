@@ -4,6 +4,7 @@ import os.path as osp
 
 import pytest
 import torch
+from mmdet.registry import MODELS
 from mmengine.config import Config
 
 from . import REPO_ROOT
@@ -38,6 +39,43 @@ def timm_checkpoint(timm, name, tmp_path, seed=0, **kwargs):
     path = str(tmp_path / f'{name}.pth')
     torch.save(model.state_dict(), path)
     return model, path
+
+
+def assert_equals_timm_forward_features(timm, tmp_path, backbone_type, timm_name):
+    """Our small ``backbone_type`` loaded from timm's ``timm_name`` (randomized) gives timm's
+    ``forward_features`` patch tokens as a (B, 384, 14, 14) map at 224 x 224."""
+    reference, path = timm_checkpoint(timm, timm_name, tmp_path)
+    ours = MODELS.build(dict(type=backbone_type, arch='small',
+                             init_cfg=dict(type='Pretrained', checkpoint=path)))
+    ours.init_weights()
+    ours.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        tokens = reference.forward_features(x)  # (B, 1 + 196, 384)
+        (out, ) = ours(x)
+    assert out.shape == (2, 384, 14, 14)
+    expected = tokens[:, 1:].reshape(2, 14, 14, 384).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def assert_two_stride_16_maps_of_64_channels(model, size):
+    """``model`` (two outputs, 64 channels, patch 16) maps a ``size`` image to finite
+    ``ceil(size / 16)`` maps: any input size works."""
+    model.eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    grid = ((size[0] + 15) // 16, (size[1] + 15) // 16)
+    assert [o.shape for o in outs] == [(1, 64, *grid)] * 2
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def assert_timm_checkpoint_is_refused(timm, tmp_path, backbone_type, timm_name, match):
+    """Loading timm's ``timm_name`` into a small ``backbone_type`` fails with a ValueError
+    naming what does not fit (``match``)."""
+    _, path = timm_checkpoint(timm, timm_name, tmp_path)
+    model = backbone_type(arch='small', init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(ValueError, match=match):
+        model.init_weights()
 
 
 def assert_every_parameter_has_a_gradient(model):

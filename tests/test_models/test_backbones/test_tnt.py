@@ -2,7 +2,10 @@
 import pytest
 import torch
 from _helpers.backbones import (assert_config_trains_and_evaluates,
+                                assert_equals_timm_forward_features,
                                 assert_every_parameter_has_a_gradient,
+                                assert_timm_checkpoint_is_refused,
+                                assert_two_stride_16_maps_of_64_channels,
                                 assert_with_cp_gives_same_gradients, num_params, timm_checkpoint)
 from _helpers.backbones import timm  # noqa: F401 (a fixture)
 from mmdet.registry import MODELS
@@ -26,18 +29,7 @@ def test_arch_is_timms(timm, arch, timm_name):
 
 
 def test_equals_timm_forward_features(timm, tmp_path):
-    reference, path = timm_checkpoint(timm, 'tnt_s_patch16_224', tmp_path)
-    ours = MODELS.build(dict(type='TNT', arch='small',
-                             init_cfg=dict(type='Pretrained', checkpoint=path)))
-    ours.init_weights()
-    ours.eval()
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        tokens = reference.forward_features(x)  # (B, 1 + 196, 384)
-        (out, ) = ours(x)
-    assert out.shape == (2, 384, 14, 14)
-    expected = tokens[:, 1:].reshape(2, 14, 14, 384).permute(0, 3, 1, 2)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert_equals_timm_forward_features(timm, tmp_path, 'TNT', 'tnt_s_patch16_224')
 
 
 def test_qk_and_v_are_stacked_into_qkv(timm, tmp_path):
@@ -68,13 +60,7 @@ def test_visual_words():
 @pytest.mark.parametrize('size', [(513, 771), (800, 1216)])
 def test_any_input_size(size):
     torch.manual_seed(0)
-    tnt = TNT(arch=MINI, out_indices=(0, 1))
-    tnt.eval()
-    with torch.no_grad():
-        outs = tnt(torch.randn(1, 3, *size))
-    grid = ((size[0] + 15) // 16, (size[1] + 15) // 16)
-    assert [o.shape for o in outs] == [(1, 64, *grid)] * 2
-    assert all(torch.isfinite(o).all() for o in outs)
+    assert_two_stride_16_maps_of_64_channels(TNT(arch=MINI, out_indices=(0, 1)), size)
 
 
 def test_gradients_reach_every_parameter():
@@ -113,14 +99,10 @@ def test_frozen_stages():
 
 
 def test_wrong_checkpoint_names_the_keys(timm, tmp_path):
-    _, vit_path = timm_checkpoint(timm, 'vit_small_patch16_224', tmp_path)
-    tnt = TNT(arch='small', init_cfg=dict(type='Pretrained', checkpoint=vit_path))
-    with pytest.raises(ValueError, match=r'missing from the checkpoint: .*inner'):
-        tnt.init_weights()
-    _, legacy_path = timm_checkpoint(timm, 'tnt_s_legacy_patch16_224', tmp_path)
-    tnt = TNT(arch='small', init_cfg=dict(type='Pretrained', checkpoint=legacy_path))
-    with pytest.raises(ValueError, match=r'not in TNT: .*layers\.0\.proj\.bias'):
-        tnt.init_weights()
+    assert_timm_checkpoint_is_refused(timm, tmp_path, TNT, 'vit_small_patch16_224',
+                                      r'missing from the checkpoint: .*inner')
+    assert_timm_checkpoint_is_refused(timm, tmp_path, TNT, 'tnt_s_legacy_patch16_224',
+                                      r'not in TNT: .*layers\.0\.proj\.bias')
 
 
 @pytest.mark.parametrize('kwargs, argument', [

@@ -2,7 +2,10 @@
 import pytest
 import torch
 from _helpers.backbones import (assert_config_trains_and_evaluates,
+                                assert_equals_timm_forward_features,
                                 assert_every_parameter_has_a_gradient,
+                                assert_timm_checkpoint_is_refused,
+                                assert_two_stride_16_maps_of_64_channels,
                                 assert_with_cp_gives_same_gradients, num_params, randomize_,
                                 timm_checkpoint)
 from _helpers.backbones import timm  # noqa: F401 (a fixture)
@@ -28,18 +31,7 @@ def test_arch_is_timms(timm, arch, timm_name):
 
 
 def test_equals_timm_forward_features(timm, tmp_path):
-    reference, path = timm_checkpoint(timm, 'vit_small_patch16_224', tmp_path)
-    ours = MODELS.build(dict(type='ViT', arch='small',
-                             init_cfg=dict(type='Pretrained', checkpoint=path)))
-    ours.init_weights()
-    ours.eval()
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        tokens = reference.forward_features(x)  # (B, 1 + 196, C)
-        (out, ) = ours(x)
-    assert out.shape == (2, 384, 14, 14)
-    expected = tokens[:, 1:].reshape(2, 14, 14, 384).permute(0, 3, 1, 2)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert_equals_timm_forward_features(timm, tmp_path, 'ViT', 'vit_small_patch16_224')
 
 
 def test_intermediate_outputs_equal_timm_blocks(timm, tmp_path):
@@ -59,13 +51,7 @@ def test_intermediate_outputs_equal_timm_blocks(timm, tmp_path):
 @pytest.mark.parametrize('size', [(513, 771), (800, 1216)])
 def test_any_input_size(size):
     torch.manual_seed(0)
-    vit = ViT(arch=MINI, out_indices=(0, 2))
-    vit.eval()
-    with torch.no_grad():
-        outs = vit(torch.randn(1, 3, *size))
-    grid = ((size[0] + 15) // 16, (size[1] + 15) // 16)
-    assert [o.shape for o in outs] == [(1, 64, *grid)] * 2
-    assert all(torch.isfinite(o).all() for o in outs)
+    assert_two_stride_16_maps_of_64_channels(ViT(arch=MINI, out_indices=(0, 2)), size)
 
 
 def test_padding_leaves_whole_patches_unchanged():
@@ -223,14 +209,10 @@ def test_own_and_detector_checkpoints_load(tmp_path):
 
 
 def test_wrong_checkpoint_names_the_keys(timm, tmp_path):
-    _, tnt_path = timm_checkpoint(timm, 'tnt_s_patch16_224', tmp_path)
-    vit = ViT(arch='small', init_cfg=dict(type='Pretrained', checkpoint=tnt_path))
-    with pytest.raises(ValueError, match=r'missing from the checkpoint: .*layers\.0\.attn\.qkv'):
-        vit.init_weights()
-    _, tiny_path = timm_checkpoint(timm, 'vit_tiny_patch16_224', tmp_path)
-    vit = ViT(arch='small', init_cfg=dict(type='Pretrained', checkpoint=tiny_path))
-    with pytest.raises(ValueError, match=r'shape .*layers\.0\.attn\.proj\.weight \(192, 192\)'):
-        vit.init_weights()
+    assert_timm_checkpoint_is_refused(timm, tmp_path, ViT, 'tnt_s_patch16_224',
+                                      r'missing from the checkpoint: .*layers\.0\.attn\.qkv')
+    assert_timm_checkpoint_is_refused(timm, tmp_path, ViT, 'vit_tiny_patch16_224',
+                                      r'shape .*layers\.0\.attn\.proj\.weight \(192, 192\)')
 
 
 @pytest.mark.parametrize('kwargs, argument', [
