@@ -8,6 +8,7 @@ import sys
 
 import cv2
 import pytest
+import torch
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = osp.join(ROOT, 'tools', 'analysis')
@@ -88,6 +89,24 @@ def test_panels_and_common_args():
     with pytest.raises(argparse.ArgumentTypeError, match='HxW'):
         _common.parse_hw('800')
     assert 'torch' in _common.machine_line()
+    assert '(default 5)' in parser.format_help()  # an overridden default is the one shown
+
+
+def test_removing_unhooks_the_model_even_when_inference_fails():
+    model = torch.nn.Linear(2, 2)
+
+    class Recorder:
+        def __init__(self):
+            self.handle = model.register_forward_hook(lambda *_: None)
+
+        def remove(self):
+            self.handle.remove()
+
+    with pytest.raises(RuntimeError):
+        with _common.removing(Recorder()) as recorder:
+            assert len(model._forward_hooks) == 1 and isinstance(recorder, Recorder)
+            raise RuntimeError('inference failed')
+    assert not model._forward_hooks
 
 
 # ------------------------------------------------------------------------- benchmark_detectors

@@ -13,10 +13,13 @@ Tools in this folder run as scripts (``python tools/analysis/X.py``), so ``from 
   series written on it (a log axis makes a 3x look like 20x).
 * :func:`panel_grid` / :func:`panel_shape`: rows x columns of a figure of panels, and a panel's
   pixel size for an image.
+* :func:`removing`: a context that removes a recorder's forward hooks on leaving, whatever
+  happens inside (``with removing(Recorder(model)) as recorder: inference_detector(...)``).
 * :func:`add_common_args`: the flags tools share, under one name each (old spellings kept as
   aliases).
 """
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -25,14 +28,14 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
     'Timing', 'CLOCKS', 'DTYPES', 'sync_device', 'time_call', 'time_calls', 'describe_machine',
     'machine_line', 'Column', 'markdown_table', 'write_csv', 'bar_chart', 'panel_grid',
-    'panel_shape', 'add_common_args', 'parse_hw'
+    'panel_shape', 'removing', 'add_common_args', 'parse_hw'
 ]
 
 CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
@@ -278,6 +281,16 @@ def panel_shape(image_hw: Tuple[int, int], panel_size: int) -> Tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+@contextlib.contextmanager
+def removing(recorder) -> Iterator[Any]:
+    """Yield ``recorder`` (an object holding forward hooks on a model, with ``remove()``) and
+    remove its hooks on leaving, so an exception in between leaves the model unhooked."""
+    try:
+        yield recorder
+    finally:
+        recorder.remove()
+
+
 # --------------------------------------------------------------------------------------- flags
 def parse_hw(text: str) -> Tuple[int, int]:
     """``'800x1333'`` -> ``(800, 1333)``, with an error naming the expected form."""
@@ -314,16 +327,17 @@ _COMMON_ARGS = {
         type=_positive_int, nargs='+', default=None,
         help='CPU thread counts to run (torch.set_num_threads; default: torch\'s current)')),
     'repeats': (('--repeats', '--repeat'), dict(
-        type=_positive_int, default=3, help='timed runs; the median is reported (default 3)')),
+        type=_positive_int, default=3,
+        help='timed runs; the median is reported (default %(default)s)')),
     'warmup': (('--warmup', ), dict(type=_non_negative_int, default=1,
-                                    help='untimed runs before timing (default 1)')),
+                                    help='untimed runs before timing (default %(default)s)')),
     'timer': (('--timer', ), dict(
         choices=sorted(CLOCKS), default='wall',
         help='wall: elapsed time; cpu: process CPU time summed over threads, robust to other '
         'load on a shared machine (CPU only)')),
     'out_dir': (('--out-dir', ), dict(default=None,
                                       help='write the markdown, CSV and PNG outputs here')),
-    'seed': (('--seed', ), dict(type=int, default=0, help='random seed (default 0)')),
+    'seed': (('--seed', ), dict(type=int, default=0, help='random seed (default %(default)s)')),
 }
 
 

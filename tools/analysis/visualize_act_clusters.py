@@ -26,7 +26,7 @@ import mmcv  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmdet.apis import inference_detector, init_detector  # noqa: E402
-from _common import panel_grid, panel_shape  # noqa: E402
+from _common import panel_grid, panel_shape, removing  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
 from mmdet_detrx.models.layers import (AdaptiveClusteringAttention,  # noqa: E402
@@ -132,11 +132,8 @@ def visualize(model, image_file: str, out_dir: str, head: int = 0,
     for layer in layers:
         layer.record_clusters = True
         layer.use_exact = False
-    recorder = FeatureShapeRecorder(model)
-    try:
+    with removing(FeatureShapeRecorder(model)) as recorder:
         result = inference_detector(model, image_file)
-    finally:
-        recorder.remove()
     meta = result.metainfo
     img_h, img_w = meta['img_shape'][:2]
     pad_h, pad_w = meta.get('batch_input_shape', meta['img_shape'])[:2]

@@ -39,7 +39,7 @@ from mmdet.apis import inference_detector, init_detector  # noqa: E402
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from _common import add_common_args, panel_grid, panel_shape  # noqa: E402
+from _common import add_common_args, panel_grid, panel_shape, removing  # noqa: E402
 
 from mmdet_detrx.models.layers import MSDeformAttn  # noqa: E402
 from mmdet_detrx.utils import list_images  # noqa: E402
@@ -197,11 +197,8 @@ def visualize_image(model, image_path: str, out_file: str, num_queries: Optional
                     query_ids: Optional[Sequence[int]] = None, score_thr: float = 0.3,
                     panel_size: int = 400) -> List[int]:
     """Run ``model`` on one image and draw its queries; returns the query ids drawn."""
-    recorder = SamplingRecorder(model)
-    try:
+    with removing(SamplingRecorder(model)) as recorder:
         result = inference_detector(model, image_path)
-    finally:
-        recorder.remove()
     records = recorder.records
     missing = {'sampling_locations', 'cls_scores'} - set(records)
     if missing:
