@@ -97,6 +97,22 @@ class EncoderMeter:
         for handle in self.handles:
             handle.remove()
 
+    def measure_test_loop(self, runner: Runner) -> Dict:
+        """Run ``runner``'s test loop once: its AP and AP50 (percent), and per image the ACT
+        layers' GFLOPs, mean clusters per head, and the loop's and the encoder's milliseconds."""
+        self.reset()
+        start = time.perf_counter()
+        metrics = runner.test_loop.run()
+        seconds = time.perf_counter() - start
+        images = max(self.images, 1)
+        return dict(
+            **ap_keys(metrics),
+            encoder_gflops=self.flops / images / 1e9,
+            clusters=(self.cluster_sum / self.cluster_count
+                      if self.cluster_count else float('nan')),
+            ms_per_image=1e3 * seconds / images,
+            encoder_ms_per_image=1e3 * self.encoder_seconds / images)
+
 
 def set_num_hashes(model: torch.nn.Module, num_hashes: Optional[int]) -> None:
     """``None``: exact attention; else ACT with ``num_hashes`` rounds (same r and seed).
@@ -196,19 +212,8 @@ def run_sweep(runner: Runner, settings: List[Optional[int]], bootstrap: int = 0)
     try:
         for num_hashes in settings:
             set_num_hashes(model, num_hashes)
-            meter.reset()
-            start = time.perf_counter()
-            metrics = runner.test_loop.run()
-            seconds = time.perf_counter() - start
-            images = max(meter.images, 1)
-            rows.append(dict(
-                attention='exact' if num_hashes is None else f'ACT L={num_hashes}',
-                **ap_keys(metrics),
-                encoder_gflops=meter.flops / images / 1e9,
-                clusters=(meter.cluster_sum / meter.cluster_count
-                          if meter.cluster_count else float('nan')),
-                ms_per_image=1e3 * seconds / images,
-                encoder_ms_per_image=1e3 * meter.encoder_seconds / images))
+            rows.append(dict(attention='exact' if num_hashes is None else f'ACT L={num_hashes}',
+                             **meter.measure_test_loop(runner)))
             if capture is not None:
                 if capture.results is None:
                     raise ValueError('--bootstrap needs a bbox CocoMetric with an ann_file in '

@@ -30,7 +30,6 @@ import importlib.util
 import json
 import os
 import os.path as osp
-import time
 from typing import Dict, List, Optional
 
 import torch
@@ -172,18 +171,7 @@ def evaluate(runner, layers, settings) -> List[Dict]:
                 setup()
             for module in layers:
                 module.use_exact = exact
-            meter.reset()
-            start = time.perf_counter()
-            metrics = runner.test_loop.run()
-            seconds = time.perf_counter() - start
-            images = max(meter.images, 1)
-            rows.append(dict(
-                setting=name, **tradeoff.ap_keys(metrics),
-                encoder_gflops=meter.flops / images / 1e9,
-                clusters=(meter.cluster_sum / meter.cluster_count
-                          if meter.cluster_count else float('nan')),
-                ms_per_image=1e3 * seconds / images,
-                encoder_ms_per_image=1e3 * meter.encoder_seconds / images))
+            rows.append(dict(setting=name, **meter.measure_test_loop(runner)))
     finally:
         meter.remove()
         for module in layers:
