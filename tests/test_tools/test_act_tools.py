@@ -92,6 +92,9 @@ def test_act_tradeoff_sweep(detr_checkpoint, tmp_path):
         [ACT_CFG, ckpt, '--num-hashes', '2', '8', '--bootstrap', '5', '--out-dir', str(tmp_path),
          *data_options(data_root)])
     assert all(0 <= r['AP_low'] <= r['AP_high'] <= 100 for r in rows)
+    # ACT rows carry a paired interval of their AP difference to exact attention.
+    assert 'dAP' not in rows[0]
+    assert all(-100 <= r['dAP_low'] <= r['dAP_high'] <= 100 for r in rows[1:])
     assert [r['attention'] for r in rows] == ['exact', 'ACT L=2', 'ACT L=8']
     exact, coarse, fine = rows
     assert exact['clusters'] != exact['clusters']  # nan: no clusters in exact mode

@@ -11,7 +11,9 @@ test set and reports:
 
 * AP (CocoMetric bbox mAP, and AP50); with ``--bootstrap B``, a 95% percentile-bootstrap interval
   of the AP: the test images are resampled with replacement B times and COCO AP recomputed on
-  each resample from the same per-image predictions (:func:`bootstrap_ap`);
+  each resample from the same per-image predictions, and a paired interval of each ACT row's
+  AP difference to exact attention (same resampled images;
+  :mod:`mmdet_detrx.evaluation.bootstrap`);
 * encoder attention GFLOPs per image, from the clusters actually found
   (:meth:`AdaptiveClusteringAttention.last_flops`; exact attention counts its N^2 terms);
 * mean clusters per head and layer;
@@ -21,11 +23,9 @@ Writes ``act_tradeoff.md``, ``act_tradeoff.csv`` and ``act_tradeoff.png`` (AP vs
 and vs wall time) to ``--out-dir``.
 """
 import argparse
-import contextlib
-import csv
-import io
 import os
 import os.path as osp
+import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -40,6 +40,9 @@ from mmengine.runner import Runner  # noqa: E402
 
 from mmdet_detrx.models.layers import (AdaptiveClusteringAttention,  # noqa: E402
                                        resolve_act_layers)
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from _common import write_csv  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -144,58 +147,44 @@ class CocoResultCapture:
             self.metric.compute_metrics = capture
 
 
+def image_evals(metric, results: List):
+    """The per-image COCO matches of ``results`` (:class:`CocoResultCapture`), for bootstrapping.
+
+    Args:
+        metric (CocoMetric): the metric that scored ``results``; its ground-truth file, category
+            ids and ``proposal_nums`` are reused, so the AP on all images is the metric's.
+        results (list): its per-image ``(gt, pred)`` results.
+
+    Returns:
+        :class:`mmdet_detrx.evaluation.bootstrap.CocoImageEvals` over the images of ``results``.
+    """
+    from mmdet_detrx.evaluation.bootstrap import CocoImageEvals
+    gt_api = metric._coco_api
+    if gt_api is None:
+        raise ValueError('bootstrap needs a CocoMetric with an ann_file')
+    cat_ids = metric.cat_ids or gt_api.get_cat_ids(cat_names=metric.dataset_meta['classes'])
+    detections = []
+    for gt, pred in results:
+        boxes = np.asarray(pred['bboxes'], dtype=np.float64).reshape(-1, 4)
+        detections += [dict(image_id=gt['img_id'], score=float(score),
+                            bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                            category_id=cat_ids[int(label)])
+                       for (x1, y1, x2, y2), score, label in
+                       zip(boxes, pred['scores'], pred['labels'])]
+    return CocoImageEvals.from_coco(gt_api, detections, cat_ids=cat_ids,
+                                    img_ids=[gt['img_id'] for gt, _ in results],
+                                    max_dets=metric.proposal_nums)
+
+
 def bootstrap_ap(metric, results: List, num_samples: int, seed: int = 0) -> Tuple[float, float]:
     """95% percentile-bootstrap interval of COCO bbox AP (x100) over the images of ``results``.
 
-    Args:
-        metric (CocoMetric): the metric that scored ``results`` (its ground-truth file, category
-            ids and ``proposal_nums`` are reused, so a resample of all images reproduces it).
-        results (list): its per-image ``(gt, pred)`` results (:class:`CocoResultCapture`).
-        num_samples (int): resamples; each draws ``len(results)`` images with replacement,
-            renumbered so that a repeated image counts twice.
-        seed (int): seed of the resampling.
+    Each resample draws ``len(results)`` images with replacement (a repeated image counts
+    twice) and recomputes COCO AP exactly (:mod:`mmdet_detrx.evaluation.bootstrap`).
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-    gt_api = metric._coco_api
-    if gt_api is None:
-        raise ValueError('bootstrap_ap needs a CocoMetric with an ann_file')
-    cat_ids = metric.cat_ids or gt_api.get_cat_ids(cat_names=metric.dataset_meta['classes'])
-    gts, dets = [], []
-    for gt, pred in results:
-        gts.append(gt_api.load_anns(gt_api.get_ann_ids(img_ids=[gt['img_id']])))
-        boxes = np.asarray(pred['bboxes'], dtype=np.float64).reshape(-1, 4)
-        dets.append([dict(bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-                          score=float(score), category_id=cat_ids[int(label)])
-                     for (x1, y1, x2, y2), score, label in
-                     zip(boxes, pred['scores'], pred['labels'])])
-    rng = np.random.default_rng(seed)
-    aps = []
-    for _ in range(num_samples):
-        images, annotations, detections = [], [], []
-        for new_id, index in enumerate(rng.integers(0, len(results), len(results)), start=1):
-            gt = results[index][0]
-            images.append(dict(id=new_id, width=gt['width'], height=gt['height']))
-            annotations += [{**a, 'id': len(annotations) + k + 1, 'image_id': new_id}
-                            for k, a in enumerate(gts[index])]
-            detections += [{**d, 'image_id': new_id} for d in dets[index]]
-        sample_gt = COCO()
-        sample_gt.dataset = dict(images=images, annotations=annotations,
-                                 categories=gt_api.dataset['categories'])
-        with contextlib.redirect_stdout(io.StringIO()):
-            sample_gt.createIndex()
-            if not detections:
-                aps.append(0.0)
-                continue
-            evaluation = COCOeval(sample_gt, sample_gt.loadRes(detections), 'bbox')
-            evaluation.params.catIds = list(cat_ids)
-            evaluation.params.maxDets = list(metric.proposal_nums)
-            evaluation.evaluate()
-            evaluation.accumulate()
-            evaluation.summarize()
-        aps.append(max(float(evaluation.stats[0]), 0.0))  # -1: no ground truth in the resample
-    low, high = np.percentile(np.asarray(aps) * 100, [2.5, 97.5])
-    return float(low), float(high)
+    from mmdet_detrx.evaluation.bootstrap import bootstrap_ap as paired_bootstrap
+    row = paired_bootstrap([image_evals(metric, results)], num_samples, seed)['models'][0]
+    return 100 * row['AP_low'], 100 * row['AP_high']
 
 
 def ap_keys(metrics: Dict) -> Dict:
@@ -208,7 +197,7 @@ def run_sweep(runner: Runner, settings: List[Optional[int]], bootstrap: int = 0)
     model = runner.model
     meter = EncoderMeter(model)
     capture = CocoResultCapture(runner.test_loop.evaluator) if bootstrap else None
-    rows = []
+    rows, evals = [], []
     try:
         for num_hashes in settings:
             set_num_hashes(model, num_hashes)
@@ -218,8 +207,9 @@ def run_sweep(runner: Runner, settings: List[Optional[int]], bootstrap: int = 0)
                 if capture.results is None:
                     raise ValueError('--bootstrap needs a bbox CocoMetric with an ann_file in '
                                      'test_evaluator')
-                rows[-1]['AP_low'], rows[-1]['AP_high'] = bootstrap_ap(
-                    capture.metric, capture.results, bootstrap)
+                evals.append(image_evals(capture.metric, capture.results))
+        if evals:
+            add_paired_intervals(rows, evals, bootstrap)
     finally:
         meter.remove()
         for module in model.modules():
@@ -228,14 +218,28 @@ def run_sweep(runner: Runner, settings: List[Optional[int]], bootstrap: int = 0)
     return rows
 
 
+def add_paired_intervals(rows: List[Dict], evals: List, num_samples: int, seed: int = 0) -> None:
+    """Adds 95% bootstrap intervals (x100) of each row's AP and, paired on the same resampled
+    images, of its AP difference to the first row (``dAP``: ACT minus exact)."""
+    from mmdet_detrx.evaluation.bootstrap import bootstrap_ap as paired_bootstrap
+    stats = paired_bootstrap(evals, num_samples, seed)['models']
+    for row, stat in zip(rows, stats):
+        row['AP_low'], row['AP_high'] = 100 * stat['AP_low'], 100 * stat['AP_high']
+        if 'dAP' in stat:
+            row['dAP'] = 100 * stat['dAP']
+            row['dAP_low'], row['dAP_high'] = 100 * stat['dAP_low'], 100 * stat['dAP_high']
+
+
 def to_markdown(rows: List[Dict]) -> str:
     interval = 'AP_low' in rows[0]
-    lines = ['| attention | AP |' + (' AP 95% CI |' if interval else '') +
+    lines = ['| attention | AP |' + (' AP 95% CI | ΔAP vs exact (95% CI) |' if interval else '') +
              ' AP50 | encoder attn GFLOPs | clusters/head | ms/image | encoder ms/image |',
-             '|---|---|' + ('---|' if interval else '') + '---|---|---|---|---|']
+             '|---|---|' + ('---|---|' if interval else '') + '---|---|---|---|---|']
     for r in rows:
         clusters = '-' if r['clusters'] != r['clusters'] else f"{r['clusters']:.1f}"
-        ci = f" {r['AP_low']:.1f}-{r['AP_high']:.1f} |" if interval else ''
+        delta = (f" {r['dAP']:+.1f} ({r['dAP_low']:+.1f} to {r['dAP_high']:+.1f}) |"
+                 if 'dAP' in r else ' - |')
+        ci = f" {r['AP_low']:.1f}-{r['AP_high']:.1f} |{delta}" if interval else ''
         lines.append(f"| {r['attention']} | {r['AP']:.1f} |{ci} {r['AP50']:.1f} | "
                      f"{r['encoder_gflops']:.4f} | {clusters} | {r['ms_per_image']:.1f} | "
                      f"{r['encoder_ms_per_image']:.1f} |")
@@ -298,10 +302,7 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     with open(osp.join(args.out_dir, 'act_tradeoff.md'), 'w') as f:
         f.write(table + '\n')
-    with open(osp.join(args.out_dir, 'act_tradeoff.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, osp.join(args.out_dir, 'act_tradeoff.csv'))
     plot(rows, osp.join(args.out_dir, 'act_tradeoff.png'))
     return rows
 
