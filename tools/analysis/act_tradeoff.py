@@ -9,11 +9,11 @@ plain DETR (it loads strictly, no retraining). For each number of hash rounds L 
 width and seed as the config) and for exact attention, the config's test loop runs over its
 test set and reports:
 
-* AP (CocoMetric bbox mAP, and AP50); with ``--bootstrap B``, a 95% percentile-bootstrap interval
-  of the AP: the test images are resampled with replacement B times and COCO AP recomputed on
-  each resample from the same per-image predictions, and a paired interval of each ACT row's
-  AP difference to exact attention (same resampled images;
-  :mod:`mmdet_detrx.evaluation.bootstrap`);
+* AP (CocoMetric bbox mAP, and AP50), printed x100 (4.8 for CocoMetric's 0.048); with
+  ``--bootstrap B``, a 95% percentile-bootstrap interval of the AP: the test images are
+  resampled with replacement B times and COCO AP recomputed exactly on each resample from the
+  same per-image predictions, and a paired interval of each ACT row's AP difference to exact
+  attention (same resampled images; :mod:`mmdet_detrx.evaluation.bootstrap`);
 * encoder attention GFLOPs per image, from the clusters actually found
   (:meth:`AdaptiveClusteringAttention.last_flops`; exact attention counts its N^2 terms);
 * mean clusters per head and layer;

@@ -20,8 +20,9 @@ CONFIG is a DETR config whose encoder self-attention is ``AdaptiveClusteringAtte
    ``--target-clusters``: the lowest error) is chosen, and the ``--cfg-options`` and config
    snippet that select it are printed.
 4. Unless ``--skip-eval``: the config's test loop runs with exact attention, with the config's
-   own ACT setting and with the calibrated one, reporting AP, encoder attention GFLOPs (from the
-   clusters actually found), clusters per head and wall time per image (whole model, encoder).
+   own ACT setting and with the calibrated one, reporting AP and AP50 (x100, as
+   ``act_tradeoff.py``), encoder attention GFLOPs (from the clusters actually found), clusters
+   per head and wall time per image (whole model, encoder).
 
 Writes ``calibrate_act.json`` and ``calibrate_act.md`` to ``--out-dir``.
 """

@@ -13,7 +13,7 @@ feature size at construction:
 
 * ``pos_embed='relative'``: one table per axis holding offsets ``-(max_size - 1)`` ..
   ``max_size - 1``. The embedding for the key at offset ``(dy, dx)`` from a query is
-  ``rel_h[dy] + rel_w[dx]``; offsets are gathered directly for the actual ``H x W`` (no
+  ``pos_h[dy] + pos_w[dx]``; offsets are gathered directly for the actual ``H x W`` (no
   interpolation). Offsets beyond ``max_size - 1`` are clipped to the outermost embedding, the
   clipping of Shaw et al. 2018, so feature maps larger than ``max_size`` still work.
 * ``pos_embed='absolute'``: tables of ``max_size`` rows per axis indexed by the key's

@@ -36,12 +36,15 @@ class MSDeformAttn(MultiScaleDeformableAttention):
 
     Args: see ``mmcv.ops.MultiScaleDeformableAttention`` (``embed_dims``, ``num_heads``,
     ``num_levels``, ``num_points``, ``im2col_step``, ``dropout``, ``batch_first``, ``norm_cfg``,
-    ``init_cfg``, ``value_proj_ratio``).
+    ``init_cfg``, ``value_proj_ratio``). ``im2col_step`` is passed to the op, which validates
+    it (> 0) and otherwise ignores it: every kernel covers the whole batch at once.
 
     Dtypes are the op's (``mmdet_detrx.ops.ms_deform_attn``, the one place that casts): under
     autocast the op runs in mixed precision, gathering bfloat16 / float16 values at float32
     sampling locations with float32 weights and float32 accumulation, and returns the autocast
-    dtype; outside autocast it runs in the module's dtype.
+    dtype; outside autocast it runs in the module's dtype. The locations stay float32 because a
+    bfloat16 location is off by up to ~0.3 pixel on a 167-pixel-wide level (the widest level of
+    an 800x1333 input).
     """
 
     def sampling_points(self, query: Tensor, reference_points: Tensor,
