@@ -28,6 +28,9 @@ def parse_args():
     parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
     parser.add_argument('--tta', action='store_true',
                         help="test-time augmentation with the config's tta_model and tta_pipeline")
+    parser.add_argument('--amp', action='store_true',
+                        help="mixed-precision inference: mmengine's TestLoop autocast (bf16 on "
+                        'CPU, fp16 on CUDA); the ...X detectors return float32 predictions')
     add_runner_args(parser, partial_load_help='evaluate a checkpoint')
     return parse_tool_args(parser)
 
@@ -77,6 +80,8 @@ def main():
         cfg = trigger_visualization_hook(cfg, args)
     if args.tta:
         cfg = use_tta(cfg)
+    if args.amp:
+        cfg.test_cfg = ConfigDict(cfg.get('test_cfg') or dict(type='TestLoop'), fp16=True)
     require_checkpoint_match(cfg, args.allow_partial_load)
     check_dataset_files(cfg, ('test_dataloader', ))
     with tool_runner(cfg, args.launcher) as runner:

@@ -21,6 +21,7 @@ import functools
 import inspect
 from typing import Dict, List, Optional, Tuple
 
+import torch
 from mmdet.models.detectors import DETR, DINO, ConditionalDETR, DeformableDETR
 from mmdet.models.detectors.base_detr import DetectionTransformer
 from mmdet.registry import MODELS
@@ -80,8 +81,24 @@ def _swap_attentions(coder, swaps: Dict[str, dict]) -> None:
             setattr(layer, key, cfg)
 
 
+def float32_instances(instances):
+    """``instances`` (an ``InstanceData``) with its reduced-precision float fields in float32.
+
+    Under CPU bf16 autocast (``tools/test.py --amp``, mmengine's ``test_cfg.fp16``) a DETR head
+    returns bf16 boxes and scores, which numpy, and so mmdet's ``CocoMetric``, cannot read.
+    """
+    for key, value in instances.items():
+        if isinstance(value, torch.Tensor) and value.dtype in (torch.bfloat16, torch.float16):
+            instances[key] = value.float()
+    return instances
+
+
 class RegistryAttentionMixin:
-    """Put before an mmdet DETR-family detector in the bases to make its attentions swappable."""
+    """Put before an mmdet DETR-family detector in the bases to make its attentions swappable.
+
+    Predictions leave the detector in float32 whatever autocast dtype ran it
+    (:func:`float32_instances`).
+    """
 
     def __init__(self, *args, encoder=None, decoder=None, **kwargs):
         encoder, encoder_swaps = _split_attention_types(encoder)
@@ -89,6 +106,10 @@ class RegistryAttentionMixin:
         super().__init__(*args, encoder=encoder, decoder=decoder, **kwargs)
         _swap_attentions(self.encoder, encoder_swaps)
         _swap_attentions(self.decoder, decoder_swaps)
+
+    def add_pred_to_datasample(self, data_samples, results_list):
+        return super().add_pred_to_datasample(
+            data_samples, [float32_instances(results) for results in results_list])
 
 
 @MODELS.register_module()

@@ -51,7 +51,7 @@ from torch import Tensor
 from mmdet_detrx.distill.recorders import ModuleOutputRecorder
 from mmdet_detrx.models.layers.adaptive_clustering_attention import (AdaptiveClusteringAttention,
                                                                      act_exact_mode)
-from .detrx import DETRX, ConditionalDETRX
+from .detrx import DETRX, ConditionalDETRX, float32_instances
 
 __all__ = ['MTKDMixin', 'MTKDDETR', 'MTKDConditionalDETR']
 
@@ -155,7 +155,7 @@ class MTKDMixin:
         batch_data_samples = self.add_pred_to_datasample(batch_data_samples, results[names[0]])
         if self.test_branch == 'both':
             for data_sample, full_result in zip(batch_data_samples, results['full']):
-                data_sample.full_pred_instances = full_result
+                data_sample.full_pred_instances = float32_instances(full_result)
         return batch_data_samples
 
     def _forward(self, batch_inputs: Tensor,
