@@ -40,6 +40,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 from mmdet_detrx.models.layers import (AdaptiveClusteringAttention,  # noqa: E402
                                        resolve_act_layers)
+from mmdet_detrx.utils.cfg_options import merge_cfg_options  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from _common import write_csv  # noqa: E402
@@ -275,8 +276,8 @@ def build_runner(args) -> Runner:
     it), working under ``args.out_dir``: what Runner.test() does before its loop, so the caller
     can run the test loop once per setting (also calibrate_act's)."""
     cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    if args.cfg_options:  # as our tools/test.py: typos fail, data_root=X moves every data path
+        merge_cfg_options(cfg, args.cfg_options)
     cfg.load_from = args.checkpoint
     cfg.work_dir = osp.join(args.out_dir, 'runner')
     cfg.setdefault('env_cfg', {})['cudnn_benchmark'] = False
