@@ -128,15 +128,17 @@ def test_benchmark_detectors_tiny_shape_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, 'tools/analysis/benchmark_detectors.py', '--models', 'deformable-detr',
          '--modes', 'infer', 'train', '--dtypes', 'float32', 'bfloat16', '--shape', '64', '96',
-         '--repeats', '1', '--warmup', '1', '--threads', '1', '--out-dir', str(out)],
+         '--repeats', '1', '--warmup', '1', '--threads', '1', '--with-nchw',
+         '--out-dir', str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'GFLOP/s fp32' in proc.stdout and 'GB/s' in proc.stdout
     with open(out / 'benchmark_detectors.csv') as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8  # {mmdet, ours} x {infer, train} x {fp32, bf16}
+    assert len(rows) == 12  # {mmdet, ours, ours NCHW} x {infer, train} x {fp32, bf16}
+    impls = ('mmdet', 'ours (MSDeformAttn)', 'ours (MSDeformAttn), NCHW convs')
     assert {(r['impl'], r['mode'], r['dtype']) for r in rows} == {
-        (impl, mode, dtype) for impl in ('mmdet', 'ours (MSDeformAttn)')
+        (impl, mode, dtype) for impl in impls
         for mode in ('infer', 'train') for dtype in ('float32', 'bfloat16')}
     for row in rows:
         assert row['status'] == 'ok' and row['weights'] == 'strict'
@@ -151,9 +153,10 @@ def test_benchmark_detectors_tiny_shape_end_to_end(tmp_path):
     stock_fp32 = [r for r in rows if r['impl'] == 'mmdet' and r['dtype'] == 'float32']
     assert all(float(r['speedup_vs_stock_fp32']) == 1.0 for r in stock_fp32)
     # same weights: our MSDeformAttn encoder reproduces mmdet's to rounding
-    ours_infer = next(r for r in rows if r['impl'] == 'ours (MSDeformAttn)'
-                      and r['mode'] == 'infer' and r['dtype'] == 'float32')
-    assert float(ours_infer['encoder_rel_diff']) < 1e-4
+    for impl in impls[1:]:
+        ours_infer = next(r for r in rows if r['impl'] == impl
+                          and r['mode'] == 'infer' and r['dtype'] == 'float32')
+        assert float(ours_infer['encoder_rel_diff']) < 1e-4
     table = (out / 'benchmark_detectors.md').read_text()
     assert '| deformable-detr | ours (MSDeformAttn) | infer | bfloat16 |' in table
     image = cv2.imread(str(out / 'benchmark_detectors.png'))

@@ -14,6 +14,12 @@ into ours, strictly):
                           R50's replaced c5 conv2 weights are dropped; the key difference is
                           asserted to be exactly ``BoTNet.resnet_key_diff()``)
 
+Ours is our detector as a user gets it: the ``...X`` detectors also run the CNN backbone and
+neck channels-last on CPU (``conv_memory_format='auto'``, see
+``mmdet_detrx.models.detectors.channels_last``), which mmdet's stock detectors do not.
+``--with-nchw`` adds a third model, ours with ``conv_memory_format='contiguous'`` (mmdet's NCHW
+convolutions), timed in the same interleaved runs: the split of our gain into layout and attention.
+
 Modes (``--modes``): ``infer`` = ``model.test_step`` (preprocess + predict incl. post-processing)
 under ``torch.no_grad``, batch ``--batch-infer`` (1); ``train`` = ``model.train_step`` (preprocess,
 forward, losses incl. matching, backward, optimizer step with the config's optimizer and
@@ -153,6 +159,9 @@ def parse_args(argv=None):
                         help='skip the per-stage profiled run')
     parser.add_argument('--no-memory-check', action='store_true',
                         help='skip the memory estimate (and its refusal) before each pair')
+    parser.add_argument('--with-nchw', action='store_true',
+                        help='also time ours with conv_memory_format="contiguous" (mmdet\'s NCHW '
+                        'convolutions), which splits our gain into layout and attention')
     args = parser.parse_args(argv)
     bad = [d for d in args.dtypes if d not in ('float32', 'bfloat16')]
     if bad:
@@ -280,11 +289,17 @@ def load_cfg(path, backbone_update=None):
     return cfg
 
 
-def build_pair(pair: Pair):
-    """Stock and ours from one set of weights. Returns (cfgs, models, load report)."""
+def build_pair(pair: Pair, with_nchw=False):
+    """Stock and ours from one set of weights. Returns (cfgs, models, labels, load report).
+
+    With ``with_nchw``, and where our detector takes ``conv_memory_format``, a third model: ours
+    with NCHW convolutions (mmdet's layout), same weights.
+    """
     from mmdet.registry import MODELS
     stock_cfg = load_cfg(mmdet_config_path(pair.stock), pair.stock_backbone)
     ours_cfg = load_cfg(osp.join(ROOT, pair.ours))
+    nchw_cfg = copy.deepcopy(ours_cfg)  # before the build: mmdet's detectors edit their cfg
+    nchw_cfg.model.conv_memory_format = 'contiguous'
     torch.manual_seed(0)
     stock = MODELS.build(stock_cfg.model)
     stock.init_weights()
@@ -306,7 +321,14 @@ def build_pair(pair: Pair):
                                f'unexpected {result.unexpected_keys}')
         report = (f'shared keys; {len(new_keys)} BoT tensors own init, {len(dropped_keys)} '
                   'R50 conv2 dropped')
-    return (stock_cfg, ours_cfg), (stock, ours), report
+    cfgs, models, labels = [stock_cfg, ours_cfg], [stock, ours], [pair.stock_label, pair.ours_label]
+    if with_nchw and hasattr(ours, 'conv_memory_format'):
+        nchw = MODELS.build(nchw_cfg.model)
+        nchw.load_state_dict(ours.state_dict(), strict=True)
+        cfgs.append(nchw_cfg)
+        models.append(nchw)
+        labels.append(f'{pair.ours_label}, NCHW convs')
+    return cfgs, models, labels, report
 
 
 def synthetic_batch(batch, shape, training, with_masks, seed):
@@ -519,9 +541,8 @@ def estimate_memory(models, cfgs, mode, shape, batch, with_masks, seed, states, 
 
 def run_pair(args, name, pair, peaks_by_threads, log):
     log(f'== {name}: building {pair.stock} and {pair.ours}')
-    cfgs, models, load_report = build_pair(pair)
+    cfgs, models, labels, load_report = build_pair(pair, args.with_nchw)
     states = [copy.deepcopy(m.state_dict()) for m in models]
-    labels = (pair.stock_label, pair.ours_label)
     with_masks = 'mask' in pair.stock
     rows = []
     measure_memory = memory_supported()
@@ -657,7 +678,7 @@ def save_chart(rows, path, title):
         values, series = {}, []
         for r in subset:
             group = f'{r["pair"]}\n{r["threads"]}T'
-            role = 'stock' if r['impl'] == subset_first_impl(subset, r['pair']) else 'ours'
+            role = impl_role(subset, r['pair'], r['impl'])
             name = f'{role} {r["dtype"]}'
             series.append(name)
             values[(group, name)] = r.get(field)
@@ -675,8 +696,10 @@ def save_chart(rows, path, title):
     return path
 
 
-def subset_first_impl(rows, pair):
-    return next(r['impl'] for r in rows if r['pair'] == pair)
+def impl_role(rows, pair, impl):
+    """'stock', 'ours' or 'ours NCHW': the impl's place in its pair (the chart's series)."""
+    impls = list(dict.fromkeys(r['impl'] for r in rows if r['pair'] == pair))
+    return ('stock', 'ours', 'ours NCHW')[impls.index(impl)]
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import init_default_scope
 
 import mmdet_detrx  # noqa: F401
+from mmdet_detrx.utils import merge_cfg_options
 
 
 def parse_args(argv=None):
@@ -63,7 +64,7 @@ def main(argv=None) -> list:
     args = parse_args(argv)
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+        merge_cfg_options(cfg, args.cfg_options)
     written = browse(cfg, args.out_dir, args.num)
     for path in written:
         print(path)

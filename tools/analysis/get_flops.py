@@ -36,6 +36,7 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import Runner, load_checkpoint
 
 from mmdet_detrx.models.layers import AdaptiveClusteringAttention, act_exact_mode
+from mmdet_detrx.utils import merge_cfg_options
 
 
 def parse_args(argv=None):
@@ -65,7 +66,7 @@ def act_layers(model) -> Dict[str, AdaptiveClusteringAttention]:
 def build_model_and_loader(config, checkpoint=None, cfg_options=None, device='cpu'):
     cfg = Config.fromfile(config)
     if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+        merge_cfg_options(cfg, cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     from mmdet.registry import MODELS
     cfg.model.pop('init_cfg', None)

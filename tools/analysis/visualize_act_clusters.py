@@ -31,7 +31,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 
 from mmdet_detrx.models.layers import (AdaptiveClusteringAttention,  # noqa: E402
                                        resolve_act_layers)
-from mmdet_detrx.utils import list_images  # noqa: E402
+from mmdet_detrx.utils import list_images, merge_cfg_options  # noqa: E402
 
 PANEL_COLS = 4
 TITLE_PX = 24  # pixel band above each panel for its title
@@ -164,7 +164,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+        merge_cfg_options(cfg, args.cfg_options)
     if cfg.model.get('backbone', {}).get('init_cfg') is not None:
         cfg.model.backbone.init_cfg = None  # the checkpoint holds every weight
     model = init_detector(cfg, args.checkpoint, device=args.device)

@@ -30,7 +30,7 @@ from mmdet.registry import MODELS
 from mmdet_detrx.deploy import (DEFAULT_OPSET, MSDA_MODES, OnnxExportError, compare_detections,
                                 export_detector_onnx, onnxruntime_session, pytorch_detections,
                                 run_onnxruntime)
-from mmdet_detrx.utils import TRUSTED_CHECKPOINTS_ENV, UnsafeCheckpointError
+from mmdet_detrx.utils import TRUSTED_CHECKPOINTS_ENV, UnsafeCheckpointError, merge_cfg_options
 
 
 def parse_args(argv=None):
@@ -61,7 +61,7 @@ def build_detector(config: str, checkpoint: str, cfg_options=None):
     """The config's model with the checkpoint loaded strictly, on CPU, in eval mode."""
     cfg = Config.fromfile(config)
     if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+        merge_cfg_options(cfg, cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     model = MODELS.build(cfg.model)
     if not osp.isfile(checkpoint):

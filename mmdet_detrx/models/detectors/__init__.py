@@ -1,2 +1,3 @@
 from .mtkd_detr import *  # noqa: F401,F403
 from .detrx import *  # noqa: F401,F403
+from .channels_last import *  # noqa: F401,F403

@@ -15,6 +15,9 @@ fail deep inside mmcv with ``TypeError: ... unexpected keyword argument 'type'``
 runs there, so :func:`check_attention_types` inspects every model config before it is built
 (installed around the ``build_func`` of mmengine's and mmdet's ``MODELS`` on import, the one
 hook every model build passes) and raises a ``TypeError`` that names the ``...X`` detector to use.
+
+The ``...X`` detectors also take ``conv_memory_format`` (:class:`ChannelsLastMixin`): on CPU
+their backbone and neck run channels-last by default.
 """
 import copy
 import functools
@@ -27,6 +30,8 @@ from mmdet.models.detectors.base_detr import DetectionTransformer
 from mmdet.registry import MODELS
 from mmengine.config import ConfigDict
 from mmengine.registry import MODELS as MMENGINE_MODELS
+
+from .channels_last import ChannelsLastMixin
 
 __all__ = ['RegistryAttentionMixin', 'DETRX', 'ConditionalDETRX', 'DeformableDETRX', 'DINOX',
            'check_attention_types']
@@ -113,12 +118,12 @@ class RegistryAttentionMixin:
 
 
 @MODELS.register_module()
-class DETRX(RegistryAttentionMixin, DETR):
+class DETRX(RegistryAttentionMixin, ChannelsLastMixin, DETR):
     """mmdet's DETR whose encoder/decoder attentions may be any registered type (e.g. ACT)."""
 
 
 @MODELS.register_module()
-class ConditionalDETRX(RegistryAttentionMixin, ConditionalDETR):
+class ConditionalDETRX(RegistryAttentionMixin, ChannelsLastMixin, ConditionalDETR):
     """mmdet's Conditional DETR whose attentions may be any registered type (e.g. ACT).
 
     Its encoder is DETR's (exact multi-head self-attention), so ACT drops in exactly as for DETR;
@@ -127,12 +132,12 @@ class ConditionalDETRX(RegistryAttentionMixin, ConditionalDETR):
 
 
 @MODELS.register_module()
-class DeformableDETRX(RegistryAttentionMixin, DeformableDETR):
+class DeformableDETRX(RegistryAttentionMixin, ChannelsLastMixin, DeformableDETR):
     """mmdet's Deformable DETR whose attentions may be any registered type."""
 
 
 @MODELS.register_module()
-class DINOX(RegistryAttentionMixin, DINO):
+class DINOX(RegistryAttentionMixin, ChannelsLastMixin, DINO):
     """mmdet's DINO whose attentions may be any registered type."""
 
 
