@@ -174,6 +174,26 @@ def test_refuses_a_case_that_does_not_fit_in_memory(monkeypatch, capsys):
     assert captured.out.count('refused') == 2  # both models' rows say so
 
 
+def test_a_failing_case_is_reported_and_the_others_still_run(monkeypatch, capsys):
+    tool = load_tool()
+    make_step = tool.make_step
+
+    def failing_in_bf16(model, cfg, mode, dtype, data):
+        if dtype == 'bfloat16':
+            raise RuntimeError('expected scalar type Float but found BFloat16\nmore text')
+        return make_step(model, cfg, mode, dtype, data)
+
+    monkeypatch.setattr(tool, 'make_step', failing_in_bf16)
+    status = tool.main(['--models', 'deformable-detr', '--modes', 'infer', '--dtypes', 'float32',
+                        'bfloat16', '--shape', '64', '96', '--repeats', '1', '--no-profile',
+                        '--no-memory-check', '--threads', '1'])
+    table = capsys.readouterr().out
+    assert status == 3
+    assert table.count('failed: RuntimeError: expected scalar type Float but found BFloat16') == 2
+    assert 'more text' not in table
+    assert table.count('| ok |') == 2  # both fp32 rows were timed
+
+
 def test_rejects_bad_arguments(capsys):
     tool = load_tool()
     for argv, text in ((['--shape', '16', '96'], '--shape'),

@@ -56,7 +56,9 @@ Memory safety: before a pair's cases run at the requested shape, each model runs
 three smaller shapes (the largest 1/4 of the pixels and at most 400x667, the smallest 1/16 of
 that or the model's minimum input) and the peak growth is extrapolated with a constant + linear
 + quadratic fit in the pixel count; a case whose estimate (x2, see ``MEMORY_MARGIN``) does not
-fit in ``MemAvailable`` is refused with a message (and the tool exits 3) rather than run.
+fit in ``MemAvailable`` is refused with a message (and the tool exits 3) rather than run. A case
+that raises (e.g. an mmcv op without a bf16 CPU kernel) is reported as ``failed: ...`` in its rows
+and the tool goes on with the other cases (exit status 3).
 
 Outputs: a markdown table to stdout, and with ``--out-dir``: ``benchmark_detectors.md``,
 ``.csv`` and ``.png`` (time and memory bars on a linear axis, each bar labelled with its ratio to
@@ -572,8 +574,13 @@ def run_pair(args, name, pair, peaks_by_threads, log):
                 if refused:
                     rows += [dict(base, impl=label, status=refused) for label in labels]
                     continue
-                rows += run_case(args, models, cfgs, states, labels, mode, dtype, data, peaks,
-                                 base, measure_memory, pair.compare_encoder, log)
+                try:
+                    rows += run_case(args, models, cfgs, states, labels, mode, dtype, data,
+                                     peaks, base, measure_memory, pair.compare_encoder, log)
+                except Exception as exc:  # one case failing must not lose the others' rows
+                    failed = f'failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}'
+                    log(f'   {mode} {dtype} {threads}T: {failed}')
+                    rows += [dict(base, impl=label, status=failed) for label in labels]
     del models
     gc.collect()
     return rows
