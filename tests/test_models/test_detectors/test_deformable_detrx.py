@@ -50,6 +50,9 @@ def _build_pair(case):
     ours_cfg, mmdet_cfg = CASES[case]
     torch.manual_seed(0)  # the weights upstream's init draws
     ours = MODELS.build(_small_model_cfg(osp.join(REPO_CONFIGS, ours_cfg)))
+    # mmdet allocates level_embed with torch.Tensor(...) and fills it only in init_weights:
+    # without this call it holds whatever memory it got (NaN now and then, by test order).
+    ours.init_weights()
     ref = MODELS.build(_small_model_cfg(osp.join(MMDET_CONFIGS, mmdet_cfg)))
     # Every parameter random (mmcv zero-initialises the sampling offsets and attention
     # weights, which would leave the sampling positions untested); no dropout.

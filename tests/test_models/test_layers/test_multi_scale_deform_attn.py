@@ -110,6 +110,17 @@ def test_sampling_points_are_normalised_pixel_offsets():
     torch.testing.assert_close(pixels, offsets, atol=1e-5, rtol=1e-5)
 
 
+def test_reference_points_broadcast_over_levels_like_mmcv():
+    # mmcv adds reference_points[:, :, None, :, None] by broadcasting, so (B, Q, 1, 2) works there.
+    ours, _ = _pair()
+    query = torch.randn(BATCH, NUM_QUERIES, EMBED_DIMS)
+    one_level = torch.rand(BATCH, NUM_QUERIES, 1, 2)
+    locations, _ = ours.sampling_points(query, one_level, SPATIAL_SHAPES)
+    expected, _ = ours.sampling_points(query, one_level.expand(-1, -1, NUM_LEVELS, -1),
+                                       SPATIAL_SHAPES)
+    torch.testing.assert_close(locations, expected, atol=0, rtol=0)
+
+
 def test_gradients_match_mmcv():
     ours, ref = _pair()
     inputs = _inputs(4, with_mask=True)
