@@ -72,9 +72,16 @@ def distributed_teardown() -> Iterator[None]:
     ("terminate called without an active exception", SIGABRT) while gloo's worker threads still
     hold tensors; torchrun then reports the whole run as failed although training finished.
     mmengine never destroys the group, so the tools do it while Python is still fully alive.
+    After a normal end the ranks first meet in a barrier: a rank that tore its group down while
+    a peer was still finishing its last collective closed the peer's connections under it, which
+    aborted the peer the same way (seen once in a 2-process CPU test run).
     """
+    completed = False
     try:
         yield
+        completed = True
     finally:
         if dist.is_available() and dist.is_initialized():
+            if completed:
+                dist.barrier()
             dist.destroy_process_group()
