@@ -1,8 +1,14 @@
 """A seconds-long mmengine Runner config (toy model and data) for checkpoint tests."""
+import itertools
+import os.path as osp
+
 import torch
 from mmengine.model import BaseModel
 from mmengine.registry import DATASETS, MODELS
 from torch.utils.data import Dataset
+
+
+_RUNNER_IDS = itertools.count()
 
 
 @MODELS.register_module(force=True)
@@ -36,6 +42,10 @@ class DetrxToyDataset(Dataset):
 
 
 def toy_runner_cfg(work_dir, max_iters, **kwargs):
+    # mmengine names a runner's MessageHub/logger/visualizer singletons after its experiment,
+    # by default the start time in seconds: two runners started within one second share one
+    # MessageHub, and the second sees the first's loss history. A unique name per runner.
+    kwargs.setdefault('experiment_name', f'toy_{next(_RUNNER_IDS)}_{osp.basename(work_dir)}')
     return dict(
         model=dict(type='DetrxToyModel'),
         work_dir=str(work_dir),
