@@ -300,8 +300,8 @@ def build_pair(pair: Pair, with_nchw=False):
     from mmdet.registry import MODELS
     stock_cfg = load_cfg(mmdet_config_path(pair.stock), pair.stock_backbone)
     ours_cfg = load_cfg(osp.join(ROOT, pair.ours))
-    nchw_cfg = copy.deepcopy(ours_cfg)  # before the build: mmdet's detectors edit their cfg
-    nchw_cfg.model.conv_memory_format = 'contiguous'
+    # Copied before the build: mmdet's detectors edit their cfg in place.
+    nchw_cfg = copy.deepcopy(ours_cfg) if with_nchw else None
     torch.manual_seed(0)
     stock = MODELS.build(stock_cfg.model)
     stock.init_weights()
@@ -324,7 +324,8 @@ def build_pair(pair: Pair, with_nchw=False):
         report = (f'shared keys; {len(new_keys)} BoT tensors own init, {len(dropped_keys)} '
                   'R50 conv2 dropped')
     cfgs, models, labels = [stock_cfg, ours_cfg], [stock, ours], [pair.stock_label, pair.ours_label]
-    if with_nchw and hasattr(ours, 'conv_memory_format'):
+    if nchw_cfg is not None and hasattr(ours, 'conv_memory_format'):
+        nchw_cfg.model.conv_memory_format = 'contiguous'
         nchw = MODELS.build(nchw_cfg.model)
         nchw.load_state_dict(ours.state_dict(), strict=True)
         cfgs.append(nchw_cfg)
