@@ -9,6 +9,12 @@
 // check_ms_deform_attn_inputs once per tensor (validate_index_values caches the result by
 // identity and version counter) and re-checked on the device by every block (stage_levels), so
 // a call on already-validated tensors only enqueues work and can be captured in a CUDA graph.
+//
+// Determinism: the backward scatters grad_value with atomicAdd, so its summation order (and the
+// last bits of grad_value) varies from run to run. Like ATen's scatter-add kernels it raises
+// PyTorch's non-determinism alert under torch.use_deterministic_algorithms(True) (a warning with
+// warn_only=True). The forward and the CPU kernels are deterministic.
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -139,6 +145,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
                               attention_weights, im2col_step,
                               /*host_sync_allowed=*/!stream_is_capturing(stream));
   check_ms_deform_attn_grad_output(value, sampling_locations, grad_output);
+  // Raises (or warns, with warn_only=True) under torch.use_deterministic_algorithms(True): the
+  // atomicAdd scatter into grad_value sums in a run-dependent order.
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
 
   const msda_cuda::MSDAShape shape = make_shape(value, sampling_locations);
   // fp32 (fp64 for double coordinates) buffer for the atomic scatter into grad_value; it is

@@ -214,6 +214,23 @@ def test_backward_is_deterministic(device, batch, heads):
             assert all(torch.equal(a, b) for a, b in zip(first, result))
 
 
+def test_cpu_backward_runs_in_deterministic_mode():
+    """The CPU backward has no atomics (bitwise reproducible, see above): unlike the CUDA one it
+    raises no non-determinism alert under torch.use_deterministic_algorithms(True)."""
+    inputs = make_inputs(dtype=torch.float32)
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            _, first = run_both(*inputs)[0]
+            _, second = run_both(*inputs)[0]
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 @pytest.mark.parametrize('device', DEVICES)
 def test_double_backward_raises(device):
     value, shapes, starts, locations, weights = make_inputs(device=device, requires_grad=True)

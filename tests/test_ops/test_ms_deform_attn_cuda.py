@@ -3,6 +3,8 @@
 Skipped without a GPU, or when mmdet_detrx._C was built without its CUDA kernels
 (``FORCE_CUDA=1 pip install -e .`` builds them, see docs/cuda.md).
 """
+import warnings
+
 import pytest
 import torch
 
@@ -407,3 +409,37 @@ def test_index_tensors_changed_behind_the_check_trap_instead_of_reading_out_of_b
                           stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode != 0
     assert 'changed after validation' in proc.stdout
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """Restores torch's deterministic-algorithms setting after the test."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def test_deterministic_mode_alerts_in_the_backward(deterministic_algorithms):
+    """The backward scatters grad_value with atomicAdd (run-dependent summation order): under
+    torch.use_deterministic_algorithms(True) it raises PyTorch's standard alert naming the op,
+    a warning with warn_only=True; the forward is deterministic and runs."""
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        dtype=torch.float32, requires_grad=True)
+    torch.use_deterministic_algorithms(True)
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    with pytest.raises(RuntimeError, match='ms_deform_attn_backward_cuda does not have a '
+                       'deterministic implementation'):
+        out.sum().backward()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    with pytest.warns(UserWarning, match='ms_deform_attn_backward_cuda does not have a '
+                      'deterministic implementation'):
+        out.sum().backward()
+    assert value.grad is not None
+    torch.use_deterministic_algorithms(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        ms_deform_attn(value, spatial_shapes, level_start_index, locations,
+                       weights).sum().backward()
+
