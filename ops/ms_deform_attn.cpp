@@ -26,41 +26,51 @@ bool is_supported_dtype_pair(at::ScalarType value, at::ScalarType coordinate) {
 
 namespace {
 
-// Raises the error that msda::check_levels found, naming the argument at fault.
-void raise_level_problem(const msda::LevelCheck& check, const int64_t* shape_data,
-                         const int64_t* start_data, int64_t num_value) {
+// Raises the error that msda::check_levels found in `table`, naming the argument at fault.
+void raise_level_problem(const msda::LevelCheck& check, const LevelTable& table,
+                         int64_t num_value) {
   const int64_t level = check.level;
   switch (check.problem) {
     case msda::LevelProblem::kNone:
       return;
     case msda::LevelProblem::kNonPositiveSize:
       TORCH_CHECK(false, "ms_deform_attn: spatial_shapes must be positive, got (",
-                  shape_data[2 * level], ", ", shape_data[2 * level + 1], ") at level ", level);
+                  table.height(level), ", ", table.width(level), ") at level ", level);
     case msda::LevelProblem::kTooManyTokens:
       TORCH_CHECK(false, "ms_deform_attn: sum of H * W over spatial_shapes exceeds value.size(1) "
-                  "(S=", num_value, "): level ", level, " is (", shape_data[2 * level], ", ",
-                  shape_data[2 * level + 1], ") with ", num_value - check.count,
+                  "(S=", num_value, "): level ", level, " is (", table.height(level), ", ",
+                  table.width(level), ") with ", num_value - check.count,
                   " tokens left after the levels before it");
     case msda::LevelProblem::kTokenCountShort:
       TORCH_CHECK(false, "ms_deform_attn: sum of H * W over spatial_shapes (", check.count,
                   ") must equal value.size(1) (S=", num_value, ")");
     case msda::LevelProblem::kWrongStart:
       TORCH_CHECK(false, "ms_deform_attn: level_start_index[", level, "] must be ", check.count,
-                  " (exclusive cumsum of H * W), got ", start_data[level]);
+                  " (exclusive cumsum of H * W), got ", table.start(level));
   }
   TORCH_CHECK(false, "ms_deform_attn: invalid level table");
 }
 
-// Reads and validates the index values (the tensors are copied to the host if needed).
-void read_and_check_index_values(const at::Tensor& spatial_shapes,
-                                 const at::Tensor& level_start_index, int64_t num_value) {
-  const at::Tensor shapes = spatial_shapes.to(at::kCPU).contiguous();
-  const at::Tensor starts = level_start_index.to(at::kCPU).contiguous();
-  const int64_t* shape_data = shapes.const_data_ptr<int64_t>();
-  const int64_t* start_data = starts.const_data_ptr<int64_t>();
-  raise_level_problem(msda::check_levels(msda::IndexTensorLevels{shape_data, start_data},
-                                          shapes.size(0), num_value),
-                      shape_data, start_data, num_value);
+// One read of the index tensors (copied to the host first if they live on a device): every
+// value is loaded exactly once, into memory nobody else writes.
+LevelTable snapshot_levels(const at::Tensor& spatial_shapes,
+                           const at::Tensor& level_start_index) {
+  const at::Tensor shapes = spatial_shapes.to(at::kCPU);
+  const at::Tensor starts = level_start_index.to(at::kCPU);
+  const auto shape_rows = shapes.accessor<int64_t, 2>();
+  const auto start_values = starts.accessor<int64_t, 1>();
+  LevelTable table;
+  table.levels.resize(shapes.size(0));
+  for (int64_t level = 0; level < table.size(); ++level) {
+    table.levels[level] = {shape_rows[level][0], shape_rows[level][1], start_values[level]};
+  }
+  return table;
+}
+
+// Validates a snapshot of the level table for num_value tokens, raising an error that names the
+// argument at fault.
+void check_level_table(const LevelTable& table, int64_t num_value) {
+  raise_level_problem(msda::check_levels(table, table.size(), num_value), table, num_value);
 }
 
 // What identifies one state of a tensor: the tensor itself (held weakly, so its TensorImpl's
@@ -155,12 +165,12 @@ bool validate_index_values(const at::Tensor& spatial_shapes, const at::Tensor& l
               spatial_shapes.device(), " must be validated before CUDA graph capture (the "
               "check copies them to the host once per tensor): run the op once with these "
               "tensors before capturing");
-  read_and_check_index_values(spatial_shapes, level_start_index, num_value);
+  check_level_table(snapshot_levels(spatial_shapes, level_start_index), num_value);
   if (cacheable) cache.insert(spatial_shapes, level_start_index, num_value);
   return false;
 }
 
-void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+LevelTable check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                  const at::Tensor& level_start_index,
                                  const at::Tensor& sampling_locations,
                                  const at::Tensor& attention_weights, int64_t im2col_step,
@@ -235,10 +245,12 @@ void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spat
 
   // Values of the small index tensors: they keep every gathered index inside value.
   if (device.is_cpu()) {
-    read_and_check_index_values(spatial_shapes, level_start_index, S);
-  } else {
-    validate_index_values(spatial_shapes, level_start_index, S, host_sync_allowed);
+    LevelTable table = snapshot_levels(spatial_shapes, level_start_index);
+    check_level_table(table, S);
+    return table;  // the kernels run on this validated copy
   }
+  validate_index_values(spatial_shapes, level_start_index, S, host_sync_allowed);
+  return {};
 }
 
 void check_ms_deform_attn_grad_output(const at::Tensor& value,

@@ -23,6 +23,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
+#include <vector>
+
 namespace detrx {
 
 // The supported (value dtype, coordinate dtype) pairs, as X(value, coordinate) with c10
@@ -65,17 +68,35 @@ void dispatch_dtype_pair(at::ScalarType value, at::ScalarType coordinate, const 
               "attention_weights ", coordinate);
 }
 
+// A host copy of the level table (spatial_shapes / level_start_index), taken once per call. The
+// input check validates this copy and the CPU kernels run on it, never on the tensors again: a
+// thread writing to the index tensors meanwhile can change the result but cannot make a kernel
+// read outside value. Also the `Levels` type of msda::check_levels.
+struct LevelTable {
+  struct Level {
+    int64_t H, W, start;
+  };
+  std::vector<Level> levels;
+
+  int64_t size() const { return static_cast<int64_t>(levels.size()); }
+  int64_t height(int64_t level) const { return levels[level].H; }
+  int64_t width(int64_t level) const { return levels[level].W; }
+  int64_t start(int64_t level) const { return levels[level].start; }
+};
+
 // Checks everything a kernel relies on before it touches memory: ranks, consistent sizes, one
 // device for all tensors, the dtype policy above, int64 index tensors, im2col_step > 0, and the
 // values of the index tensors (msda::check_levels: positive H_l, W_l, sum_l H_l * W_l == S, and
 // level_start_index == exclusive cumsum, in overflow-free arithmetic). Raises c10::Error
 // (RuntimeError in Python) naming the offending argument.
 //
-// Index tensors on the CPU are read in place on every call. Index tensors on another device are
-// validated by validate_index_values (a host copy the first time a tensor is seen, then a cache
-// hit): `host_sync_allowed` = false (the caller is being captured into a CUDA graph) turns a
-// cache miss into an error instead of a copy.
-void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+// Index tensors on the CPU are copied once (a few dozen bytes) into the returned LevelTable,
+// which is what gets validated: the CPU kernels must run on it. Index tensors on another device
+// are validated by validate_index_values (a host copy the first time a tensor is seen, then a
+// cache hit) and an empty table is returned (the CUDA kernels stage the table per block and
+// re-check it on the device); `host_sync_allowed` = false (the caller is being captured into a
+// CUDA graph) turns a cache miss into an error instead of a copy.
+LevelTable check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                  const at::Tensor& level_start_index,
                                  const at::Tensor& sampling_locations,
                                  const at::Tensor& attention_weights, int64_t im2col_step,

@@ -35,22 +35,7 @@ namespace {
 
 using msda::BilinearCorners;
 
-struct Level {
-  int64_t H, W, start;
-};
-
-std::vector<Level> read_levels(const at::Tensor& spatial_shapes,
-                               const at::Tensor& level_start_index) {
-  const at::Tensor shapes = spatial_shapes.contiguous();
-  const at::Tensor starts = level_start_index.contiguous();
-  const int64_t* shape_data = shapes.const_data_ptr<int64_t>();
-  const int64_t* start_data = starts.const_data_ptr<int64_t>();
-  std::vector<Level> levels(shapes.size(0));
-  for (size_t level = 0; level < levels.size(); ++level) {
-    levels[level] = {shape_data[2 * level], shape_data[2 * level + 1], start_data[level]};
-  }
-  return levels;
-}
+using Level = LevelTable::Level;
 
 // Element type the kernels read value in. c10::Half -> float has no fast scalar conversion
 // without F16C, and every value row is read many times (once per sampling point hitting it), so
@@ -353,8 +338,10 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights, int64_t im2col_step) {
-  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights, im2col_step);
+  // The index tensors are read once, here: the kernel runs on the validated copy.
+  const LevelTable table =
+      check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                                  attention_weights, im2col_step);
   const int64_t B = value.size(0), S = value.size(1), heads = value.size(2), C = value.size(3);
   const int64_t Q = sampling_locations.size(1), P = sampling_locations.size(4);
   at::Tensor output = at::empty({B, Q, heads * C}, value.options());
@@ -363,13 +350,13 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   const at::Tensor value_c = widen_value(value).contiguous();
   const at::Tensor locations_c = sampling_locations.contiguous();
   const at::Tensor weights_c = attention_weights.contiguous();
-  const std::vector<Level> levels = read_levels(spatial_shapes, level_start_index);
   dispatch_dtype_pair(
       value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_forward_cpu",
       [&](auto types) {
         using scalar_t = typename decltype(types)::value_t;
         using coord_t = typename decltype(types)::coordinate_t;
-        forward_kernel<scalar_t, coord_t>(value_c.const_data_ptr<value_t<scalar_t>>(), levels,
+        forward_kernel<scalar_t, coord_t>(value_c.const_data_ptr<value_t<scalar_t>>(),
+                                          table.levels,
                                           locations_c.const_data_ptr<coord_t>(),
                                           weights_c.const_data_ptr<coord_t>(),
                                           output.mutable_data_ptr<scalar_t>(), B, S, heads, C, Q,
@@ -382,8 +369,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights, const at::Tensor& grad_output, int64_t im2col_step) {
-  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights, im2col_step);
+  const LevelTable table =
+      check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                                  attention_weights, im2col_step);
   check_ms_deform_attn_grad_output(value, sampling_locations, grad_output);
   const int64_t B = value.size(0), S = value.size(1), heads = value.size(2), C = value.size(3);
   const int64_t Q = sampling_locations.size(1), P = sampling_locations.size(4);
@@ -406,14 +394,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor locations_c = sampling_locations.contiguous();
     const at::Tensor weights_c = attention_weights.contiguous();
     const at::Tensor grad_output_c = grad_output.contiguous();
-    const std::vector<Level> levels = read_levels(spatial_shapes, level_start_index);
     dispatch_dtype_pair(
         value.scalar_type(), sampling_locations.scalar_type(), "ms_deform_attn_backward_cpu",
         [&](auto types) {
           using scalar_t = typename decltype(types)::value_t;
           using coord_t = typename decltype(types)::coordinate_t;
           backward_kernel<scalar_t, coord_t>(
-              value_c.const_data_ptr<value_t<scalar_t>>(), levels,
+              value_c.const_data_ptr<value_t<scalar_t>>(), table.levels,
               locations_c.const_data_ptr<coord_t>(), weights_c.const_data_ptr<coord_t>(),
               grad_output_c.const_data_ptr<scalar_t>(),
               grad_value.mutable_data_ptr<at::opmath_type<coord_t>>(),
