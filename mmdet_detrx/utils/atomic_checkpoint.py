@@ -11,8 +11,9 @@ at, and ``--resume`` then fails although ``iter_{N-1}.pth`` is intact.
   does so by default (:func:`use_atomic_checkpoints`).
 * :func:`find_resumable_checkpoint` is ``--resume``'s auto mode in our tools: the checkpoint
   named by ``last_checkpoint`` if intact, else the newest intact ``iter_*/epoch_*.pth``, with a
-  warning for each one skipped; a stored absolute path that no longer exists (a copied or moved
-  work dir) is looked up in the work dir by its file name.
+  warning for each one skipped (intact: complete, loadable by the safe loader, and a training
+  checkpoint, :func:`checkpoint_problem`); a stored absolute path that no longer exists (a
+  copied or moved work dir) is looked up in the work dir by its file name.
 """
 import glob
 import logging
@@ -91,12 +92,33 @@ def use_atomic_checkpoints(cfg) -> None:
     hook['backend_args'] = dict(backend='atomic_local')
 
 
+def _not_resumable(checkpoint) -> Optional[str]:
+    """Why a loaded object is not a checkpoint ``Runner.resume`` can use, or None."""
+    if not isinstance(checkpoint, dict):
+        return f'not a training checkpoint: it holds a {type(checkpoint).__name__}, not a dict'
+    missing = [key for key in ('meta', 'state_dict', 'message_hub') if key not in checkpoint]
+    if missing:
+        return f'not a training checkpoint: no {", ".join(missing)}'
+    meta = checkpoint['meta']
+    if not isinstance(meta, dict) or not all(
+            isinstance(meta.get(key), int) and not isinstance(meta.get(key), bool)
+            for key in ('epoch', 'iter')):
+        return "not a training checkpoint: meta has no int 'epoch' and 'iter'"
+    if not isinstance(checkpoint['state_dict'], dict):
+        return 'not a training checkpoint: state_dict is not a dict'
+    return None
+
+
 def checkpoint_problem(path: str) -> Optional[str]:
-    """Why ``path`` cannot be resumed from (missing, truncated, corrupt), or None if intact.
+    """Why ``path`` cannot be resumed from (missing, truncated, corrupt, not a training
+    checkpoint), or None if it can.
 
     torch's zip format stores a CRC-32 per record and the directory at the end, so a truncated
-    or damaged file fails ``testzip`` without unpickling anything; legacy (non-zip) files are
-    loaded with the safe loader.
+    or damaged file fails ``testzip``. The file is then loaded with the safe loader (zip files
+    memory-mapped, so tensor data is not read) and must be what ``Runner.resume`` reads: a dict
+    with ``meta`` (int ``epoch`` and ``iter``), ``state_dict`` and ``message_hub``. A file the
+    safe loader refuses counts as intact: resuming from it stops with the loader's explanation
+    (and how to trust it) instead of silently resuming an older checkpoint.
     """
     if not osp.isfile(path):
         return 'file not found'
@@ -110,13 +132,14 @@ def checkpoint_problem(path: str) -> Optional[str]:
         if zip_magic:
             with zipfile.ZipFile(path) as archive:
                 bad = archive.testzip()
-            return f'corrupt record {bad}' if bad else None
-        load_checkpoint_file(path, map_location='cpu')
+            if bad:
+                return f'corrupt record {bad}'
+        checkpoint = load_checkpoint_file(path, map_location='cpu', mmap=zip_magic or None)
     except UnsafeCheckpointError:
         return None  # readable; loading it will refuse it with the full explanation
-    except Exception as error:  # zipfile.BadZipFile, EOFError, UnpicklingError, ...
+    except Exception as error:  # zipfile.BadZipFile, EOFError, CorruptCheckpointError, ...
         return f'{type(error).__name__}: {error}'
-    return None
+    return _not_resumable(checkpoint)
 
 
 def _stored_last_checkpoint(work_dir: str) -> Optional[str]:

@@ -128,5 +128,43 @@ def test_moved_work_dir_resolves_last_checkpoint_locally(work_dir, tmp_path):
 def test_nothing_resumable(tmp_path):
     (tmp_path / 'iter_1.pth').write_bytes(b'')
     assert find_resumable_checkpoint(str(tmp_path)) is None
+    # loadable, but not what Runner.resume reads (meta.epoch/iter, message_hub)
     torch.save({'state_dict': {}}, str(tmp_path / 'iter_2.pth'))
-    assert find_resumable_checkpoint(str(tmp_path)) == str(tmp_path / 'iter_2.pth')
+    assert 'not a training checkpoint' in checkpoint_problem(str(tmp_path / 'iter_2.pth'))
+    assert find_resumable_checkpoint(str(tmp_path)) is None
+    torch.save({'state_dict': {}, 'meta': {'epoch': 0, 'iter': 3}, 'message_hub': {}},
+               str(tmp_path / 'iter_3.pth'))
+    assert find_resumable_checkpoint(str(tmp_path)) == str(tmp_path / 'iter_3.pth')
+
+
+@pytest.mark.parametrize('target', ['text', 'tensor', 'weights_only'])
+def test_non_checkpoint_last_checkpoint_target_is_skipped(work_dir, tmp_path, target):
+    copy = _copy(work_dir, tmp_path / 'copy')
+    wrong = osp.join(copy, 'iter_9.pth')
+    if target == 'text':
+        open(wrong, 'w').write('not a checkpoint\n')
+    elif target == 'tensor':
+        torch.save(torch.ones(2), wrong)
+    else:  # a model's weights only: loads, but resume would fail on the missing meta
+        torch.save({'state_dict': {'w': torch.ones(1)}}, wrong)
+    with open(osp.join(copy, 'last_checkpoint'), 'w') as f:
+        f.write(wrong)
+    assert checkpoint_problem(wrong) is not None
+    assert find_resumable_checkpoint(copy) == osp.join(copy, 'iter_3.pth')
+
+
+def test_truncated_legacy_format_checkpoint_is_skipped(work_dir, tmp_path):
+    copy = _copy(work_dir, tmp_path / 'copy')
+    latest = osp.join(copy, 'iter_4.pth')
+    checkpoint = torch.load(osp.join(copy, 'iter_3.pth'), weights_only=False)
+    checkpoint['meta']['iter'] = 4
+    torch.save(checkpoint, latest, _use_new_zipfile_serialization=False)
+    with open(osp.join(copy, 'last_checkpoint'), 'w') as f:
+        f.write(latest)
+    assert checkpoint_problem(latest) is None  # the legacy format itself is fine
+    assert find_resumable_checkpoint(copy) == latest
+    for size in (osp.getsize(latest) // 2, 40):  # inside the tensor data, inside the pickle
+        with open(latest, 'r+b') as f:
+            f.truncate(size)
+        assert checkpoint_problem(latest) is not None
+        assert find_resumable_checkpoint(copy) == osp.join(copy, 'iter_3.pth')

@@ -1,7 +1,13 @@
-"""Checkpoint loading after ``import mmdet_detrx``: safe by default, mmengine's own files load."""
+"""Checkpoint loading after ``import mmdet_detrx``: safe by default, mmengine's own files load.
+
+Crafted files are written as raw protocol-2 pickles (:mod:`checkpoint_pickles`) in torch's
+legacy container, which ``torch.load`` reads with our restricted unpickler like the zip format.
+"""
+import argparse
 import fractions
 import os
 import os.path as osp
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +19,11 @@ from mmengine.runner.checkpoint import load_checkpoint
 import mmdet_detrx  # noqa: F401  (registers the safe loaders)
 from mmdet_detrx.utils import (TRUSTED_CHECKPOINTS_ENV, UnsafeCheckpointError,
                                mmengine_checkpoint_globals)
+from mmdet_detrx.utils.safe_checkpoint import (MAX_NESTING_DEPTH, CorruptCheckpointError,
+                                               inert_checkpoint_config, restricted_load)
 
+from checkpoint_pickles import (GLOBAL, HISTORY_BUFFER, PROTO, REDUCE, STOP, TUPLE1,
+                                history_buffer_pickle, integer, legacy_checkpoint, string)
 from toy_runner import toy_runner_cfg
 
 
@@ -28,13 +38,7 @@ class _RunsShellCommand:
 
 
 def _allowed_names():
-    names = set()
-    for item in mmengine_checkpoint_globals():
-        if isinstance(item, tuple):
-            names.add(item[1])
-        else:
-            names.add(f'{item.__module__}.{item.__qualname__}')
-    return names
+    return set(mmengine_checkpoint_globals())
 
 
 def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path, monkeypatch):
@@ -141,3 +145,136 @@ def test_url_checkpoints_load_safely(http_server, tmp_path, monkeypatch):
     with pytest.raises(UnsafeCheckpointError, match='system'):
         CheckpointLoader.load_checkpoint(f'{url}/evil.pth')
     assert not marker.exists()
+
+
+# --- issue 27: allow-listed types cannot run code, change state or exhaust the machine --------
+
+@pytest.fixture
+def untrusted(monkeypatch):
+    monkeypatch.delenv(TRUSTED_CHECKPOINTS_ENV, raising=False)
+
+
+def _refused(tmp_path, pickle_bytes, match, name='evil.pth'):
+    path = legacy_checkpoint(tmp_path / name, pickle_bytes)
+    start = time.perf_counter()
+    with pytest.raises(UnsafeCheckpointError, match=match) as info:
+        CheckpointLoader.load_checkpoint(path, map_location='cpu')
+    assert path in str(info.value) and time.perf_counter() - start < 5
+    return str(info.value)
+
+
+def test_history_buffer_state_cannot_change_class_statistics(tmp_path, untrusted):
+    before = dict(HistoryBuffer._statistics_methods)
+    # statistics_methods mapping 'mean' to min: the class table must not change, even though
+    # the file is refused only after the buffer (its __setstate__ used to run first)
+    swapped = history_buffer_pickle(statistics={'mean': 'min', 'min': 'min'})
+    _refused(tmp_path, swapped, 'statistics_methods')
+    assert HistoryBuffer._statistics_methods == before
+    assert HistoryBuffer([1.0, 3.0], [1, 1]).statistics('mean') == 2.0
+
+
+def test_history_buffer_extra_fields_cannot_shadow_methods(tmp_path, untrusted):
+    message = _refused(tmp_path, history_buffer_pickle(extra={'mean': integer(7)}), 'fields')
+    assert "'mean'" in message
+
+
+def test_history_buffer_loads_as_the_real_class_from_known_fields(tmp_path, untrusted):
+    path = legacy_checkpoint(tmp_path / 'ok.pth', history_buffer_pickle())
+    buffer = CheckpointLoader.load_checkpoint(path)
+    assert type(buffer) is HistoryBuffer and buffer.mean() == 2.0
+    assert set(vars(buffer)) == {'max_length', '_log_history', '_count_history'}
+
+
+def test_array_constructors_are_bounded(tmp_path, untrusted):
+    dtype = GLOBAL('numpy', 'dtype') + string('f8') + b'\x89\x88\x87' + REDUCE
+    # ndarray(shape, dtype, buffer, offset, strides): a zero-stride view of any size
+    zero_stride = (PROTO + GLOBAL('numpy', 'ndarray') + b'(' + integer(2**30) + TUPLE1 +
+                   dtype + b't\x81' + STOP)
+    _refused(tmp_path, zero_stride, 'numpy.ndarray')
+    # _reconstruct + BUILD whose shape needs more data than the file gives
+    big = (PROTO + GLOBAL('numpy._core.multiarray', '_reconstruct') + GLOBAL('numpy', 'ndarray') +
+           integer(0) + TUPLE1 + b'C\x01b\x87' + REDUCE + b'(' + integer(1) + integer(2**20) +
+           integer(2**20) + b'\x86' + dtype + b'\x89C\x08' + bytes(8) + b'tb' + STOP)
+    _refused(tmp_path, big, 'needs 8796093022208 bytes of data, the file gives 8')
+    # bytearray(n) and torch.Tensor(n) are on torch's own weights-only list
+    size = b'\x8a\x06' + (2**40).to_bytes(6, 'little')
+    _refused(tmp_path, PROTO + GLOBAL('builtins', 'bytearray') + size + TUPLE1 + REDUCE + STOP,
+             'bytearray')
+    _refused(tmp_path, PROTO + GLOBAL('torch', 'Tensor') + size + TUPLE1 + REDUCE + STOP,
+             'calling torch.Tensor')
+
+
+def test_tensor_views_and_storages_are_bounded(tmp_path, untrusted):
+    path = str(tmp_path / 'expanded.pth')
+    torch.save({'exp_avg': torch.ones(1).expand(2**21)}, path)  # 4 bytes on disk, 8 MB as data
+    with pytest.raises(UnsafeCheckpointError, match='zero strides'):
+        CheckpointLoader.load_checkpoint(path)
+    torch.save({'small': torch.ones(1).expand(8)}, path)  # small broadcasts stay fine
+    assert CheckpointLoader.load_checkpoint(path)['small'].tolist() == [1.0] * 8
+    # a storage declared larger than the file: refused before torch allocates it
+    storage = (PROTO + GLOBAL('torch._utils', '_rebuild_tensor_v2') + b'(' +
+               b'(' + string('storage') + GLOBAL('torch', 'FloatStorage') + string('0') +
+               string('cpu') + integer(2**30) + b'\x4etQ' + integer(0) + integer(2**30) + TUPLE1
+               + integer(1) + TUPLE1 + b'\x89' + GLOBAL('collections', 'OrderedDict') + b')R' +
+               b'tR' + STOP)
+    _refused(tmp_path, storage, 'declare more bytes')
+
+
+def test_nesting_sharing_and_cycles_are_bounded(tmp_path, untrusted):
+    # [x, x] sixty times over: 2**60 nodes for any code that walks it as a tree
+    exponential = PROTO + b']q\x00' + integer(1) + b'a'
+    for level in range(60):
+        exponential += b'(h' + bytes([level]) + b'h' + bytes([level]) + b'lq' + bytes([level + 1])
+    _refused(tmp_path, exponential + STOP, 'exponential sharing')
+    deep = PROTO + b']' * (MAX_NESTING_DEPTH + 5) + b'a' * (MAX_NESTING_DEPTH + 4) + STOP
+    _refused(tmp_path, deep, f'nesting deeper than {MAX_NESTING_DEPTH}')
+    _refused(tmp_path, PROTO + b']q\x00h\x00a' + STOP, 'reference cycle')
+
+
+def test_other_code_paths_are_refused(tmp_path, untrusted):
+    getattr_other = (PROTO + GLOBAL('builtins', 'getattr') + HISTORY_BUFFER + string('__init__') +
+                     b'\x86' + REDUCE + STOP)
+    _refused(tmp_path, getattr_other, 'getattr')
+    _refused(tmp_path, PROTO + b'}}b' + STOP, 'BUILD')  # setting state of a dict
+    _refused(tmp_path, b'(ios\nsystem\n' + string('true') + STOP, 'INST')
+
+
+def test_malformed_pickle_is_a_clear_error(tmp_path, untrusted):
+    path = legacy_checkpoint(tmp_path / 'bad.pth', PROTO + b']' + b'a' + STOP)  # APPEND, no item
+    with pytest.raises(CorruptCheckpointError, match='bad.pth'):
+        restricted_load(path)
+
+
+def test_original_detr_args_namespace_loads(tmp_path, untrusted):
+    ckpt = str(tmp_path / 'detr.pth')
+    torch.save({'model': {'w': torch.ones(1)}, 'args': argparse.Namespace(lr=1e-4, name='x')},
+               ckpt)
+    args = CheckpointLoader.load_checkpoint(ckpt)['args']
+    assert isinstance(args, argparse.Namespace) and vars(args) == {'lr': 1e-4, 'name': 'x'}
+
+
+# --- issue 27: config text inside a checkpoint is never executed on resume --------------------
+
+def test_inert_checkpoint_config_keeps_only_literal_gpu_ids():
+    checkpoint = {'meta': {'config': 'import os\ngpu_ids = [0, 1]\nx = os.getpid()'}}
+    inert_checkpoint_config(checkpoint)
+    assert checkpoint['meta']['config'] == 'gpu_ids = [0, 1]\n'
+    checkpoint = {'meta': {'config': 'gpu_ids = list(range(__import__("os").getpid()))'}}
+    inert_checkpoint_config(checkpoint)
+    assert 'config' not in checkpoint['meta']
+
+
+def test_resume_never_executes_the_checkpoint_config(tmp_path, untrusted):
+    runner = Runner.from_cfg(toy_runner_cfg(tmp_path / 'train', max_iters=2))
+    runner.train()
+    ckpt = osp.join(runner.work_dir, 'iter_2.pth')
+    checkpoint = torch.load(ckpt, weights_only=False)
+    marker = tmp_path / 'pwned'
+    # plain strings and dicts only: passes any weights-only check
+    # what mmengine's resume would run with Config.fromstring (it does, without the package)
+    checkpoint['meta']['config'] = f'gpu_ids = [0]\nx = __import__("os").system("touch {marker}")\n'
+    torch.save(checkpoint, ckpt)
+    resumed = Runner.from_cfg(
+        toy_runner_cfg(tmp_path / 'resumed', max_iters=3, load_from=ckpt, resume=True))
+    resumed.train()
+    assert resumed.iter == 3 and not marker.exists()
