@@ -10,6 +10,9 @@ from mmengine.config import Config
 
 # Datasets that create their own files on first use.
 _SELF_GENERATING = {'SyntheticShapesDataset'}
+# Datasets whose folder is checked against the config here (images, classes): the same check
+# as when the dataset is built, but before the runner writes its work dir.
+_COCO_FOLDER = {'CocoFolderDataset'}
 
 
 def _dataset_cfgs(dataset_cfg: dict):
@@ -26,8 +29,13 @@ def _dataset_cfgs(dataset_cfg: dict):
 def check_dataset_files(cfg: Config, loaders: Iterable[str]) -> None:
     """Fail early, saying where the data must be, if a dataloader's annotation file is missing.
 
-    Without this, a COCO config on a machine without COCO dies deep inside pycocotools.
+    Without this, a COCO config on a machine without COCO dies deep inside pycocotools. Also
+    checks, before a runner or work dir exists, that each dataset's classes and the heads'
+    ``num_classes`` agree (``NumClassesCheckHook``'s check, on the config) and that a
+    ``CocoFolderDataset`` folder fits its classes and has every image.
     """
+    from mmdet_detrx.engine.hooks.num_classes_check_hook import check_num_classes_cfg
+    check_num_classes_cfg(cfg, loaders)
     for loader in loaders:
         loader_cfg = cfg.get(loader)
         if not loader_cfg:
@@ -43,6 +51,22 @@ def check_dataset_files(cfg: Config, loaders: Iterable[str]) -> None:
                     f'{data_root or "the configured data_root"!r} (for COCO 2017: '
                     'annotations/instances_{train,val}2017.json, train2017/, val2017/), or '
                     f'point the config at it with --cfg-options {loader}.dataset.data_root=PATH')
+            if dataset_cfg.get('type') in _COCO_FOLDER:
+                _check_coco_folder_cfg(dataset_cfg, ann_file, loader)
+
+
+def _check_coco_folder_cfg(dataset_cfg: dict, ann_file: str, loader: str) -> None:
+    import json
+
+    from mmdet_detrx.datasets.coco_folder import check_coco_folder
+    if dataset_cfg.get('backend_args'):
+        return  # the dataset checks what it can when it is built
+    with open(ann_file) as f:
+        coco = json.load(f)
+    img_dir = osp.join(dataset_cfg.get('data_root') or '',
+                       (dataset_cfg.get('data_prefix') or {}).get('img', ''))
+    check_coco_folder(coco, ann_file, (dataset_cfg.get('metainfo') or {}).get('classes'),
+                      img_dir, loader=loader)
 
 
 def setup_cpu_distributed(cfg: Config, launcher: str) -> None:

@@ -6,7 +6,11 @@ _base_ = 'mmdet::_base_/default_runtime.py'
 train_cfg = dict(type='IterBasedTrainLoop')
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
-default_hooks = dict(checkpoint=dict(type='CheckpointHook', by_epoch=False, max_keep_ckpts=2))
+# num_classes_check: dataset classes and head num_classes must agree, checked before the first
+# iteration by any tool (mmdet's own included), naming both numbers and the keys to change.
+default_hooks = dict(
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, max_keep_ckpts=2),
+    num_classes_check=dict(type='NumClassesCheckHook'))
 log_processor = dict(by_epoch=False)
 # DETR's AdamW (weight decay 1e-4, gradients clipped at norm 0.1) at its lr for batch 8.
 optim_wrapper = dict(

@@ -15,14 +15,25 @@ BatchNorm counters (absent from pre-0.4.1 checkpoints); plus any key matching on
 ``--allow-partial-load`` is given; with mmdet's tools add it in the config::
 
     custom_hooks = [dict(type='CheckpointMatchHook')]
+
+Fine-tuning to another class set: when training from ``load_from`` (not resuming), a checkpoint
+that differs from the model exactly in the class-dependent parameters of its head
+(``mmdet_detrx.models.class_dependent``: ``fc_cls``, every ``cls_branches.N``, DINO's
+``dn_query_generator.label_embedding``), all in one other class count, is accepted: those keep
+the model's initialisation, everything else loads strictly, and one log line lists them. Any
+other mismatch, and a class change when testing or resuming, is still refused.
 """
 import re
 from collections import OrderedDict
-from typing import Sequence
+from typing import Optional, Sequence
 
 from mmdet.registry import HOOKS
 from mmengine.hooks import Hook
+from mmengine.logging import print_log
 from mmengine.model import BaseTTAModel, is_model_wrapper
+from mmengine.runner import BaseLoop
+
+from mmdet_detrx.models.class_dependent import find_class_change
 
 __all__ = ['CheckpointMatchHook', 'CheckpointMismatchError']
 
@@ -48,12 +59,17 @@ class CheckpointMatchHook(Hook):
             from, or unexpected in, the checkpoint. Default: none.
         revise_keys (Sequence[tuple]): ``(pattern, replacement)`` applied to checkpoint keys
             first, as mmengine's ``Runner.load_checkpoint`` does. Default ``[('^module.', '')]``.
+        allow_class_change (bool, optional): accept a checkpoint of another class count (see
+            the module docstring). ``None`` (default): when fine-tuning, i.e. the runner trains
+            from ``load_from`` without resuming; never when testing, validating or resuming.
     """
 
     priority = 'VERY_LOW'  # after hooks that rewrite the checkpoint in after_load_checkpoint
 
     def __init__(self, ignore_keys: Sequence[str] = (),
-                 revise_keys: Sequence[tuple] = ((r'^module.', ''), )):
+                 revise_keys: Sequence[tuple] = ((r'^module.', ''), ),
+                 allow_class_change: Optional[bool] = None):
+        self.allow_class_change = allow_class_change
         if isinstance(ignore_keys, str):
             ignore_keys = [ignore_keys]
         self.ignore_keys = [re.compile(pattern) for pattern in ignore_keys]
@@ -62,6 +78,14 @@ class CheckpointMatchHook(Hook):
     def _ignored(self, key: str) -> bool:
         return any(pattern.search(key) for pattern in self.ignore_keys)
 
+    def _fine_tuning(self, runner) -> bool:
+        """Whether a class change may be accepted: the runner is training (its train loop is
+        built, as ``Runner.train`` does before loading) and not resuming."""
+        if self.allow_class_change is not None:
+            return self.allow_class_change
+        return (isinstance(getattr(runner, '_train_loop', None), BaseLoop)
+                and not getattr(runner, '_resume', False))
+
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         state_dict = checkpoint.get('state_dict', checkpoint) if isinstance(
             checkpoint, dict) else checkpoint
@@ -69,11 +93,13 @@ class CheckpointMatchHook(Hook):
             raise CheckpointMismatchError(
                 f'the checkpoint holds a {type(state_dict).__name__}, not a state_dict')
         metadata = getattr(state_dict, '_metadata', None)
-        revised = OrderedDict()
-        for key, value in state_dict.items():
+        revised, original_keys = OrderedDict(), {}
+        for original_key, value in state_dict.items():
+            key = str(original_key)
             for pattern, replacement in self.revise_keys:
-                key = pattern.sub(replacement, str(key))
+                key = pattern.sub(replacement, key)
             revised[key] = value
+            original_keys[key] = original_key
         if metadata is not None:
             revised._metadata = metadata
         model = runner.model
@@ -100,6 +126,18 @@ class CheckpointMatchHook(Hook):
         missing = [key for key in result.missing_keys if key not in mismatched
                    and not self._ignored(key) and not key.endswith('num_batches_tracked')]
         unexpected = [key for key in result.unexpected_keys if not self._ignored(key)]
+        class_change = None
+        if mismatched and not (missing or unexpected):
+            model_state = model.state_dict()
+            class_change = find_class_change(
+                model, {key: revised[key].shape for key in mismatched}, model_state)
+            if class_change is not None and self._fine_tuning(runner):
+                # The model keeps its initialisation there; the checkpoint is given the same
+                # tensors, so mmengine's loader (next) loads them without size warnings.
+                for key in class_change.keys:
+                    state_dict[original_keys[key]] = model_state[key].detach().clone()
+                print_log(class_change.describe(), logger='current')
+                return
         mismatched = [f'{key} ({message})' for key, message in mismatched.items()
                       if not self._ignored(key)]
         if not (missing or unexpected or mismatched):
@@ -108,9 +146,18 @@ class CheckpointMatchHook(Hook):
             ('missing keys (in the model, not in the checkpoint)', missing),
             ('unexpected keys (in the checkpoint, not in the model)', unexpected),
             ('shape mismatches', mismatched)) if keys]
+        if class_change is not None:
+            raise CheckpointMismatchError(
+                f'the checkpoint has {class_change.checkpoint_classes} classes and the model '
+                f'{class_change.model_classes} (model.bbox_head.num_classes): '
+                + '; '.join(parts) + '. Only fine-tuning (training from load_from, not '
+                'resuming) re-initialises those parameters; to test or resume, use a '
+                'checkpoint trained for this class set, or set model.bbox_head.num_classes to '
+                f'{class_change.checkpoint_classes} and the dataset classes to match.')
         raise CheckpointMismatchError(
             f'the checkpoint does not match the model ({num_model_keys} keys in the model, '
             f'{len(revised)} in the checkpoint): ' + '; '.join(parts) + '. Evaluating or '
             'resuming from it would run partly random weights. If a partial load is intended '
-            '(e.g. fine-tuning with another head), pass --allow-partial-load to tools/train.py '
-            'or tools/test.py, or list the keys in CheckpointMatchHook(ignore_keys=[...]).')
+            '(e.g. fine-tuning with a head of another structure; another class count alone '
+            'needs no flag), pass --allow-partial-load to tools/train.py or tools/test.py, or '
+            'list the keys in CheckpointMatchHook(ignore_keys=[...]).')
