@@ -16,16 +16,16 @@ import pkgutil
 from ._convert import ConversionResult, convert, convert_source, render_config
 from ._registry import (IMAGENET_MEAN_255, IMAGENET_STD_255, ConversionError, Converted,
                         KeyPatternLayout, Layout, LayoutMatch, Source, apply_key_rules,
-                        detect_layout, get_layout, list_layouts, match_key_patterns,
-                        register_layout)
+                        check_source, detect_layout, get_layout, list_layouts,
+                        match_key_patterns, register_layout, register_source_check)
 from ._source import load_source, read_safetensors, write_safetensors
 
 __all__ = [
     'convert', 'convert_source', 'ConversionResult', 'ConversionError', 'Converted', 'Layout',
     'KeyPatternLayout', 'LayoutMatch', 'Source', 'apply_key_rules', 'detect_layout',
     'get_layout', 'list_layouts', 'load_source', 'match_key_patterns', 'register_layout',
-    'render_config', 'read_safetensors', 'write_safetensors', 'IMAGENET_MEAN_255',
-    'IMAGENET_STD_255'
+    'register_source_check', 'check_source', 'render_config', 'read_safetensors',
+    'write_safetensors', 'IMAGENET_MEAN_255', 'IMAGENET_STD_255'
 ]
 
 

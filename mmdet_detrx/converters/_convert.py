@@ -19,10 +19,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._registry import ConversionError, Converted, Layout, detect_layout, get_layout
+from ._registry import (ConversionError, Converted, Layout, check_source, detect_layout,
+                        get_layout)
 from ._source import load_source
 
-__all__ = ['convert', 'convert_source', 'ConversionResult', 'render_config', 'format_value']
+__all__ = ['convert', 'convert_source', 'ConversionResult', 'render_config', 'format_value',
+           'compact_to_coco80']
 
 
 @dataclass
@@ -190,21 +192,63 @@ def _checkpoint_bytes(state_dict, meta) -> bytes:
 
 
 # ------------------------------------------------------------------------------------ convert
+def compact_to_coco80(converted: Converted) -> None:
+    """Keep the 80 real COCO classes of a classifier indexed by COCO category id (91 outputs,
+    'N/A' in the gaps: facebook/detr-resnet-50, SenseTime/deformable-detr, the original
+    repositories), in mmdet's CocoDataset order, so CocoDataset / CocoMetric score it.
+
+    Sigmoid heads keep the source's scores exactly; DETR's softmax head renormalises over 81
+    instead of 92 logits (the dropped 'N/A' ones are never a target in training, so near -inf).
+    """
+    from ._original_common import COCO80_CLASSES, COCO91_IDS, compact_coco91
+    classes = list(converted.classes)
+    if len(classes) != 91:
+        raise ConversionError(f'coco80 needs 91 class outputs indexed by COCO category id; '
+                              f'this checkpoint has {len(classes)}')
+    renamed = [(classes[i], name) for i, name in zip(COCO91_IDS, COCO80_CLASSES)
+               if classes[i].lower() != name and not classes[i].startswith('class_')]
+    fc_cls = converted.state_dict.get('bbox_head.fc_cls.weight')
+    softmax = fc_cls is not None and fc_cls.shape[0] == 92
+    model = converted.model
+    dino = str(model.get('type', '')).startswith('DINO')
+    # Deformable DETR's two-stage head ranks proposals by its column 0: keep rows 0..79 there;
+    # DINO ranks by the max over classes, so its proposal head is compacted like the others.
+    proposal = (model.get('decoder', {}).get('num_layers')
+                if model.get('as_two_stage') and not dino else None)
+    converted.state_dict = compact_coco91(converted.state_dict, proposal_branch=proposal,
+                                          background_last=softmax)
+    converted.classes = list(COCO80_CLASSES)
+    if softmax:
+        how = ' (softmax renormalised over 81 logits instead of 92)'
+    elif dino:
+        how = (' (exact scores for the 80 classes; the proposal selection ignores the 11 N/A '
+               "columns: it differs only where an N/A logit was a token's max)")
+    else:
+        how = ' (exact)'
+    converted.notes.append(
+        'coco80: kept the 80 COCO category-id outputs in mmdet CocoDataset order' + how
+        + (f'; names taken from mmdet where the source differs: {renamed[:5]}'
+           if renamed else ''))
+
+
 def convert_source(src: str, out_dir: str, layout: Optional[str] = None,
-                   config: Optional[str] = None, name: Optional[str] = None
-                   ) -> ConversionResult:
+                   config: Optional[str] = None, name: Optional[str] = None,
+                   coco80: bool = False) -> ConversionResult:
     """:func:`convert` with the details: the layout used, the class names and the notes."""
     from mmdet_detrx.utils.atomic_checkpoint import atomic_write
 
     source = load_source(src)
+    check_source(source)
     chosen: Layout = get_layout(layout) if layout else detect_layout(source)
     if layout:
-        match = chosen.match(source)
+        match = getattr(chosen, 'match_when_named', chosen.match)(source)  # see Layout
         if not match.full:
             detail = (f'first unmatched keys: {", ".join(match.unmatched[:8])}'
                       if match.unmatched else match.reason)
             raise ConversionError(f'{src} is not in layout {layout!r}: {detail}')
     converted = chosen.convert(source)
+    if coco80:
+        compact_to_coco80(converted)
     classes = tuple(str(c) for c in converted.classes)
     stem = name or f'{chosen.name}_{_source_stem(src)}'
     config_name, checkpoint_name = f'{stem}.py', f'{stem}.pth'
@@ -265,14 +309,15 @@ def convert_source(src: str, out_dir: str, layout: Optional[str] = None,
 
 
 def convert(src: str, out_dir: str, layout: Optional[str] = None,
-            config: Optional[str] = None) -> Tuple[str, str]:
+            config: Optional[str] = None, coco80: bool = False) -> Tuple[str, str]:
     """Convert the checkpoint ``src`` (a file, or an HF ``save_pretrained``/hub-snapshot folder)
     into ``out_dir``: returns ``(config_path, checkpoint_path)``.
 
     ``layout`` names the source format (:func:`list_layouts`); detected when None. ``config``
     (optional) is a config of ours to base the written one on instead of the layout's default:
-    its ``num_classes`` must equal the checkpoint's. Raises :class:`ConversionError` with the
-    reason; nothing is left in ``out_dir`` then.
+    its ``num_classes`` must equal the checkpoint's. ``coco80`` keeps the 80 real classes of a
+    91-output COCO-category-id classifier (:func:`compact_to_coco80`). Raises
+    :class:`ConversionError` with the reason; nothing is left in ``out_dir`` then.
     """
-    result = convert_source(src, out_dir, layout=layout, config=config)
+    result = convert_source(src, out_dir, layout=layout, config=config, coco80=coco80)
     return result.config_path, result.checkpoint_path

@@ -32,7 +32,8 @@ import torch
 
 __all__ = [
     'ConversionError', 'Source', 'Converted', 'LayoutMatch', 'Layout', 'KeyPatternLayout',
-    'register_layout', 'get_layout', 'list_layouts', 'detect_layout', 'apply_key_rules',
+    'register_layout', 'register_source_check', 'get_layout', 'list_layouts', 'detect_layout',
+    'check_source', 'apply_key_rules',
     'match_key_patterns', 'IMAGENET_MEAN_255', 'IMAGENET_STD_255'
 ]
 
@@ -106,7 +107,12 @@ class LayoutMatch:
 
 
 class Layout:
-    """One source format. Subclass, set ``name``/``description``, implement both methods."""
+    """One source format. Subclass, set ``name``/``description``, implement both methods.
+
+    A layout may also define ``match_when_named(source)``: used instead of ``match`` when the
+    user names the layout (``layout=``/``--from``), for sources detection must not pick because
+    another layout has the same keys (DETR-R50 vs DETR-R50-DC5 weights).
+    """
     name: str = ''
     description: str = ''
 
@@ -179,6 +185,20 @@ def apply_key_rules(state_dict: Mapping[str, torch.Tensor], rules: Sequence[Rule
 
 
 _LAYOUTS: Dict[str, Layout] = {}
+_SOURCE_CHECKS: List[Callable[[Source], None]] = []
+
+
+def register_source_check(check: Callable[[Source], None]):
+    """Register ``check(source)``, run on every source before detection; it raises a
+    :class:`ConversionError` for a source it recognises as unsupported (e.g. an HF folder of an
+    architecture no layout handles), so the user hears the real reason, not 'no layout'."""
+    _SOURCE_CHECKS.append(check)
+    return check
+
+
+def check_source(source: Source) -> None:
+    for check in _SOURCE_CHECKS:
+        check(source)
 
 
 def register_layout(layout):

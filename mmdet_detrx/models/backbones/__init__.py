@@ -1,3 +1,4 @@
 from .botnet import *  # noqa: F401,F403
 from .tnt import *  # noqa: F401,F403
+from .torchvision_resnet import *  # noqa: F401,F403
 from .vit import *  # noqa: F401,F403
