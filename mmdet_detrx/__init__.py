@@ -21,7 +21,7 @@ if find_spec('mmdet') is not None:
     from . import datasets, distill, engine, evaluation, models  # noqa: F401  (registration)
     from .utils import patch_mmengine_checkpoint_loading
     patch_mmengine_checkpoint_loading()
-    from .config_path import register_with_mmengine  # `_base_ = 'mmdet_detrx::dir/cfg.py'`
+    from .config_scheme import register_with_mmengine  # `_base_ = 'mmdet_detrx::dir/cfg.py'`
     from .utils.complexity import register_flop_handles  # FLOPs of our ops in mmengine.analysis
     register_with_mmengine()
     register_flop_handles()

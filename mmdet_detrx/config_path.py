@@ -16,7 +16,8 @@ for package configs. Three ways to use one::
 ``python -m mmdet_detrx.config_path`` lists the shipped configs; with a name it prints the
 absolute path (for the shell, as above). mmengine 0.10 only accepts ``pkg::`` for the packages
 in its ``MODULE2PACKAGE`` table and reads that table while parsing, before ``custom_imports`` run;
-:func:`register_with_mmengine` (called by ``import mmdet_detrx``) adds this package to it. A
+``mmdet_detrx.config_scheme.register_with_mmengine`` (called by ``import mmdet_detrx``) adds
+this package to it. A
 tool that parses the config before importing anything (mmdet's ``tools/train.py``) therefore
 needs the file path (way 1) for its top-level config.
 """
@@ -25,6 +26,8 @@ import os.path as osp
 import sys
 from glob import glob
 from typing import List
+
+from .config_scheme import register_with_mmengine  # noqa: F401  (re-exported, it lived here)
 
 __all__ = ['CONFIG_ROOT', 'get_config_path', 'list_configs', 'register_with_mmengine']
 
@@ -57,19 +60,6 @@ def get_config_path(name: str) -> str:
             '; `python -m mmdet_detrx.config_path` lists them')
         raise FileNotFoundError(f'no shipped config {name!r}{hint}')
     return path
-
-
-def register_with_mmengine() -> None:
-    """Make mmengine accept ``_base_ = 'mmdet_detrx::dir/config.py'`` (as ``mmdet::``).
-
-    mmengine maps the scheme to a name it then locates with ``importlib.util.find_spec``
-    (``osp.dirname(spec.origin)`` + ``.mim/configs``) when no distribution of that name exists.
-    This module's name satisfies both: it is no distribution and its directory is the package's,
-    for a wheel, an editable install and ``PYTHONPATH`` alike (a distribution's recorded location
-    is wrong for editable installs).
-    """
-    from mmengine.config import utils as config_utils
-    config_utils.MODULE2PACKAGE.setdefault('mmdet_detrx', __name__)
 
 
 def main(argv=None) -> int:

@@ -20,12 +20,14 @@ import os
 import os.path as osp
 import shutil
 import tempfile
+import time
 from typing import Dict, List, Tuple
 
 import cv2
 import numpy as np
 from mmdet.datasets import CocoDataset
 from mmdet.registry import DATASETS
+from mmengine.logging import print_log
 from pycocotools import mask as mask_utils
 
 from ..utils.file_mode import current_umask
@@ -204,6 +206,11 @@ def generate_synthetic_shapes(data_root: str, **spec) -> dict:
                 f'cannot write the synthetic-shapes dataset into {parent!r}: {error}. Point '
                 'data_root at a writable folder (--cfg-options data_root=DIR, or '
                 'MMDET_DETRX_DATA_ROOT=DIR)') from None
+        num_images = spec['num_train'] + spec['num_val']
+        print_log(f'synthetic shapes: writing {num_images} images ({spec["num_train"]} train, '
+                  f'{spec["num_val"]} val) and their COCO annotations into {data_root} (first '
+                  'use; later runs reuse them)', logger='current')
+        started = time.perf_counter()
         try:
             open(osp.join(tmp, _TMP_MARKER), 'w').close()
             rng = np.random.default_rng(spec['seed'])
@@ -223,6 +230,8 @@ def generate_synthetic_shapes(data_root: str, **spec) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         os.remove(osp.join(data_root, _TMP_MARKER))
+        print_log(f'synthetic shapes: done, {data_root} written in '
+                  f'{time.perf_counter() - started:.1f} s', logger='current')
     finally:
         os.close(lock)  # also releases the lock
     return spec

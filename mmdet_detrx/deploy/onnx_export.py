@@ -41,6 +41,7 @@ from torch import nn
 
 from mmdet_detrx.models.layers import (AdaptiveClusteringAttention, BottleneckAttention,
                                        act_exact_mode)
+from mmdet_detrx.utils.file_mode import current_umask
 from .detection_export_wrapper import DetectionExportWrapper
 from .linspace_symbolic import fixed_linspace_symbolic
 from .msda_decomposition import (GRID_SAMPLE_MIN_OPSET, count_plugin_nodes,
@@ -230,6 +231,8 @@ def export_detector_onnx(model: nn.Module,
         model_proto.producer_name = 'mmdet_detrx.deploy'
         onnx.checker.check_model(model_proto)
         onnx.save(model_proto, tmp_final)
+        # mkstemp makes 0600; give the file the mode open() would have (0o666 & ~umask)
+        os.chmod(tmp_final, 0o666 & ~current_umask())
         os.replace(tmp_final, out_file)
     finally:
         for path in (tmp_export, tmp_final):

@@ -135,3 +135,17 @@ def test_data_root_that_cannot_be_created_is_a_clear_error(tmp_path):
     with pytest.raises(PermissionError, match='cannot create the synthetic-shapes data_root.*'
                        'a_file.*data_root=DIR'):
         generate_synthetic_shapes(str(blocker / 'sub' / 'shapes'), **SPEC)
+
+
+def test_generation_logs_where_it_writes_and_when_done(tmp_path):
+    """First use says where the dataset goes and when it is there; reuse says nothing."""
+    from mmengine.logging import MMLogger
+    lines = []
+    logger = MMLogger.get_instance('test_generation_logs', log_level='INFO')
+    logger.handlers[0].emit = lambda record: lines.append(record.getMessage())
+    root = str(tmp_path / 'shapes')
+    generate_synthetic_shapes(root, **SPEC)
+    assert [line.split(':')[0] for line in lines] == ['synthetic shapes'] * 2
+    assert f'into {root}' in lines[0] and lines[1].startswith(f'synthetic shapes: done, {root}')
+    generate_synthetic_shapes(root, **SPEC)
+    assert len(lines) == 2

@@ -229,3 +229,15 @@ def test_failed_export_leaves_no_file_and_keeps_an_existing_one(tmp_path, monkey
 def test_bad_arguments_are_named(tmp_path):
     assert 'msda must be one of' in _export_error(tmp_path, msda='cuda')
     assert 'opset must be an int in [11, 20]' in _export_error(tmp_path, opset=21)
+
+
+def test_onnx_file_honours_the_umask(tmp_path):
+    """The file gets the mode open() would give it (mkstemp alone made it 0600)."""
+    import stat
+    old = os.umask(0o022)
+    try:
+        out = str(tmp_path / 'detr.onnx')
+        export_detector_onnx(_model('detr'), out, (1, 3, HEIGHT, WIDTH), msda='grid_sample')
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644

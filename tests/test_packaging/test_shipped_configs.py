@@ -41,6 +41,8 @@ def test_config_path_cli(tmp_path, capsys):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == get_config_path(DEMO)
+    # the package's import does not import the module runpy then runs as __main__
+    assert 'RuntimeWarning' not in proc.stderr, proc.stderr
     assert config_path_main([]) == 0 and DEMO in capsys.readouterr().out.split()
     assert config_path_main(['demo/x.py']) == 1
     assert 'no shipped config' in capsys.readouterr().err
