@@ -58,9 +58,9 @@ def coco91_classes() -> List[str]:
 def class_names(num_classes: int, notes: List[str]) -> List[str]:
     """COCO's names for 91 (category-id layout) or 80 outputs, ``class_i`` otherwise."""
     if num_classes == 91:
-        notes.append('91 class outputs: COCO category ids (id 0 and 11 unused ids are "N/A"), '
-                     'kept as they are so outputs equal the source; compact_coco91 selects the '
-                     "80 real classes for mmdet's CocoDataset/CocoMetric")
+        notes.append('91 class outputs indexed by COCO category id (id 0 and the 11 unused ids '
+                     "are 'N/A'); --coco80 keeps the 80 real classes in mmdet's order "
+                     '(CocoDataset/CocoMetric)')
         return coco91_classes()
     if num_classes == 80:
         notes.append("80 class outputs: named as mmdet's COCO classes (detrex's order)")
