@@ -18,6 +18,8 @@ from importlib.util import find_spec
 from .version import __version__
 
 if find_spec('mmdet') is not None:
+    from .stacks import check_stack  # a mixed OpenMMLab/OneDL install fails here, by name
+    check_stack()
     from . import datasets, distill, engine, evaluation, models  # noqa: F401  (registration)
     from .utils import patch_mmengine_checkpoint_loading
     patch_mmengine_checkpoint_loading()

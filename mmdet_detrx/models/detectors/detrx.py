@@ -32,6 +32,7 @@ from mmengine.config import ConfigDict
 from mmengine.registry import MODELS as MMENGINE_MODELS
 
 from .channels_last import ChannelsLastMixin
+from .dino_ref_point_head import adapt_ref_point_head
 
 __all__ = ['RegistryAttentionMixin', 'DETRX', 'ConditionalDETRX', 'DeformableDETRX', 'DINOX',
            'check_attention_types']
@@ -138,7 +139,15 @@ class DeformableDETRX(RegistryAttentionMixin, ChannelsLastMixin, DeformableDETR)
 
 @MODELS.register_module()
 class DINOX(RegistryAttentionMixin, ChannelsLastMixin, DINO):
-    """mmdet's DINO whose attentions may be any registered type."""
+    """mmdet's DINO whose attentions may be any registered type.
+
+    On OneDL's mmdetection 3.5, whose DINO decoder encodes reference points more widely, it also
+    loads mmdet 3.3 checkpoints exactly (:mod:`.dino_ref_point_head`).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        adapt_ref_point_head(self.decoder)
 
 
 # mmdet's plain detector -> ours with registry-built attentions.
