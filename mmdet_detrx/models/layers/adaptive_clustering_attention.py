@@ -462,6 +462,8 @@ class AdaptiveClusteringAttention(MultiheadAttention):
             if index >= len(values):
                 raise ValueError(f'layer_index {index} is out of range for the {len(values)} '
                                  f'per-layer values of {name} {values}')
+        if 'bucket_width' in self.per_layer:
+            self.lsh._offsets_for(self.per_layer['bucket_width'][index])
         for name, values in self.per_layer.items():
             setattr(self, name, values[index])
         self.layer_index = index

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 __all__ = ['E2LSH', 'all_finite', 'encode_bucket_index']
 
 _EXACT_CODE_LIMIT = 2.0**62
+# Widths set_bucket_width accepts: u * r of float32 offsets (u >= 2**-24 when not 0) stays normal.
+_WIDTH_RANGE = (1e-30, 1e30)
 _FAST_INDEX_LIMIT = 2.0**22
 
 
@@ -95,10 +97,32 @@ class E2LSH(nn.Module):
         offsets = torch.rand(num_hashes, generator=torch.Generator().manual_seed(self.seed))
         return projections, offsets * self.bucket_width
 
-    def set_bucket_width(self, bucket_width: float) -> None:
-        """Change ``r``; the offsets keep their position inside the bucket (``b / r``)."""
+    def _offsets_for(self, bucket_width: float) -> Tensor:
+        """The offsets ``b = (b / r) * bucket_width`` in the buffer's dtype, or ValueError if
+        that dtype cannot hold them (the position in the bucket would be lost)."""
         _check_width('bucket_width', bucket_width)
-        self.offsets.mul_(float(bucket_width) / self.bucket_width)
+        width = float(bucket_width)
+        if not _WIDTH_RANGE[0] <= width <= _WIDTH_RANGE[1]:
+            raise ValueError(f'bucket_width {width!r} is outside [{_WIDTH_RANGE[0]:g}, '
+                             f'{_WIDTH_RANGE[1]:g}], the widths a hash module can be set to '
+                             '(its float offsets b = u * r must neither underflow nor overflow)')
+        unit = self.unit_offsets()  # float64, computed from the current state
+        offsets = (unit * width).to(self.offsets.dtype)
+        back = offsets.double() / width
+        if not all_finite(offsets) or not torch.allclose(back, unit, rtol=1e-3, atol=0):
+            raise ValueError(f'bucket_width {width!r} cannot be represented by this hash\'s '
+                             f'{self.offsets.dtype} offsets b = u * r (they would underflow or '
+                             'overflow); choose a width nearer 1')
+        return offsets
+
+    def set_bucket_width(self, bucket_width: float) -> None:
+        """Change ``r``; the offsets keep their position inside the bucket (``b / r``).
+
+        The width is checked (finite, > 0, within ``[1e-30, 1e30]`` and representable by the
+        offsets' dtype) before anything changes: a refused width leaves the hash as it was.
+        """
+        offsets = self._offsets_for(bucket_width)
+        self.offsets.copy_(offsets)
         self.bucket_width = float(bucket_width)
 
     def set_num_hashes(self, num_hashes: int) -> None:
