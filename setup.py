@@ -147,8 +147,9 @@ setup(
     python_requires='>=3.9',
     packages=find_packages(include=['mmdet_detrx', 'mmdet_detrx.*']),
     # mmengine resolves `mmdet_detrx::dir/config.py` to mmdet_detrx/.mim/configs/dir/config.py.
+    # ops/*.def: the op's dtype table, read by the Python side too (the C++ build includes it).
     package_data={'mmdet_detrx': ['.mim/model-index.yml', '.mim/configs/**/*.py',
-                                  '.mim/configs/**/*.md']},
+                                  '.mim/configs/**/*.md', 'ops/*.def']},
     install_requires=[torch_requirement, 'numpy'],
     extras_require={
         'mmdet': MMDET_STACK,

@@ -1,7 +1,8 @@
 // Multi-scale deformable attention (Deformable DETR, arXiv:2010.04159): shared declarations.
 //
-// The op schemas live in ops/ms_deform_attn.cpp (the single TORCH_LIBRARY(detrx, m) block); one
-// kernel file per device registers them with TORCH_LIBRARY_IMPL(detrx, <Device>, m):
+// The op's schemas live in ops/ms_deform_attn.cpp (TORCH_LIBRARY_FRAGMENT(detrx, m); the library
+// itself is declared once, in ops/detrx.cpp); one kernel file per device registers them with
+// TORCH_LIBRARY_IMPL(detrx, <Device>, m):
 //   detrx::ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations,
 //                                 attention_weights, im2col_step) -> output
 //   detrx::ms_deform_attn_backward(value, spatial_shapes, level_start_index, sampling_locations,
@@ -11,13 +12,15 @@
 // int64; sampling_locations (B, Q, heads, L, P, 2) normalised (x, y); attention_weights
 // (B, Q, heads, L, P); output and grad_output (B, Q, heads * C).
 //
-// Dtypes (the one policy of the native op; the Python wrapper only adds autocast's casts):
-// sampling_locations and attention_weights share one "coordinate" dtype, which is value's dtype
-// or a wider floating dtype: float32 or float64 for float16 / bfloat16 value (mixed precision:
-// low-precision values, full-precision locations), float64 for float32 value. Arithmetic runs in
-// the coordinate dtype's accumulation type (float32 for half / bfloat16 / float32, float64 for
-// float64). output and grad_output have value's
-// dtype; each gradient has its input's dtype.
+// Dtypes: the table mmdet_detrx/ops/ms_deform_attn_dtypes.def (read by the Python side too) lists
+// the supported (value, coordinate) pairs; sampling_locations and attention_weights share the
+// coordinate dtype, value's or a wider one. Arithmetic runs in at::opmath_type<coordinate>
+// (float32 for half / bfloat16 / float32, float64 for float64); output and grad_output have
+// value's dtype, each gradient its input's.
+//
+// Errors: the checks raise ValueError (shapes, devices, index values) or TypeError (dtypes) in
+// Python (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE), naming the argument; they are the only checks on
+// the native path (the Python wrapper does not repeat them).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -28,18 +31,9 @@
 
 namespace detrx {
 
-// The supported (value dtype, coordinate dtype) pairs, as X(value, coordinate) with c10
-// ScalarType names. The input check and the dtype dispatch of every device both expand it.
-#define DETRX_MSDA_FOR_EACH_DTYPE_PAIR(X) \
-  X(Double, Double)                       \
-  X(Float, Float)                         \
-  X(Float, Double)                        \
-  X(Half, Half)                           \
-  X(Half, Float)                          \
-  X(Half, Double)                         \
-  X(BFloat16, BFloat16)                   \
-  X(BFloat16, Float)                      \
-  X(BFloat16, Double)
+// X-macro over the dtype table: defines DETRX_MSDA_DTYPE_PAIR(V, C) as `X(V, C)` for each row.
+// The table lives beside the Python side that reads it too (one policy for C++ and Python).
+#define DETRX_MSDA_DTYPE_TABLE "../mmdet_detrx/ops/ms_deform_attn_dtypes.def"
 
 // Whether the op supports value of dtype `value` with sampling_locations / attention_weights of
 // dtype `coordinate`.
@@ -57,15 +51,15 @@ struct DtypePair {
 template <typename F>
 void dispatch_dtype_pair(at::ScalarType value, at::ScalarType coordinate, const char* name,
                          F&& f) {
-#define DETRX_MSDA_DISPATCH_CASE(V, C)                                                  \
+#define DETRX_MSDA_DTYPE_PAIR(V, C)                                                      \
   if (value == at::k##V && coordinate == at::k##C) {                                     \
     return f(DtypePair<c10::impl::ScalarTypeToCPPTypeT<at::k##V>,                         \
                        c10::impl::ScalarTypeToCPPTypeT<at::k##C>>{});                     \
   }
-  DETRX_MSDA_FOR_EACH_DTYPE_PAIR(DETRX_MSDA_DISPATCH_CASE)
-#undef DETRX_MSDA_DISPATCH_CASE
-  TORCH_CHECK(false, name, ": unsupported dtypes: value ", value, " with sampling_locations / ",
-              "attention_weights ", coordinate);
+#include DETRX_MSDA_DTYPE_TABLE
+#undef DETRX_MSDA_DTYPE_PAIR
+  TORCH_CHECK_TYPE(false, name, ": unsupported dtypes: value ", value,
+                   " with sampling_locations / attention_weights ", coordinate);
 }
 
 // A host copy of the level table (spatial_shapes / level_start_index), taken once per call. The
@@ -87,8 +81,8 @@ struct LevelTable {
 // Checks everything a kernel relies on before it touches memory: ranks, consistent sizes, one
 // device for all tensors, the dtype policy above, int64 index tensors, im2col_step > 0, and the
 // values of the index tensors (msda::check_levels: positive H_l, W_l, sum_l H_l * W_l == S, and
-// level_start_index == exclusive cumsum, in overflow-free arithmetic). Raises c10::Error
-// (RuntimeError in Python) naming the offending argument.
+// level_start_index == exclusive cumsum, in overflow-free arithmetic). Raises c10::ValueError /
+// c10::TypeError (ValueError / TypeError in Python) naming the offending argument.
 //
 // Index tensors on the CPU are copied once (a few dozen bytes) into the returned LevelTable,
 // which is what gets validated: the CPU kernels must run on it. Index tensors on another device
@@ -109,7 +103,7 @@ void check_ms_deform_attn_grad_output(const at::Tensor& value,
                                       const at::Tensor& grad_output);
 
 // Validates the values of spatial_shapes / level_start_index (int64, shapes (L, 2) / (L,), one
-// device) against num_value tokens, raising a c10::Error that names the argument. A tensor pair
+// device) against num_value tokens, raising a c10::ValueError that names the argument. A tensor pair
 // validated before is recognised without reading it again: the cache holds weak references to
 // both tensors with their version counters, data pointers, sizes and strides, so any in-place
 // change through autograd-visible ops, a resize or a freed-and-reused tensor is a miss. Writes

@@ -1,33 +1,26 @@
 """Expand TensorRT MSDA plugin nodes of an ONNX model into standard ONNX ops (GridSample).
 
 Each ``trt::MultiscaleDeformableAttnPlugin_TRT`` node (inputs and output as in
-:mod:`.msda_plugin`) becomes, per level ``l`` (``L`` levels: the export-time attribute the
-symbolic wrote, else the static dim 3 of ``attention_weights`` from ONNX shape inference; every
-other size is read from tensors at run time, so the graph stays valid for dynamic image
-sizes)::
-
-    H_l, W_l = spatial_shapes[l]                      # (int32 -> int64)
-    v_l  = value[:, start_l : start_l + H_l * W_l]    # (B, H_l*W_l, heads, C)
-    v_l  -> (B*heads, C, H_l, W_l)
-    g_l  = 2 * sampling_locations[:, :, :, l] - 1     # (B, Q, heads, P, 2) -> (B*heads, Q, P, 2)
-    s_l  = GridSample(v_l, g_l, bilinear, zeros, align_corners=0)   # (B*heads, C, Q, P)
-
-then ``sum over (l, p) of s * attention_weights`` -> (B, Q, heads, C): the semantics of
-``mmdet_detrx.ops.ms_deform_attn_pytorch`` (Deformable DETR, Eq. 3). GridSample needs opset 16
-(its bilinear mode is named ``linear`` from opset 20 on).
+:mod:`.msda_plugin`) becomes the op's ``'grid_sample'`` ONNX lowering,
+:func:`mmdet_detrx.ops.ms_deform_attn_onnx.grid_sample_decomposition` (the same graph the
+exporter writes for the op directly), for the number of levels of the node: the export-time
+attribute the lowering wrote, else the static dim 3 of ``attention_weights`` from ONNX shape
+inference. Every other size is read from tensors at run time, so the graph stays valid for
+dynamic image sizes. GridSample needs opset 16 (its bilinear mode is named ``linear`` from opset
+20 on).
 """
 import itertools
 from typing import List, Optional
 
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 import numpy as np
 
-from .msda_plugin import NUM_LEVELS_ATTR, PLUGIN_DOMAIN, PLUGIN_OP_TYPE, is_plugin_node
+from mmdet_detrx.ops.ms_deform_attn_onnx import (GRID_SAMPLE_MIN_OPSET, NUM_LEVELS_ATTR,
+                                                   grid_sample_decomposition)
+from .msda_plugin import PLUGIN_DOMAIN, PLUGIN_OP_TYPE, is_plugin_node
 
 __all__ = ['GRID_SAMPLE_MIN_OPSET', 'count_plugin_nodes', 'expand_msda_plugin_nodes']
-
-GRID_SAMPLE_MIN_OPSET = 16
 
 
 def count_plugin_nodes(model: onnx.ModelProto) -> int:
@@ -77,46 +70,10 @@ class _Builder:
 
 
 def _expand_one(node: onnx.NodeProto, num_levels: int, opset: int, prefix: str) -> _Builder:
-    value, shapes32, starts32, locations, weights = node.input
-    b = _Builder(prefix)
-    shapes = b.op('Cast', [shapes32], to=TensorProto.INT64)  # (L, 2)
-    starts = b.op('Cast', [starts32], to=TensorProto.INT64)  # (L,)
-    value_shape = b.op('Shape', [value])  # [B, S, heads, C]
-    batch = b.op('Slice', [value_shape, b.const([0]), b.const([1])])
-    heads_channels = b.op('Slice', [value_shape, b.const([2]), b.const([4])])  # [heads, C]
-    channels = b.op('Slice', [value_shape, b.const([3]), b.const([4])])
-    minus_one = b.const([-1])
-    grid_mode = 'bilinear' if opset < 20 else 'linear'
-
-    sampled = []
-    for level in range(num_levels):
-        row = b.op('Gather', [shapes, b.const(level)], axis=0)  # (2,) = [H_l, W_l]
-        size = b.op('ReduceProd', [row], keepdims=1)  # [H_l * W_l]
-        start = b.op('Gather', [starts, b.const([level])], axis=0)  # [start_l]
-        end = b.op('Add', [start, size])
-        value_l = b.op('Slice', [value, start, end, b.const([1])])  # (B, HW, heads, C)
-        value_l = b.op('Transpose', [value_l], perm=[0, 2, 3, 1])  # (B, heads, C, HW)
-        value_l = b.op('Reshape', [value_l, b.op('Concat', [minus_one, channels, row], axis=0)])
-        # value_l: (B*heads, C, H_l, W_l)
-        grid = b.op('Gather', [locations, b.const(level)], axis=3)  # (B, Q, heads, P, 2)
-        grid = b.op('Transpose', [grid], perm=[0, 2, 1, 3, 4])  # (B, heads, Q, P, 2)
-        grid_tail = b.op('Slice', [b.op('Shape', [grid]), b.const([2]), b.const([5])])
-        grid = b.op('Reshape', [grid, b.op('Concat', [minus_one, grid_tail], axis=0)])
-        grid = b.op('Sub', [b.op('Mul', [grid, b.const(2.0, np.float32)]),
-                            b.const(1.0, np.float32)])  # [0, 1] -> [-1, 1]
-        sampled.append(b.op('GridSample', [value_l, grid], mode=grid_mode,
-                            padding_mode='zeros', align_corners=0))  # (B*heads, C, Q, P)
-    sampled = b.op('Concat', sampled, axis=-1)  # (B*heads, C, Q, L*P), level-major
-
-    weights = b.op('Transpose', [weights], perm=[0, 2, 1, 3, 4])  # (B, heads, Q, L, P)
-    weights = b.op('Reshape', [weights, b.const([0, 0, 0, -1])])  # (B, heads, Q, L*P)
-    weights = b.op('Reshape', [weights, b.const([-1, 1, 0, 0])])  # (B*heads, 1, Q, L*P)
-    output = b.op('ReduceSum', [b.op('Mul', [sampled, weights]), b.const([-1])],
-                  keepdims=0)  # (B*heads, C, Q)
-    output = b.op('Reshape', [output, b.op('Concat', [batch, heads_channels, minus_one],
-                                           axis=0)])  # (B, heads, C, Q)
-    b.op('Transpose', [output], outputs=[node.output[0]], perm=[0, 3, 1, 2])  # (B, Q, heads, C)
-    return b
+    builder = _Builder(prefix)
+    grid_sample_decomposition(builder, *node.input, num_levels=num_levels, opset=opset,
+                              output_name=node.output[0])  # (B, Q, heads, C), as the plugin
+    return builder
 
 
 def expand_msda_plugin_nodes(model: onnx.ModelProto) -> int:

@@ -1,30 +1,21 @@
-"""Route a model's multi-scale deformable attentions through the plugin op during export.
+"""The multi-scale deformable attentions of a model, computed by our op for export.
 
-Inside ``msda_plugin_export(model)``, every ``MultiScaleDeformableAttention`` of ``model``
-computes its core with ``torch.ops.detrx_deploy.ms_deform_attn_plugin`` (:mod:`.msda_plugin`),
-which the ONNX exporter writes as one TensorRT plugin node. mmcv's modules are computed as our
-:class:`MSDeformAttn` for the duration (same parameters, same call; ours separates the sampling
-points from the core), and ``MSDeformAttn``'s core call is redirected.
+Export needs nothing from these modules beyond running the op: ``detrx::ms_deform_attn_forward``
+carries its own ONNX lowering (:mod:`mmdet_detrx.ops.ms_deform_attn_onnx`). mmcv's own
+``MultiScaleDeformableAttention`` does not call the op (on the CPU it runs its PyTorch code), so
+:func:`with_native_msda` returns a copy of such a model in which each of mmcv's modules is an
+:class:`MSDeformAttn` holding the very same parameters (ours adds no state to mmcv's class, only
+its forward differs); the caller's model is never modified.
 """
-import contextlib
-from typing import Iterator, List
+import copy
+from typing import List
 
-import torch
 from mmcv.ops import MultiScaleDeformableAttention
 from torch import nn
 
 from mmdet_detrx.models.layers import MSDeformAttn
-from mmdet_detrx.models.layers import multi_scale_deform_attn as _msda_layer
-from . import msda_plugin  # noqa: F401  (defines torch.ops.detrx_deploy.ms_deform_attn_plugin)
 
-__all__ = ['msda_modules', 'msda_plugin_export']
-
-
-def _plugin_core(value, spatial_shapes, level_start_index, sampling_locations,
-                 attention_weights, im2col_step=64):
-    # Same call as mmdet_detrx.ops.ms_deform_attn; im2col_step: validated there, no kernel uses it.
-    return torch.ops.detrx_deploy.ms_deform_attn_plugin(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+__all__ = ['msda_modules', 'with_native_msda']
 
 
 def msda_modules(model: nn.Module) -> List[nn.Module]:
@@ -32,23 +23,17 @@ def msda_modules(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
 
 
-@contextlib.contextmanager
-def msda_plugin_export(model: nn.Module) -> Iterator[int]:
-    """Route every multi-scale deformable attention of ``model`` through the plugin op.
-
-    Yields the number of such modules; everything is restored on exit, also after an
-    exception.
-    """
-    modules = msda_modules(model)
-    swapped = [m for m in modules if not isinstance(m, MSDeformAttn)]
-    previous_classes = [type(m) for m in swapped]
-    previous_core = _msda_layer.ms_deform_attn
-    try:
-        for module in swapped:
-            module.__class__ = MSDeformAttn
-        _msda_layer.ms_deform_attn = _plugin_core
-        yield len(modules)
-    finally:
-        _msda_layer.ms_deform_attn = previous_core
-        for module, cls in zip(swapped, previous_classes):
-            module.__class__ = cls
+def with_native_msda(model: nn.Module) -> nn.Module:
+    """``model`` if all its deformable attentions are :class:`MSDeformAttn`, else a deep copy in
+    which mmcv's are replaced by :class:`MSDeformAttn` modules with the same parameters."""
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, MultiScaleDeformableAttention) and not isinstance(m, MSDeformAttn)]
+    if not names:
+        return model
+    model = copy.deepcopy(model)
+    for name in names:
+        module = model.get_submodule(name)
+        native = MSDeformAttn.__new__(MSDeformAttn)
+        native.__dict__.update(module.__dict__)  # parameters, buffers, settings: all of it
+        model.set_submodule(name, native)
+    return model

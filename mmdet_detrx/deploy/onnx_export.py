@@ -12,10 +12,14 @@ TorchScript exporter; mmdet relies on it to drop the padding masks of a batch of
 
 Multi-scale deformable attention (``msda``):
 
+the op's own ONNX lowering (:mod:`mmdet_detrx.ops.ms_deform_attn_onnx`), selected with
+``ms_deform_attn_onnx_lowering(msda)`` around the export; mmcv's own modules are computed by our
+op in a copy of the model (:func:`.msda_export_mode.with_native_msda`).
+
 * ``'trt-plugin'``: one ``trt::MultiscaleDeformableAttnPlugin_TRT`` node per attention
   (:mod:`.msda_plugin`), for TensorRT. ONNX Runtime cannot run it.
-* ``'grid_sample'``: the same graph with every plugin node expanded into GridSample and standard
-  ops (:mod:`.msda_decomposition`, opset >= 16); runs in ONNX Runtime.
+* ``'grid_sample'``: GridSample and standard ops per attention and level (opset >= 16), the
+  graph :mod:`.msda_decomposition` also makes of plugin nodes; runs in ONNX Runtime.
 
 ACT's clustered attention (``AdaptiveClusteringAttention``) does not export: the number of
 clusters is found per image (``torch.unique`` and Python-side grouping on tensor values), which
@@ -44,10 +48,10 @@ from mmdet_detrx.models.layers import (AdaptiveClusteringAttention, BottleneckAt
 from mmdet_detrx.utils.file_mode import current_umask
 from .detection_export_wrapper import DetectionExportWrapper
 from .linspace_symbolic import fixed_linspace_symbolic
-from .msda_decomposition import (GRID_SAMPLE_MIN_OPSET, count_plugin_nodes,
-                                 expand_msda_plugin_nodes)
-from .msda_export_mode import msda_modules, msda_plugin_export
-from .msda_plugin import PLUGIN_DOMAIN, register_msda_plugin_symbolic, strip_plugin_attributes
+from mmdet_detrx.ops import ms_deform_attn_onnx_lowering
+from .msda_decomposition import GRID_SAMPLE_MIN_OPSET, count_plugin_nodes
+from .msda_export_mode import msda_modules, with_native_msda
+from .msda_plugin import PLUGIN_DOMAIN, strip_plugin_attributes
 
 __all__ = ['MSDA_MODES', 'OnnxExportError', 'OnnxExportSummary', 'export_detector_onnx',
            'DEFAULT_OPSET', 'MAX_OPSET']
@@ -174,11 +178,12 @@ def export_detector_onnx(model: nn.Module,
             "image's clusters). Exporting them as exact softmax attention with the same weights "
             '(act_exact_mode).', UserWarning, stacklevel=2)
 
-    register_msda_plugin_symbolic(opset)
-    wrapper = DetectionExportWrapper(model)
     was_training = model.training
     device = next(model.parameters()).device
     model.cpu().eval()
+    export_model = with_native_msda(model)  # model itself unless it has mmcv's attentions
+    num_msda = len(msda_modules(export_model))
+    wrapper = DetectionExportWrapper(export_model)
     dummy = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
     dynamic_axes = {INPUT_NAME: {2: 'height', 3: 'width'}} if dynamic else None
 
@@ -187,8 +192,8 @@ def export_detector_onnx(model: nn.Module,
     fd, tmp_final = tempfile.mkstemp(prefix='.final-', suffix='.onnx', dir=out_dir)
     os.close(fd)
     try:
-        with act_exact_mode(model, True), msda_plugin_export(model) as num_msda, \
-                _unchunked_bottleneck_attention(model), fixed_linspace_symbolic(opset), \
+        with act_exact_mode(export_model, True), ms_deform_attn_onnx_lowering(msda), \
+                _unchunked_bottleneck_attention(export_model), fixed_linspace_symbolic(opset), \
                 torch.no_grad(), warnings.catch_warnings():
             # TracerWarnings flag Python values taken from tensors; mmdet's DETR code has
             # several that are constant for a given model (number of levels, queries), and the
@@ -207,14 +212,12 @@ def export_detector_onnx(model: nn.Module,
 
         model_proto = onnx.load(tmp_export)
         num_plugin = count_plugin_nodes(model_proto)
-        if num_plugin != num_msda:
-            raise OnnxExportError(f'expected one {PLUGIN_DOMAIN} plugin node per deformable '
-                                  f'attention ({num_msda}), the graph has {num_plugin}')
-        if msda == 'grid_sample':
-            expand_msda_plugin_nodes(model_proto)
-            if count_plugin_nodes(model_proto):
-                raise OnnxExportError('plugin nodes left after the grid_sample expansion')
-        else:
+        expected_plugin = num_msda if msda == 'trt-plugin' else 0
+        if num_plugin != expected_plugin:
+            raise OnnxExportError(f'expected {expected_plugin} {PLUGIN_DOMAIN} plugin node(s) '
+                                  f'(msda={msda!r}, {num_msda} deformable attention(s)), the '
+                                  f'graph has {num_plugin}')
+        if msda == 'trt-plugin':
             strip_plugin_attributes(model_proto)
         allowed = (PLUGIN_DOMAIN, ) if msda == 'trt-plugin' else ()
         foreign = _foreign_nodes(model_proto, allowed)
@@ -224,7 +227,7 @@ def export_detector_onnx(model: nn.Module,
                                   'standard ONNX form')
         num_grid_sample = sum(n.op_type == 'GridSample' for n in model_proto.graph.node)
         if msda == 'grid_sample':
-            levels = sum(m.num_levels for m in msda_modules(model))
+            levels = sum(m.num_levels for m in msda_modules(export_model))
             if num_grid_sample != levels:
                 raise OnnxExportError(f'expected {levels} GridSample nodes (one per attention '
                                       f'and level), the graph has {num_grid_sample}')

@@ -24,39 +24,36 @@ autocast ``ms_deform_attn`` casts to exactly that (see ``_cast_for_autocast``, t
 where inputs are cast). The native backward is
 first-order only: double backward raises. ``ms_deform_attn_pytorch`` is the ``grid_sample``
 reference: the test oracle, the fallback where no native kernel exists (with a one-time warning)
-and the ONNX-exportable path (selected by ``use_pytorch_ms_deform_attn()``, by the environment
-variable ``MMDET_DETRX_MSDA_PYTORCH=1``, or automatically inside ``torch.onnx.export``).
+and a standard-ops path on request (``use_pytorch_ms_deform_attn()`` or the environment variable
+``MMDET_DETRX_MSDA_PYTORCH=1``). ONNX export keeps the native op: its own lowering
+(``ms_deform_attn_onnx.py``) writes it as GridSample ops or as TensorRT's plugin node.
+
+Checks: on the native path the C++ op checks its inputs (ValueError / TypeError naming the
+argument); the Python checks here run only where no native kernel does (the fake kernel and the
+reference). The dtype policy of both is one table, ``ms_deform_attn_dtypes.def``.
 """
 import contextlib
 import os
+import os.path as osp
+import re
 import warnings
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
-__all__ = [
-    'ms_deform_attn', 'ms_deform_attn_pytorch', 'native_available',
-    'use_pytorch_ms_deform_attn'
-]
+from ._library import NATIVE_IMPORT_ERROR, has_native_kernel, native_available
+from .ms_deform_attn_onnx import ms_deform_attn_onnx_lowering, register_onnx_lowering
 
-try:
-    from .. import _C  # noqa: F401  (loading the library registers torch.ops.detrx.*)
-    _NATIVE_IMPORT_ERROR = None
-except ImportError as error:  # extension not built (e.g. MMDET_DETRX_NO_EXT=1)
-    _C = None
-    _NATIVE_IMPORT_ERROR = error
+__all__ = ['ms_deform_attn', 'ms_deform_attn_onnx_lowering', 'ms_deform_attn_pytorch',
+           'use_pytorch_ms_deform_attn']
 
 _FORWARD_OP = 'detrx::ms_deform_attn_forward'
 _BACKWARD_OP = 'detrx::ms_deform_attn_backward'
 _PYTORCH_ENV = 'MMDET_DETRX_MSDA_PYTORCH'
 _force_pytorch = False
 _warned_fallback = set()
-
-
-def native_available() -> bool:
-    """Whether the native extension ``mmdet_detrx._C`` loaded and registered the op."""
-    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD_OP, 'CPU')
 
 
 @contextlib.contextmanager
@@ -74,27 +71,19 @@ def use_pytorch_ms_deform_attn(enabled: bool = True) -> Iterator[None]:
 
 
 def _pytorch_requested() -> bool:
-    return (_force_pytorch or os.environ.get(_PYTORCH_ENV, '0') == '1'
-            or torch.onnx.is_in_onnx_export())
+    return _force_pytorch or os.environ.get(_PYTORCH_ENV, '0') == '1'
 
 
-@torch.compiler.assume_constant_result
 def _has_native_kernel(device_type: str) -> bool:
-    if _C is None:
-        return False
-    dispatch_key = 'Meta' if device_type == 'meta' else device_type.upper()
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD_OP, dispatch_key)
-    except RuntimeError:  # a device type whose dispatch key is not its upper-cased name
-        return False
+    return has_native_kernel(_FORWARD_OP, device_type)
 
 
 def _warn_fallback(device_type: str) -> None:
     if device_type in _warned_fallback:
         return
     _warned_fallback.add(device_type)
-    reason = (f'the extension mmdet_detrx._C is not available ({_NATIVE_IMPORT_ERROR})'
-              if _C is None else f'it has no {device_type} kernel')
+    reason = (f'the extension mmdet_detrx._C is not available ({NATIVE_IMPORT_ERROR})'
+              if not native_available() else f'it has no {device_type} kernel')
     warnings.warn(f'ms_deform_attn: using the slower PyTorch implementation on {device_type} '
                   f'because {reason}.')
 
@@ -117,22 +106,27 @@ def _autocast_dtype(value) -> Optional[torch.dtype]:
     return None
 
 
-# The op's dtype policy (the native op enforces the same in check_ms_deform_attn_inputs):
-# sampling_locations and attention_weights share one coordinate dtype, value's or a wider one
-# (float32 / float64 for a float16 / bfloat16 value, float64 for a float32 value). Output in
-# value's dtype, each gradient in its input's dtype, arithmetic in float32 (float64 when the
-# coordinates are float64).
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The op's dtype policy, one table for C++ and Python: the supported (value, coordinate) pairs of
+# ms_deform_attn_dtypes.def (c10 names). sampling_locations and attention_weights share the
+# coordinate dtype, value's or a wider one. Output in value's dtype, each gradient in its input's.
+_C10_DTYPES = {'Double': torch.float64, 'Float': torch.float32, 'Half': torch.float16,
+               'BFloat16': torch.bfloat16}
+
+
+def _read_dtype_table() -> Tuple[Tuple[torch.dtype, torch.dtype], ...]:
+    with open(osp.join(osp.dirname(osp.abspath(__file__)), 'ms_deform_attn_dtypes.def')) as f:
+        rows = re.findall(r'^DETRX_MSDA_DTYPE_PAIR\((\w+), *(\w+)\)', f.read(), re.MULTILINE)
+    return tuple((_C10_DTYPES[value], _C10_DTYPES[coordinate]) for value, coordinate in rows)
+
+
+DTYPE_PAIRS = _read_dtype_table()
+_VALUE_DTYPES = tuple(dict.fromkeys(value for value, _ in DTYPE_PAIRS))
+_LOW_PRECISION = (torch.float16, torch.bfloat16)  # autocast's dtypes
 
 
 def _coordinate_dtypes(value_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
     """The dtypes that sampling_locations / attention_weights may have with this value dtype."""
-    if value_dtype in _LOW_PRECISION:
-        return (value_dtype, torch.float32, torch.float64)
-    if value_dtype == torch.float32:
-        return (value_dtype, torch.float64)
-    return (value_dtype, )
+    return tuple(coordinate for value, coordinate in DTYPE_PAIRS if value == value_dtype)
 
 
 def _cast_for_autocast(value, sampling_locations, attention_weights):
@@ -183,16 +177,13 @@ def _check_level_table(shapes: Sequence[Sequence[int]], starts: Optional[Sequenc
 def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations,
                     attention_weights, im2col_step, grad_output=None) -> None:
     """Types, ranks, sizes, devices and dtypes; reads no tensor values. Raises TypeError /
-    ValueError naming the argument."""
+    ValueError naming the argument. The Python twin of the C++ check, for the paths where no
+    native kernel runs: the fake kernel and the reference."""
+    _check_argument_types(value, spatial_shapes, level_start_index, sampling_locations,
+                          attention_weights, im2col_step)
     names = ('value', 'spatial_shapes', 'level_start_index', 'sampling_locations',
              'attention_weights')
     tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    for name, tensor in zip(names, tensors):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f'ms_deform_attn: {name} must be a torch.Tensor, '
-                            f'got {type(tensor).__name__}')
-    if isinstance(im2col_step, bool) or not isinstance(im2col_step, int):
-        raise TypeError(f'ms_deform_attn: im2col_step must be an int, got {im2col_step!r}')
     if im2col_step <= 0:
         raise ValueError(f'ms_deform_attn: im2col_step must be positive, got {im2col_step}')
 
@@ -209,13 +200,14 @@ def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations
         if tensor.device != value.device:
             raise ValueError(f"ms_deform_attn: {name} must be on value's device {value.device}, "
                              f'got {tensor.device}')
-    if value.dtype not in _FLOATING:
+    if value.dtype not in _VALUE_DTYPES:
         raise TypeError('ms_deform_attn: value must be float16, bfloat16, float32 or float64, '
                         f'got {value.dtype}')
-    if sampling_locations.dtype not in _coordinate_dtypes(value.dtype):
-        mixed = {torch.float16: ' or float32 / float64 (mixed precision)',
-                 torch.bfloat16: ' or float32 / float64 (mixed precision)',
-                 torch.float32: ' or float64'}.get(value.dtype, '')
+    coordinate_dtypes = _coordinate_dtypes(value.dtype)
+    if sampling_locations.dtype not in coordinate_dtypes:
+        wider = ' / '.join(str(d) for d in coordinate_dtypes if d != value.dtype)
+        mixed = (f' or {wider}' if wider else '') + (' (mixed precision)'
+                                                      if value.dtype in _LOW_PRECISION else '')
         raise TypeError(f"ms_deform_attn: sampling_locations must have value's dtype "
                         f'{value.dtype}{mixed}, got {sampling_locations.dtype}')
     if attention_weights.dtype != sampling_locations.dtype:
@@ -260,15 +252,31 @@ def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations
                          f'got {tuple(grad_output.shape)}')
 
 
-def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                  attention_weights, im2col_step) -> None:
-    _check_metadata(value, spatial_shapes, level_start_index, sampling_locations,
-                    attention_weights, im2col_step)
-    # Values of CPU index tensors only (reading them is free): on a GPU it would cost a device
-    # sync, and the native op validates device index tensors itself, once per tensor.
-    if spatial_shapes.device.type != 'cpu' or _is_tracing(spatial_shapes):
-        return
-    _check_level_table(spatial_shapes.tolist(), level_start_index.tolist(), value.shape[1])
+def _check_argument_types(value, spatial_shapes, level_start_index, sampling_locations,
+                          attention_weights, im2col_step) -> None:
+    """What only Python can see: arguments that are not tensors, a non-int im2col_step."""
+    names = ('value', 'spatial_shapes', 'level_start_index', 'sampling_locations',
+             'attention_weights')
+    tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    for name, tensor in zip(names, tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f'ms_deform_attn: {name} must be a torch.Tensor, '
+                            f'got {type(tensor).__name__}')
+    if isinstance(im2col_step, bool) or not isinstance(im2col_step, int):
+        raise TypeError(f'ms_deform_attn: im2col_step must be an int, got {im2col_step!r}')
+
+
+def _refuse_forward_ad(*tensors: torch.Tensor) -> None:
+    """Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) has no formula in the
+    native op: torch would drop the tangents and return zeros. Refuse instead."""
+    if getattr(forward_ad, '_current_level', 0) < 0 or torch.compiler.is_compiling():
+        return  # no dual level is open (the usual case): nothing to inspect
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            'ms_deform_attn: forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) is not '
+            'implemented by the native op (it would return zero tangents); run it on the PyTorch '
+            'reference with use_pytorch_ms_deform_attn() (or MMDET_DETRX_MSDA_PYTORCH=1), or use '
+            'reverse mode (backward, torch.func.vjp / jacrev)')
 
 
 def ms_deform_attn(value: torch.Tensor,
@@ -287,20 +295,31 @@ def ms_deform_attn(value: torch.Tensor,
     (float64 for float64 locations). Under autocast a float32 value is cast to the autocast dtype
     and float16 / bfloat16 locations and weights to float32: the output has the autocast dtype
     while the sampling runs at float32 locations.
+    Bad input raises ValueError / TypeError naming the argument (from the native op's own check
+    on the native path).
     """
     value, sampling_locations, attention_weights = _cast_for_autocast(
         value, sampling_locations, attention_weights)
-    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                  attention_weights, im2col_step)
+    _check_argument_types(value, spatial_shapes, level_start_index, sampling_locations,
+                          attention_weights, im2col_step)
     device_type = value.device.type
-    if _pytorch_requested() or not _has_native_kernel(device_type):
-        if not _pytorch_requested():
-            _warn_fallback(device_type)
-        return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations,
-                                      attention_weights)
-    return torch.ops.detrx.ms_deform_attn_forward(value, spatial_shapes, level_start_index,
-                                                  sampling_locations, attention_weights,
-                                                  im2col_step)
+    if not _pytorch_requested() and _has_native_kernel(device_type):
+        # The op checks everything itself (C++, or the fake kernel on meta / fake tensors).
+        _refuse_forward_ad(value, sampling_locations, attention_weights)
+        return torch.ops.detrx.ms_deform_attn_forward(value, spatial_shapes, level_start_index,
+                                                      sampling_locations, attention_weights,
+                                                      im2col_step)
+    if not _pytorch_requested():
+        _warn_fallback(device_type)
+    _check_metadata(value, spatial_shapes, level_start_index, sampling_locations,
+                    attention_weights, im2col_step)
+    if spatial_shapes.device.type == 'cpu' and not _is_tracing(spatial_shapes):
+        # One read of the index tensors: the reference runs on the validated snapshot. (On a
+        # GPU the read would cost a device sync; the reference reads the shapes anyway.)
+        shapes = spatial_shapes.tolist()
+        _check_level_table(shapes, level_start_index.tolist(), value.shape[1])
+        spatial_shapes = shapes
+    return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
 
 
 def ms_deform_attn_pytorch(value: torch.Tensor,
@@ -347,13 +366,10 @@ def ms_deform_attn_pytorch(value: torch.Tensor,
 # --- torch.library registrations of the native op -------------------------------------------
 
 def _check_fake_inputs(*args, grad_output=None) -> None:
-    """The native op's metadata checks for fake / meta tensors, as RuntimeError like the C++
-    check: the fake kernel also runs when only some inputs are on the meta device (the meta
-    dispatch key wins), which must fail instead of returning uninitialised memory."""
-    try:
-        _check_metadata(*args, grad_output=grad_output)
-    except (TypeError, ValueError) as error:
-        raise RuntimeError(str(error)) from None
+    """The native op's metadata checks for fake / meta tensors (the fake kernel also runs when
+    only some inputs are on the meta device: the meta dispatch key wins, which must fail instead
+    of returning uninitialised memory). Same errors as the C++ check: ValueError / TypeError."""
+    _check_metadata(*args, grad_output=grad_output)
 
 
 def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations,
@@ -399,7 +415,7 @@ def _backward_setup_context(ctx, inputs, output):
     pass
 
 
-if _C is not None:
+if native_available():
     torch.library.register_fake(_FORWARD_OP)(_forward_fake)
     torch.library.register_fake(_BACKWARD_OP)(_backward_fake)
     torch.library.register_autograd(_FORWARD_OP, _backward, setup_context=_setup_context)
@@ -407,3 +423,5 @@ if _C is not None:
                                     setup_context=_backward_setup_context)
     # No register_autocast: under autocast the raw ops take their inputs as given (autocast
     # falls through), and ms_deform_attn applies the mixed-precision casts (_cast_for_autocast).
+    # ONNX: the op carries its own lowering (GridSample ops or TensorRT's plugin node).
+    register_onnx_lowering()

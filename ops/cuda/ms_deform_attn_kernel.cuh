@@ -505,3 +505,11 @@ cudaError_t launch_ms_deform_attn_backward(
 
 }  // namespace msda_cuda
 }  // namespace detrx
+
+// CUDA's type for each c10 ScalarType name of the dtype table
+// (mmdet_detrx/ops/ms_deform_attn_dtypes.def), for the torch-free check and emulation units that
+// expand the table themselves.
+#define DETRX_CUDA_TYPE_Double double
+#define DETRX_CUDA_TYPE_Float float
+#define DETRX_CUDA_TYPE_Half __half
+#define DETRX_CUDA_TYPE_BFloat16 __nv_bfloat16

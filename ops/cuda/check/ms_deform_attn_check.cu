@@ -27,16 +27,10 @@ namespace msda_cuda {
       const T*, const int64_t*, const int64_t*, const U*, const U*, const T*, acc_type<U>*, U*, \
       U*, const MSDAShape&, int, cudaStream_t);
 
-// The pairs of DETRX_MSDA_FOR_EACH_DTYPE_PAIR (ops/ms_deform_attn.h), in CUDA's type names.
-DETRX_MSDA_INSTANTIATE(double, double)
-DETRX_MSDA_INSTANTIATE(float, float)
-DETRX_MSDA_INSTANTIATE(float, double)
-DETRX_MSDA_INSTANTIATE(__half, __half)
-DETRX_MSDA_INSTANTIATE(__half, float)
-DETRX_MSDA_INSTANTIATE(__half, double)
-DETRX_MSDA_INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
-DETRX_MSDA_INSTANTIATE(__nv_bfloat16, float)
-DETRX_MSDA_INSTANTIATE(__nv_bfloat16, double)
+// Every pair of the dtype table, in CUDA's type names.
+#define DETRX_MSDA_DTYPE_PAIR(V, C) DETRX_MSDA_INSTANTIATE(DETRX_CUDA_TYPE_##V, DETRX_CUDA_TYPE_##C)
+#include "../../../mmdet_detrx/ops/ms_deform_attn_dtypes.def"
+#undef DETRX_MSDA_DTYPE_PAIR
 
 #undef DETRX_MSDA_INSTANTIATE
 #undef DETRX_MSDA_INSTANTIATE_KERNELS

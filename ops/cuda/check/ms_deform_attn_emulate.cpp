@@ -23,6 +23,7 @@
 
 #include <ucontext.h>
 
+#include <cctype>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -324,15 +325,20 @@ int main(int argc, char** argv) {
     emu::fail("cannot parse " + dir + "/meta.txt");
   }
   if (shape.num_levels > emu::kMaxThreads) emu::fail("too many levels");
-  // The pairs of DETRX_MSDA_FOR_EACH_DTYPE_PAIR (ops/ms_deform_attn.h).
+  // Every pair of the dtype table, keyed as check_cuda_kernels.py names them: "half" for
+  // (Half, Half), "half:float" for (Half, Float), ... (the c10 names in lower case).
   using Run = void (*)(const std::string&, const detrx::msda_cuda::MSDAShape&, int, size_t);
+  const auto key = [](std::string value, std::string coordinate) {
+    for (std::string* name : {&value, &coordinate}) {
+      for (char& c : *name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    }
+    return value == coordinate ? value : value + ":" + coordinate;
+  };
   const std::map<std::string, Run> runs = {
-      {"double", run<double, double>},           {"float", run<float, float>},
-      {"float:double", run<float, double>},
-      {"half", run<__half, __half>},             {"half:float", run<__half, float>},
-      {"half:double", run<__half, double>},      {"bfloat16", run<__nv_bfloat16, __nv_bfloat16>},
-      {"bfloat16:float", run<__nv_bfloat16, float>},
-      {"bfloat16:double", run<__nv_bfloat16, double>},
+#define DETRX_MSDA_DTYPE_PAIR(V, C) \
+  {key(#V, #C), run<DETRX_CUDA_TYPE_##V, DETRX_CUDA_TYPE_##C>},
+#include "../../../mmdet_detrx/ops/ms_deform_attn_dtypes.def"
+#undef DETRX_MSDA_DTYPE_PAIR
   };
   const auto found = runs.find(dtype);
   if (found == runs.end()) emu::fail("unknown dtype " + dtype);
