@@ -129,11 +129,22 @@ def _extensions():
 ext_modules, cmdclass, torch_requirement = _extensions()
 
 # The op layer (mmdet_detrx.ops) needs torch and numpy only; everything registering into mmdet
-# needs the OpenMMLab stack. It is an extra rather than a requirement because mmcv (with ops) has
-# no PyTorch-matching wheel on PyPI: pip would build it from source in an isolated environment
-# against a freshly downloaded torch. In an existing mmdet environment it is already there.
-MMDET_STACK = ['mmengine>=0.10.4,<0.11', 'mmcv>=2.0.0,<2.2.0', 'mmdet>=3.3.0,<3.4', 'scipy',
-               'pycocotools', 'matplotlib']
+# needs an mmdet stack: OpenMMLab's (mmengine/mmcv/mmdet) or VBTI's fork (onedl-mmengine/
+# onedl-mmcv/onedl-mmdetection), which installs the same modules, so neither can be a
+# requirement (pip would install the other beside it). Extras: [openmmlab] (also [mmdet], its old
+# name) and [onedl]; the supported ranges live in mmdet_detrx/stacks.py, which also checks the
+# installed stack at import. mmcv (with ops) has no PyTorch-matching CPU wheel on PyPI: pip
+# would build it in an isolated environment against a freshly downloaded torch. In an existing
+# mmdet environment it is already there.
+def _stack_requirements():
+    scope = {}
+    with open(os.path.join(ROOT, 'mmdet_detrx', 'stacks.py')) as f:
+        exec(f.read(), scope)
+    return {name: scope['requirements'](name) + ['scipy', 'pycocotools', 'matplotlib']
+            for name in scope['STACKS']}
+
+
+STACK_REQUIREMENTS = _stack_requirements()
 
 setup(
     name='mmdet-detrx',
@@ -152,7 +163,9 @@ setup(
                                   '.mim/configs/**/*.md', 'ops/*.def']},
     install_requires=[torch_requirement, 'numpy'],
     extras_require={
-        'mmdet': MMDET_STACK,
+        'mmdet': STACK_REQUIREMENTS['openmmlab'],
+        'openmmlab': STACK_REQUIREMENTS['openmmlab'],
+        'onedl': STACK_REQUIREMENTS['onedl'],
         # mmdet's analysis tools (benchmark.py, analyze_logs.py) and the TensorBoard backend.
         'analysis': ['tensorboard', 'psutil', 'seaborn'],
         'tests': ['pytest', 'pytest-timeout', 'hypothesis'],
