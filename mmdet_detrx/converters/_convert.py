@@ -14,6 +14,7 @@ import os.path as osp
 import re
 import shutil
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -105,9 +106,41 @@ def _base_reference(base_config: str) -> str:
     return f'mmdet_detrx::{base_config}'
 
 
+def _plain(value):
+    """``value`` with tuples as lists and ConfigDicts as dicts, for comparing configs."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def prune_against_base(update: dict, base: dict) -> dict:
+    """The entries of ``update`` that change ``base`` (merged the mmengine way): a written
+    config shows only its diff. A ``_delete_`` dict replacing one of the same ``type`` becomes
+    a plain update when it sets every key the base has."""
+    out = {}
+    for key, value in update.items():
+        old = base.get(key) if isinstance(base, dict) else None
+        if isinstance(value, dict) and isinstance(old, dict):
+            if value.get('_delete_'):
+                rest = {k: v for k, v in value.items() if k != '_delete_'}
+                if rest.get('type') != old.get('type') or not set(old) <= set(rest):
+                    out[key] = value
+                    continue
+                value = rest
+            pruned = prune_against_base(value, old)
+            if pruned:
+                out[key] = pruned
+        elif key not in base or _plain(old) != _plain(value):
+            out[key] = value
+    return out
+
+
 def render_config(converted: Converted, checkpoint_name: str, header: str,
-                  user_config: Optional[str] = None) -> str:
-    """The config text: ``_base_`` + the model diff + class names + normalisation."""
+                  user_config: Optional[str] = None, base_model: Optional[dict] = None) -> str:
+    """The config text: ``_base_`` + the model diff + class names + normalisation; with
+    ``base_model`` (the base's ``model``) the entries equal to the base's are left out."""
     classes = tuple(str(c) for c in converted.classes)
     preprocessor = dict(mean=[round(float(m), 6) for m in converted.mean],
                         std=[round(float(s), 6) for s in converted.std],
@@ -119,6 +152,8 @@ def render_config(converted: Converted, checkpoint_name: str, header: str,
         base = _base_reference(converted.base_config)
         model = _merge(converted.model, dict(data_preprocessor=preprocessor,
                                              bbox_head=dict(num_classes=len(classes))))
+    if base_model is not None:
+        model = prune_against_base(model, base_model)
     lines = [f'# {line}' if line else '#' for line in header.splitlines()]
     lines += [f'_base_ = {base!r}',
               "custom_imports = dict(imports=['mmdet_detrx'], allow_failed_imports=False)", '',
@@ -141,14 +176,19 @@ def _num_classes_of(cfg) -> Optional[int]:
     return head.get('num_classes')
 
 
-def build_model_from_config(config_path: str):
-    """Our detector built from ``config_path`` (no weights initialised, eval mode)."""
+def load_config(config_path: str):
+    """``Config.fromfile`` with our modules and the ``mmdet_detrx::`` scheme registered."""
     import mmdet_detrx  # noqa: F401  registers our modules and the mmdet_detrx:: scheme
-    from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
     register_all_modules(init_default_scope=True)
-    cfg = Config.fromfile(config_path)
+    return Config.fromfile(config_path)
+
+
+def build_model_from_config(config_path: str):
+    """Our detector built from ``config_path`` (no weights initialised, eval mode)."""
+    from mmdet.registry import MODELS
+    cfg = load_config(config_path)
     model = MODELS.build(cfg.model)
     return model.eval(), cfg
 
@@ -264,13 +304,13 @@ def convert_source(src: str, out_dir: str, layout: Optional[str] = None,
                 f'{config} has model.bbox_head.num_classes={given}')
 
     header = (f'Converted by mmdet_detrx.converters from {osp.abspath(src)}\n'
-              f'(layout {chosen.name!r}: {chosen.description}).\n'
-              f'  python tools/test.py {config_name} {checkpoint_name}'
-              '   # evaluate (data_root / --cfg-options as usual)\n'
-              '  python tools/train.py THIS_CONFIG   # fine-tune from the converted weights')
+              f'layout {chosen.name!r}: {chosen.description}\n'
+              f'  python tools/test.py {config_name} {checkpoint_name}   # evaluate\n'
+              f'  python tools/train.py {config_name}   # fine-tune from the converted weights')
     if converted.notes:
-        header += '\nNotes:\n' + '\n'.join(f'- {note}' for note in converted.notes)
-    text = render_config(converted, checkpoint_name, header, user_config=config)
+        header += '\nNotes:\n' + '\n'.join(
+            textwrap.fill(note, width=95, initial_indent='- ', subsequent_indent='  ')
+            for note in converted.notes)
 
     created = not osp.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -279,6 +319,13 @@ def convert_source(src: str, out_dir: str, layout: Optional[str] = None,
     staging = tempfile.mkdtemp(prefix='.convert-', dir=out_dir)
     written = []
     try:
+        base = osp.abspath(config) if config else _base_reference(converted.base_config)
+        base_probe = osp.join(staging, '_base_probe.py')
+        with open(base_probe, 'w') as f:
+            f.write(f'_base_ = {base!r}\n')
+        base_model = _plain(load_config(base_probe).get('model') or {})
+        text = render_config(converted, checkpoint_name, header, user_config=config,
+                             base_model=base_model)
         staged_config = osp.join(staging, config_name)
         with open(staged_config, 'w') as f:
             f.write(text)
