@@ -274,9 +274,9 @@ def _refuse_forward_ad(*tensors: torch.Tensor) -> None:
     if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(
             'ms_deform_attn: forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) is not '
-            'implemented by the native op (it would return zero tangents); run it on the PyTorch '
-            'reference with use_pytorch_ms_deform_attn() (or MMDET_DETRX_MSDA_PYTORCH=1), or use '
-            'reverse mode (backward, torch.func.vjp / jacrev)')
+            'implemented (the native op would return zero tangents, and the grid_sample '
+            'reference has no forward-mode formula either); use reverse mode (backward, '
+            'torch.func.vjp / jacrev)')
 
 
 def ms_deform_attn(value: torch.Tensor,
