@@ -28,6 +28,7 @@ from mmengine.registry import init_default_scope
 
 import mmdet_detrx  # noqa: F401
 from mmdet_detrx.datasets import CocoFolderError, generate_synthetic_shapes
+from mmdet_detrx.models.class_dependent import class_dependent_keys
 
 R18_BASE = osp.join(REPO_CONFIGS, 'coco_folder', 'deformable-detrx_r18_1xb8-1000i_coco-folder.py')
 LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -106,7 +107,8 @@ def recipe(tmp_path_factory):
     checkpoint = str(tmp / 'three_classes.pth')
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, checkpoint)
     return dict(tmp=tmp, section=section, config=config, cfg=cfg, folder=folder,
-                classes=classes, checkpoint=checkpoint)
+                classes=classes, checkpoint=checkpoint,
+                class_dependent=class_dependent_keys(model))
 
 
 def test_config_has_nothing_of_the_embedded_dataset(recipe):
@@ -138,15 +140,27 @@ def fine_tuned(recipe):
     return work_dir, logs
 
 
-def test_fine_tunes_from_three_classes_then_evaluates(fine_tuned):
+def test_fine_tunes_from_three_classes_then_evaluates(recipe, fine_tuned):
     work_dir, (train_log, test_log) = fine_tuned
     line = next(line for line in train_log.splitlines() if 'class-dependent' in line)
-    assert 'fine-tuning from 3 to 2 classes: re-initialised 6 class-dependent parameters' in line
-    assert 'bbox_head.cls_branches.2.bias' in line
+    keys = recipe['class_dependent']
+    assert 'bbox_head.cls_branches.0.weight' in keys  # a Deformable DETR / DINO head
+    assert (f'fine-tuning from 3 to 2 classes: re-initialised {len(keys)} class-dependent '
+            f'parameters ({", ".join(keys)})') in line
     assert 'size mismatch' not in train_log and 'do not match exactly' not in train_log
     assert osp.isfile(osp.join(work_dir, 'iter_2.pth'))
     assert 'coco/bbox_mAP' in train_log  # validation at iteration 2
     assert 'coco/bbox_mAP' in test_log
+
+
+def test_test_tool_refuses_a_checkpoint_of_another_class_count(recipe):
+    """Evaluating the 3-class checkpoint with the 2-class config would score random class
+    outputs: only fine-tuning re-initialises them."""
+    proc = _run(['tools/test.py', recipe['config'], recipe['checkpoint'], '--work-dir',
+                 str(recipe['tmp'] / 'work_refused'), '--cfg-options', *TINY_RUN])
+    assert proc.returncode != 0
+    assert 'the checkpoint has 3 classes and the model 2' in proc.stderr
+    assert 'coco/bbox_mAP' not in proc.stdout + proc.stderr
 
 
 def test_inference_snippets(recipe, fine_tuned):
