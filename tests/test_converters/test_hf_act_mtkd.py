@@ -52,8 +52,8 @@ def test_act_and_mtkd_on_a_converted_hf_detr(tmp_path):
         torch.testing.assert_close(logits, hf_logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(boxes, hf_boxes, atol=1e-4, rtol=0)
 
-    # a width calibrated on the converted model's encoder inputs (first layer)
-    pixels, _, samples = batch(IMAGE_SHAPES[1], seed=1)
+    # a width calibrated on the converted model's encoder inputs (first layer; 80 and 54 tokens)
+    pixels, _, samples = batch([(256, 320), (192, 288)], seed=1)
     seen = {}
     hook = exact.encoder.layers[0].self_attn.register_forward_pre_hook(
         lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
@@ -64,7 +64,7 @@ def test_act_and_mtkd_on_a_converted_hf_detr(tmp_path):
     width = calibrate_bucket_width(probe.encoder.layers[0].self_attn, *calib, target_error=0.05)
     act = build_with(config_path, checkpoint_path, **{ACT: act_cfg(width)})
     error, clusters = layer_error(act.encoder.layers[0].self_attn, *calib)
-    assert error < 0.05 and clusters >= 1
+    assert error < 0.05 and 1 <= clusters < 80  # queries share clusters: ACT, not exact
     cls_scores, bbox_preds = act(pixels, samples, mode='tensor')[:2]
     assert torch.isfinite(cls_scores).all() and torch.isfinite(bbox_preds).all()
 
