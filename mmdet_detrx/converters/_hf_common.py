@@ -188,15 +188,35 @@ def backbone_spec(config: dict, state_dict, default_out_indices: List[int]) -> T
             output_stride = kwargs.get('output_stride') or (16 if config.get('dilation') else None)
         else:
             kind, name, out_indices, output_stride, sub = 'hf', None, None, None, {}
-    else:  # bare state dict
-        hf_keys = any('.embedder.embedder.' in k for k in state_dict)
-        if hf_keys:
-            raise ConversionError('a bare state dict with an HF ResNet backbone: its widths and '
-                                  'depths need the config.json; convert the folder instead')
+    elif any('.embedder.embedder.' in k for k in state_dict):  # bare state dict, HF ResNet
+        sub = _hf_resnet_from_keys(state_dict, default_out_indices)
+        kind, name, out_indices, output_stride = 'hf', None, None, None
+    else:  # bare state dict, timm ResNet
         kind, name, out_indices, output_stride = 'timm', None, default_out_indices, None
     if kind == 'timm':
         return _timm_backbone(name, state_dict, out_indices, output_stride), 'timm'
     return _hf_resnet_backbone(sub or {}, config), 'hf'
+
+
+def _hf_resnet_from_keys(state_dict, out_indices) -> dict:
+    """An HF ResNetConfig dict read from an HF ResNet backbone's key names and shapes (the
+    stride placement, ``downsample_in_bottleneck``, is in no shape: transformers' default)."""
+    prefix = 'model.backbone.model.'
+    stage_key = re.compile(re.escape(prefix) + r'encoder\.stages\.(\d)\.layers\.(\d+)\.')
+    layers = {}
+    for key in state_dict:
+        match = stage_key.match(key)
+        if match:
+            layers.setdefault(int(match[1]), set()).add(int(match[2]))
+    bottleneck = any('.layer.2.' in k for k in state_dict if k.startswith(prefix))
+    last = 2 if bottleneck else 1
+    return dict(
+        model_type='resnet', layer_type='bottleneck' if bottleneck else 'basic',
+        embedding_size=state_dict[prefix + 'embedder.embedder.convolution.weight'].shape[0],
+        depths=[len(layers[s]) for s in sorted(layers)],
+        hidden_sizes=[state_dict[f'{prefix}encoder.stages.{s}.layers.0.layer.{last}.'
+                                 'convolution.weight'].shape[0] for s in sorted(layers)],
+        out_features=[f'stage{i}' for i in out_indices])
 
 
 def _timm_depth_from_keys(state_dict) -> Tuple[int, bool]:

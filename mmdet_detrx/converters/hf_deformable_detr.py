@@ -166,6 +166,10 @@ def convert_hf_deformable_detr(source: Source) -> Converted:
 
     def points(layer_key, heads_key):
         columns = weights[layer_key].shape[0]  # heads * levels * points
+        if columns % (heads[heads_key] * levels):
+            raise ConversionError(f'{layer_key} has {columns} outputs, not a multiple of '
+                                  f'{heads_key}={heads[heads_key]} x {levels} levels: give the '
+                                  'HF folder (config.json) rather than a bare state dict')
         return columns // (heads[heads_key] * levels)
 
     enc_points = config.get('encoder_n_points') or points(

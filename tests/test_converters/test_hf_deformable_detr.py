@@ -55,6 +55,23 @@ def run_with_hf_selection(ours, hf, shapes, monkeypatch, k=15):
     return (cls_scores[-1], bbox_preds[-1]), seen['scores'], out
 
 
+def test_bare_state_dict_file(tmp_path):
+    """A state-dict file (no config.json): variant, levels and sampling points from the keys and
+    shapes; the heads (in no shape) are assumed 8, as HF's default, which this model has."""
+    from mmdet_detrx.converters import convert, write_safetensors
+    hf = build_hf('deformable_detr', with_box_refine=True, decoder_attention_heads=8,
+                  encoder_layers=1)
+    path = tmp_path / 'deformable.safetensors'
+    path.write_bytes(write_safetensors(hf.state_dict()))
+    config_path, checkpoint_path = convert(str(path), str(tmp_path / 'out'))
+    from _helpers.hf_detrs import build_model_from_config
+    from mmengine.runner import load_checkpoint
+    ours, _ = build_model_from_config(config_path)
+    load_checkpoint(ours, checkpoint_path, map_location='cpu', strict=True)
+    ours.eval()
+    assert_parity(ours, hf)
+
+
 @torch.no_grad()
 def test_two_stage_with_the_proposal_selection_held_fixed(tmp_path, monkeypatch):
     hf = build_hf('deformable_detr', with_box_refine=True, two_stage=True)
