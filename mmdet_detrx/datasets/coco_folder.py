@@ -81,6 +81,8 @@ class CocoFolderDataset(CocoDataset):
     that does not fit them (see the module docstring). Arguments are ``CocoDataset``'s; give
     ``metainfo=dict(classes=(...))``."""
 
+    classes_required = True  # without metainfo.classes it refuses (not COCO's 80 by default)
+
     def __init__(self, *args, metainfo: Optional[dict] = None, **kwargs):
         self._classes_given = bool(metainfo and metainfo.get('classes'))
         super().__init__(*args, metainfo=metainfo, **kwargs)

@@ -259,3 +259,20 @@ def test_classes_and_num_classes_must_agree(recipe):
     message = str(info.value)
     assert 'has 2 classes' in message and 'model.bbox_head.num_classes is 3' in message
     assert 'train_dataloader.dataset.metainfo' in message
+
+
+@pytest.mark.parametrize('name', sorted(os.listdir(osp.join(REPO_CONFIGS, 'coco_folder'))))
+def test_bases_without_your_classes_ask_for_them(name):
+    """A base used as is compares no COCO-80 default with num_classes: the dataset asks for the
+    classes instead."""
+    if not name.endswith('.py'):
+        return
+    from mmdet_detrx.datasets import check_coco_folder
+    from mmdet_detrx.engine.hooks import check_num_classes_cfg
+    cfg = Config.fromfile(osp.join(REPO_CONFIGS, 'coco_folder', name))
+    check_num_classes_cfg(cfg, LOADERS)
+    assert cfg.default_hooks.num_classes_check.type == 'NumClassesCheckHook'
+    with pytest.raises(CocoFolderError, match=r'set your classes.*train_dataloader\.dataset\.'
+                       r'metainfo=dict\(classes='):
+        check_coco_folder({}, 'ann.json', cfg.train_dataloader.dataset.get('metainfo'), None,
+                          loader='train_dataloader')

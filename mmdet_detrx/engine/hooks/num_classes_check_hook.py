@@ -107,6 +107,9 @@ def _cfg_classes(dataset_cfg: dict) -> Optional[List[str]]:
     dataset_class = DATASETS.get(dataset_type)
     if dataset_class is None or not hasattr(dataset_class, '_load_metainfo'):
         return None
+    if getattr(dataset_class, 'classes_required', False) and not (
+            dataset_cfg.get('metainfo') or {}).get('classes'):
+        return None  # the dataset itself refuses, asking for them (CocoFolderDataset)
     try:
         classes = dataset_class._load_metainfo(dataset_cfg.get('metainfo')).get('classes')
     except Exception:  # a metainfo file that cannot be read here: the hook checks at run time
