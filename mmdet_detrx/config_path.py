@@ -44,8 +44,11 @@ def list_configs() -> List[str]:
 
 def get_config_path(name: str) -> str:
     """Absolute path of a shipped config: ``'demo/x.py'`` or ``'mmdet_detrx::demo/x.py'``."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str):
         raise TypeError(f'name must be a config name such as "demo/x.py", got {name!r}')
+    if not name.strip() or name.strip() == SCHEME:
+        raise ValueError(f'empty config name {name!r}: give one such as "demo/x.py" '
+                         '(`python -m mmdet_detrx.config_path` lists them)')
     relative = name[len(SCHEME):] if name.startswith(SCHEME) else name
     path = osp.normpath(osp.join(CONFIG_ROOT, relative))
     if osp.commonpath([path, osp.normpath(CONFIG_ROOT)]) != osp.normpath(CONFIG_ROOT):

@@ -14,14 +14,16 @@ Layout written under ``data_root``::
 
 The dataset then loads through mmdet's ``CocoDataset`` unchanged and scores with ``CocoMetric``.
 """
+import difflib
 import fcntl
 import json
+import math
 import os
 import os.path as osp
 import shutil
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -129,14 +131,42 @@ def _coco_split(rng: np.random.Generator, spec: dict, num_images: int, out_dir: 
                 info=dict(description='mmdet-detrx synthetic shapes', seed=spec['seed']))
 
 
+_MAX_IMAGE_SIDE = 4096
+
+
+def _spec_int(key: str, value, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or \
+            (high is not None and value > high):
+        bounds = f'>= {low}' if high is None else f'in [{low}, {high}]'
+        raise ValueError(f'synthetic-shapes spec: {key} must be an int {bounds}, got {value!r}')
+    return int(value)
+
+
 def _normalise_spec(spec: dict) -> dict:
+    """The spec with defaults filled in, every key known and every value in range."""
+    unknown = sorted(set(spec) - set(DEFAULT_SPEC))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), list(DEFAULT_SPEC), n=1)
+            hints.append(f'{key!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
+        raise KeyError(f'synthetic-shapes spec: unknown key(s) {", ".join(hints)}; the keys are '
+                       f'{sorted(DEFAULT_SPEC)}')
     spec = {**DEFAULT_SPEC, **spec}
-    spec['image_size'] = [int(v) for v in spec['image_size']]
+    spec['seed'] = _spec_int('seed', spec['seed'], 0)
     for key in ('num_train', 'num_val', 'max_objects'):
-        if int(spec[key]) < 1:
-            raise ValueError(f'{key} must be >= 1, got {spec[key]}')
-    if min(spec['image_size']) < 32:
-        raise ValueError(f"image_size must be at least 32x32, got {spec['image_size']}")
+        spec[key] = _spec_int(key, spec[key], 1)
+    size = spec['image_size']
+    if not isinstance(size, (list, tuple)) or len(size) != 2:
+        raise ValueError(f'synthetic-shapes spec: image_size must be (width, height), got '
+                         f'{size!r}')
+    spec['image_size'] = [_spec_int('image_size', v, 32, _MAX_IMAGE_SIDE) for v in size]
+    visible = spec['min_visible']
+    if isinstance(visible, bool) or not isinstance(visible, (int, float)) or \
+            not math.isfinite(visible) or not 0 <= visible <= 1:
+        raise ValueError('synthetic-shapes spec: min_visible (the fraction of a shape that must '
+                         f'stay visible) must be a number in [0, 1], got {visible!r}')
+    spec['min_visible'] = float(visible)
     return spec
 
 
@@ -180,7 +210,14 @@ def generate_synthetic_shapes(data_root: str, **spec) -> dict:
     the usual permissions (``0o777 & ~umask``), so other users can read it.
     """
     spec = _normalise_spec(spec)
-    data_root = osp.abspath(data_root)
+    if osp.islink(data_root.rstrip('/')) and not osp.exists(data_root):
+        raise FileNotFoundError(
+            f'the synthetic-shapes data_root {data_root!r} is a symlink to '
+            f'{os.readlink(data_root.rstrip("/"))!r}, which does not exist: create that folder, '
+            'or point data_root elsewhere (--cfg-options data_root=DIR, MMDET_DETRX_DATA_ROOT=DIR)')
+    # A symlinked data_root (or parent) is generated where it points: the temporary folder is
+    # renamed into place inside the real parent.
+    data_root = osp.realpath(data_root)
     spec_file = osp.join(data_root, 'spec.json')
     parent = _make_parent(data_root)
     # Lock the parent folder itself: no lock file is left behind.

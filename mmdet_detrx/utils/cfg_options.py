@@ -58,10 +58,12 @@ def _rebase(value, old: str, new: str, seen: set):
             return value
         seen.add(id(value))
     if isinstance(value, str):
-        if value == old or value == old.rstrip('/'):
+        root = old.rstrip('/')
+        if value == old or value == root:
             return new
-        if value.startswith(old):
-            return new + value[len(old):]
+        # only paths under the root: not 'data/coco_panoptic/...' for the root 'data/coco'
+        if root and value.startswith(root + '/'):
+            return new.rstrip('/') + value[len(root):]
         return value
     if isinstance(value, dict):
         for key in list(value.keys()):
@@ -78,7 +80,9 @@ def rebase_data_root(cfg: Config, old: str, new: str,
     """Replace the ``old`` data root by ``new`` in every path of the data sections.
 
     ``sections`` default to the config's ``*_dataloader`` and ``*_evaluator`` keys (datasets'
-    ``data_root``, CocoMetric's ``ann_file``, ...). Paths not under ``old`` are left alone.
+    ``data_root``, CocoMetric's ``ann_file``, ...). Only ``old`` itself and paths under it
+    (``old/...``) move: a sibling that merely shares the prefix (``data/coco_panoptic`` for the
+    root ``data/coco``) is left alone.
     """
     if not old:
         return

@@ -149,3 +149,43 @@ def test_generation_logs_where_it_writes_and_when_done(tmp_path):
     assert f'into {root}' in lines[0] and lines[1].startswith(f'synthetic shapes: done, {root}')
     generate_synthetic_shapes(root, **SPEC)
     assert len(lines) == 2
+
+
+@pytest.mark.parametrize('bad, match', [
+    (dict(num_trian=2), "'num_trian' \\(did you mean 'num_train'\\?\\)"),
+    (dict(min_visible=2.0), 'min_visible'),
+    (dict(min_visible=float('nan')), 'min_visible'),
+    (dict(num_val=2.5), 'num_val'),
+    (dict(num_train=True), 'num_train'),
+    (dict(image_size=(16, 16)), 'image_size'),
+    (dict(image_size=(64, )), 'image_size'),
+    (dict(seed=-1), 'seed'),
+])
+def test_spec_refuses_unknown_keys_and_out_of_range_values(tmp_path, bad, match):
+    """Issue 27.5: typos and nonsensical values used to be accepted silently."""
+    root = tmp_path / 'shapes'
+    with pytest.raises((KeyError, ValueError), match=match):
+        generate_synthetic_shapes(str(root), **{**SPEC, **bad})
+    assert not root.exists() and os.listdir(tmp_path) == []  # nothing generated
+
+
+def test_symlinked_data_root_is_generated_where_it_points(tmp_path):
+    target = tmp_path / 'real'
+    target.mkdir()
+    link = tmp_path / 'link'
+    link.symlink_to(target)
+    generate_synthetic_shapes(str(link) + '/', **SPEC)
+    assert osp.islink(link) and (target / 'spec.json').exists()
+    assert generate_synthetic_shapes(str(link), **SPEC)['seed'] == SPEC['seed']  # reused
+    parent_link = tmp_path / 'parent_link'
+    parent_link.symlink_to(tmp_path)  # a symlinked parent folder
+    generate_synthetic_shapes(str(parent_link / 'other'), **SPEC)
+    assert (tmp_path / 'other' / 'spec.json').exists()
+
+
+def test_dangling_symlink_data_root_fails_before_generating(tmp_path):
+    link = tmp_path / 'link'
+    link.symlink_to(tmp_path / 'missing')
+    with pytest.raises(FileNotFoundError, match='symlink.*does not exist'):
+        generate_synthetic_shapes(str(link) + '/', **SPEC)
+    assert sorted(os.listdir(tmp_path)) == ['link']  # no temporary folder, nothing written

@@ -46,6 +46,9 @@ def test_config_path_cli(tmp_path, capsys):
     assert config_path_main([]) == 0 and DEMO in capsys.readouterr().out.split()
     assert config_path_main(['demo/x.py']) == 1
     assert 'no shipped config' in capsys.readouterr().err
+    for empty in ('', '  ', 'mmdet_detrx::'):  # issue 27.5: used to end in a traceback
+        assert config_path_main([empty]) == 1
+        assert 'empty config name' in capsys.readouterr().err
 
 
 def test_scheme_base_builds_in_the_mmdet_detrx_scope(tmp_path, monkeypatch):

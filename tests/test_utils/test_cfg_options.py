@@ -55,3 +55,29 @@ def test_environment_key_moves_dataset_for_any_tool(monkeypatch, tmp_path):
     cfg = Config.fromfile(DEMO)
     assert cfg.train_dataloader.dataset.data_root == f'{tmp_path}/'
     assert cfg.test_evaluator.ann_file == f'{tmp_path}/annotations/val.json'
+
+
+def test_data_root_moves_only_paths_under_the_old_root():
+    """Issue 27.5: 'data/coco_panoptic/...' shares the prefix of the root 'data/coco'."""
+    cfg = Config(dict(
+        data_root='data/coco',
+        train_dataloader=dict(dataset=dict(data_root='data/coco',
+                                           ann_file='data/coco/annotations/train.json',
+                                           seg_prefix='data/coco_panoptic/train/')),
+        val_evaluator=dict(ann_file='data/coco_panoptic/annotations/val.json')))
+    merge_cfg_options(cfg, {'data_root': '/new/coco'})
+    assert cfg.train_dataloader.dataset.data_root == '/new/coco'
+    assert cfg.train_dataloader.dataset.ann_file == '/new/coco/annotations/train.json'
+    assert cfg.train_dataloader.dataset.seg_prefix == 'data/coco_panoptic/train/'
+    assert cfg.val_evaluator.ann_file == 'data/coco_panoptic/annotations/val.json'
+
+
+@pytest.mark.parametrize('name', ["it's here", 'two words', 'q"uote', "x' + __import__('os').getcwd() + '"])
+def test_environment_data_root_is_data_never_code(monkeypatch, tmp_path, name):
+    """Issue 27.5: the variable used to be pasted into the config source (a quote was a
+    SyntaxError naming nothing, and a crafted value ran code when the config was read)."""
+    root = str(tmp_path / name)
+    monkeypatch.setenv('MMDET_DETRX_DATA_ROOT', root)
+    cfg = Config.fromfile(DEMO)
+    assert cfg.train_dataloader.dataset.data_root == root + '/'
+    assert cfg.val_evaluator.ann_file == root + '/annotations/val.json'

@@ -2,11 +2,15 @@
 # into data_root on first use, then loaded by mmdet's CocoDataset pipeline and scored by CocoMetric.
 # Move it with ONE key: `--cfg-options data_root=DIR` (our tools/train.py and tools/test.py move
 # the dataloaders and evaluators with it), or MMDET_DETRX_DATA_ROOT=DIR in the environment (any
-# tool, mmdet's own included: mmengine substitutes it when the config is read).
+# tool, mmdet's own included). The variable is read as data (os.environ), never pasted into the
+# config's source as mmengine's '{{$VAR:default}}' does, so any path works (quotes, spaces) and
+# no value runs as code. (__import__, not `import os`: mmengine takes a config that imports a
+# module from outside the venv's own prefix, such as os in a venv, for a lazy-import config.)
 custom_imports = dict(imports=['mmdet_detrx'], allow_failed_imports=False)
 
 dataset_type = 'SyntheticShapesDataset'
-data_root = '{{$MMDET_DETRX_DATA_ROOT:data/synthetic_shapes}}/'
+data_root = (__import__('os').environ.get('MMDET_DETRX_DATA_ROOT')
+             or 'data/synthetic_shapes').rstrip('/') + '/'
 # Every dataset sharing data_root must use the same spec (it is checked against spec.json).
 shapes_spec = dict(seed=0, num_train=600, num_val=100, image_size=(160, 160), max_objects=6)
 img_scale = (160, 160)
