@@ -175,6 +175,12 @@ def convert_detrex(source: Source, dino: bool) -> Converted:
         if two_stage:
             if d != 256:
                 raise ConversionError(f'unsupported hidden dim {d} with two-stage (256 only)')
+            norm = state_dict.get('pos_trans_norm.weight')
+            if norm is not None and norm.shape[0] != 2 * d:
+                raise ConversionError(
+                    f'transformer.pos_trans_norm has {norm.shape[0]} features for a {2 * d}-wide '
+                    "pos_trans: written by a detrex version whose two-stage LayerNorm did not fit "
+                    "its input (that model cannot run); no mmdet counterpart")
             num_queries = _TWO_STAGE_PROPOSALS
             notes.append(f'two-stage proposals: {num_queries} (detrex\'s config; not stored)')
         else:

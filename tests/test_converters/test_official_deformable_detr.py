@@ -134,3 +134,32 @@ def test_detrex_deformable_detr_equals_reference(tmp_path, refine):
         (logits, boxes), (hf_logits, hf_boxes) = last_layer_outputs(ours, hf, shapes)
         torch.testing.assert_close(logits, hf_logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(boxes, hf_boxes, atol=1e-4, rtol=0)
+
+
+def test_detrex_deformable_detr_two_stage(tmp_path):
+    """detrex's two-stage module names (incl. its misspelt ``enc_outpout_norm``) map to the
+    original's semantics; a checkpoint of the detrex version whose pos_trans_norm did not fit
+    its input is refused by name."""
+    hf = _hf_deformable(with_box_refine=True, two_stage=True, encoder_attention_heads=8,
+                        decoder_attention_heads=8, encoder_layers=1)
+    weights = official_to_detrex_deformable_detr(
+        hf_to_official_deformable_detr(hf.state_dict()))
+    for param in ('weight', 'bias'):
+        weights[f'transformer.enc_outpout_norm.{param}'] = weights.pop(
+            f'transformer.enc_output_norm.{param}')
+    path = save_official(tmp_path / 'two_stage.pth', weights)
+    ours, result = _convert_and_build(path, tmp_path / 'a')
+    assert result.layout == 'detrex-deformable-detr'
+    cfg = Config.fromfile(result.config_path).model
+    assert cfg.as_two_stage and cfg.with_box_refine
+    # detrex's two-stage proposals (300) are not stored; the reference uses 15
+    ours.num_queries = 15
+    (logits, boxes), (hf_logits, hf_boxes) = last_layer_outputs(ours, hf, [(96, 160)])
+    torch.testing.assert_close(logits, hf_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(boxes, hf_boxes, atol=1e-4, rtol=0)
+
+    weights['transformer.pos_trans_norm.weight'] = torch.ones(256)
+    weights['transformer.pos_trans_norm.bias'] = torch.zeros(256)
+    path = save_official(tmp_path / 'old_detrex.pth', weights)
+    with pytest.raises(ConversionError, match='pos_trans_norm has 256 features'):
+        convert_source(path, str(tmp_path / 'b'))
