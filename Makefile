@@ -83,7 +83,7 @@ $(STAMP_DEPS): $(PY) Makefile
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps "torchvision==0.16.2" "timm==1.0.31"
 	touch $(STAMP_DEPS)
 
-$(STAMP_PKG): $(STAMP_DEPS) setup.py pyproject.toml $(wildcard build_tools/*.py) $(wildcard ops/*.h ops/*.cpp ops/*/*.cpp ops/*/*.h ops/cuda/*.cu ops/cuda/*.cuh)
+$(STAMP_PKG): $(STAMP_DEPS) setup.py pyproject.toml build_tools/detrx_backend.py build_tools/cuda_arch.py $(wildcard ops/*.h ops/*.cpp ops/*/*.cpp ops/*/*.h ops/cuda/*.cu ops/cuda/*.cuh)
 	MAX_JOBS=$(NPROC) $(PIP) install -c $(CONSTRAINTS) --no-build-isolation --no-deps -e .
 	$(PY) -c "import mmdet_detrx.ops as o; assert o.native_available(), 'native extension failed to load'"
 	touch $(STAMP_PKG)
@@ -107,14 +107,14 @@ test-integration: install
 
 # Compile-checks the torch-free CUDA device kernels with nvcc (no GPU, no CUDA torch needed).
 cuda-check:
-	$(PY) tools/check_cuda_kernels.py
+	$(PY) build_tools/check_cuda_kernels.py
 
 # Links and loads the whole extension (CUDA kernels included) against a CUDA build of torch in a
 # separate venv (.venv-cuda, ~5.5 GB, installed once), no GPU needed; not part of `make test`.
 # Environment: CUDA_LINK_ARCH (default 8.0; "default" = setup.py's list), CUDA_TORCH_SPEC,
 # CUDA_HOME. See docs/cuda.md.
 cuda-link:
-	$(PYTHON) tools/cuda_link_check.py
+	$(PYTHON) build_tools/cuda_link_check.py
 
 benchmark: install
 	$(PY) tools/analysis/benchmark_msda.py

@@ -168,8 +168,19 @@ setup(
         'onedl': STACK_REQUIREMENTS['onedl'],
         # mmdet's analysis tools (benchmark.py, analyze_logs.py) and the TensorBoard backend.
         'analysis': ['tensorboard', 'psutil', 'seaborn'],
+        # ONNX export (detrx-export) and its ONNX Runtime check / benchmark.
+        'deploy': ['onnx', 'onnxruntime'],
         'tests': ['pytest', 'pytest-timeout', 'hypothesis'],
     },
+    # The user tools without a clone: `detrx-train CONFIG ...` = `python -m mmdet_detrx.tools.train
+    # CONFIG ...` = `python tools/train.py CONFIG ...` in a clone (mmdet_detrx/tools/console.py).
+    entry_points={'console_scripts': [
+        f'detrx-{name.replace("_", "-")} = mmdet_detrx.tools.console:{name}' for name in (
+            'train', 'test', 'export', 'convert', 'act_tradeoff', 'calibrate_act',
+            'benchmark_act', 'benchmark_backbones', 'benchmark_botnet', 'benchmark_detectors',
+            'benchmark_msda', 'benchmark_onnx', 'browse_dataset', 'compare_ap', 'get_flops',
+            'visualize_act_clusters', 'visualize_deform_points')
+    ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

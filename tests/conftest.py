@@ -4,11 +4,10 @@ import sys
 
 import pytest
 
-# tests/_helpers is imported as `_helpers` whatever pytest's import mode; tools/analysis is on
-# the path as when its scripts run, so a tool imported by path finds `from _common import ...`.
+# tests/_helpers is imported as `_helpers` whatever pytest's import mode (the tools are modules
+# of the package: `from mmdet_detrx.tools.analysis import get_flops`).
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
-sys.path.insert(1, os.path.join(os.path.dirname(TESTS), 'tools', 'analysis'))
 
 # Tests are written for a 2-core CI machine; keep torch from oversubscribing it.
 os.environ.setdefault('OMP_NUM_THREADS', '2')

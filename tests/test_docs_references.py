@@ -1,5 +1,6 @@
-"""The docs point at files that exist: every ``configs/....py`` path named in the docs, READMEs,
-package docstrings and tools, and every relative markdown link, resolves in this checkout.
+"""The docs point at files that exist: every ``configs/....py`` and ``tools/...`` path named in the
+docs, READMEs, package docstrings and tools, and every relative markdown link, resolves in this
+checkout.
 
 Configs move (issue 18 moved three into algorithm folders); a stale path in a command that users
 copy fails at their first step, so it fails here first.
@@ -20,6 +21,8 @@ SOURCES = sorted({*glob.glob(osp.join(ROOT, 'mmdet_detrx', '**', '*.py'), recurs
                   osp.join(ROOT, 'Makefile')})
 # A repository path such as configs/act/x.py, not part of a longer name (my_configs/...).
 CONFIG_PATH = re.compile(r'(?<![\w/.-])configs/[\w./-]+\.py')
+# tools/x.py, build_tools/y.sh; mmdet's own tools/analysis_tools/ are not ours.
+TOOL_PATH = re.compile(r'(?<![\w/.$-])(?:build_)?tools/(?!analysis_tools/)[\w./-]+\.(?:py|sh)')
 MARKDOWN_LINK = re.compile(r'\]\(([^)\s]+)\)')
 
 
@@ -38,6 +41,15 @@ def test_named_config_paths_exist(path):
     missing = [name for name in _config_paths(osp.join(ROOT, path))
                if not osp.isfile(osp.join(ROOT, name))]
     assert not missing, f'{path} names configs that do not exist: {missing}'
+
+
+@pytest.mark.parametrize('path', [_rel(p) for p in MARKDOWN + SOURCES if osp.isfile(p)])
+def test_named_tool_paths_exist(path):
+    """Tools moved (issue 28: CI scaffolding to build_tools/, the code into mmdet_detrx/tools/)."""
+    with open(osp.join(ROOT, path), encoding='utf-8') as f:
+        names = sorted(set(TOOL_PATH.findall(f.read())))
+    missing = [name for name in names if not osp.isfile(osp.join(ROOT, name))]
+    assert not missing, f'{path} names tools that do not exist: {missing}'
 
 
 @pytest.mark.parametrize('path', [_rel(p) for p in MARKDOWN])

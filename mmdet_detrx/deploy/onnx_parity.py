@@ -20,6 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from mmdet_detrx.models.layers import act_exact_mode
+from mmdet_detrx.utils.optional_deps import import_optional
 from .detection_export_wrapper import DetectionExportWrapper
 from .onnx_export import INPUT_NAME
 
@@ -43,7 +44,7 @@ class ParityResult:
 
 def onnxruntime_session(onnx_file: str, threads: Optional[int] = None):
     """A CPU-EP ``InferenceSession`` (``threads``: intra-op threads, default ORT's)."""
-    import onnxruntime as ort
+    ort = import_optional('onnxruntime', 'deploy', 'Running an ONNX file in ONNX Runtime')
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads

@@ -1,4 +1,4 @@
-"""What ``tools/train.py`` and ``tools/test.py`` add to mmdet's tools, written once for both.
+"""What our train and test tools (``mmdet_detrx.tools.train``, ``.test``) add to mmdet's.
 
 * :func:`add_runner_args` / :func:`parse_tool_args`: the flags both take (``--cfg-options``,
   ``--allow-partial-load``, ``--trust-checkpoint``, ``--launcher``, ``--local_rank``), and
@@ -45,9 +45,9 @@ def add_runner_args(parser: argparse.ArgumentParser, partial_load_help: str) -> 
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
-def parse_tool_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """``parser.parse_args()``, exporting ``--local_rank`` as ``LOCAL_RANK`` unless it is set."""
-    args = parser.parse_args()
+def parse_tool_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``; ``--local_rank`` exported as ``LOCAL_RANK`` unless it is set."""
+    args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 

@@ -11,10 +11,9 @@ REPO_CONFIGS = osp.join(REPO_ROOT, 'configs')
 
 
 def load_tool(path: str, name: str = None):
-    """Import a script under ``tools/`` (not a package) as a module.
-
-    ``path`` is relative to the repository root, e.g. ``'tools/analysis/benchmark_msda.py'``
-    (``tests/conftest.py`` puts ``tools/analysis`` on ``sys.path`` for ``_common``).
+    """Import a script that is not part of a package (CI scaffolding such as
+    ``'build_tools/cuda_link_check.py'``, relative to the repository root) as a module. The user tools
+    are package modules: ``from mmdet_detrx.tools.analysis import get_flops``.
     """
     path = osp.join(REPO_ROOT, path)
     name = name or osp.splitext(osp.basename(path))[0]

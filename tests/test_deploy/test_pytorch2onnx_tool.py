@@ -1,5 +1,4 @@
-"""tools/deployment/pytorch2onnx.py as a user runs it: config + checkpoint -> verified ONNX file."""
-import importlib.util
+"""detrx-export (mmdet_detrx/tools/deployment/pytorch2onnx.py) as a user runs it: config + checkpoint -> verified ONNX file."""
 import os
 import os.path as osp
 
@@ -9,7 +8,6 @@ from mmengine.config import Config
 from mmdet.registry import MODELS
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOL = osp.join(ROOT, 'tools', 'deployment', 'pytorch2onnx.py')
 BASE = osp.join(ROOT, 'configs', 'deformable_detr', 'deformable-detrx_r50_16xb2-50e_coco.py')
 # A tiny Deformable DETR: every candidate kept by the top-k (10 queries x 4 classes).
 TINY = f"""_base_ = {BASE!r}
@@ -22,10 +20,8 @@ model = dict(
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location('pytorch2onnx', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from mmdet_detrx.tools.deployment import pytorch2onnx
+    return pytorch2onnx
 
 
 @pytest.fixture(scope='module')

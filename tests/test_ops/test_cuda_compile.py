@@ -1,4 +1,4 @@
-"""tools/check_cuda_kernels.py without a GPU: the CUDA kernels of the ops compile with nvcc for
+"""build_tools/check_cuda_kernels.py without a GPU: the CUDA kernels of the ops compile with nvcc for
 sm_80 / sm_90, the checker fails on broken device code, and the unmodified kernels, run in the
 CPU emulator (ops/cuda/check/ms_deform_attn_emulate.cpp), match the grid_sample reference."""
 import os.path as osp
@@ -10,13 +10,13 @@ import _helpers
 import pytest
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOL = osp.join(ROOT, 'tools', 'check_cuda_kernels.py')
+TOOL = osp.join(ROOT, 'build_tools', 'check_cuda_kernels.py')
 
 needs_nvcc = pytest.mark.skipif(shutil.which('nvcc') is None, reason='nvcc not installed')
 
 
 def load_tool():
-    return _helpers.load_tool('tools/check_cuda_kernels.py')
+    return _helpers.load_tool('build_tools/check_cuda_kernels.py')
 
 
 def test_parse_arch_list():

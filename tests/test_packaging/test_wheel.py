@@ -1,8 +1,9 @@
 """A wheel of mmdet-detrx works outside the clone: built with `pip wheel --no-build-isolation`
 against this environment's torch, installed with `pip install --target` into a fresh directory,
 and used from an empty working directory with the clone not importable. There the native op
-loads, the shipped configs resolve (by path and as `mmdet_detrx::` base), and mmdet's *own*
-tools/train.py (with --auto-scale-lr) trains a shipped config for 2 iterations.
+loads, the shipped configs resolve (by path and as `mmdet_detrx::` base), mmdet's *own*
+tools/train.py (with --auto-scale-lr) trains a shipped config for 2 iterations, and our tools
+run without the clone: `detrx-train`, `python -m mmdet_detrx.tools.test` and `detrx-export`.
 
 The build reuses build/'s objects when they are current (ninja), so it costs a link when the
 extension was built before and one compile (about a minute on 2 cores) otherwise.
@@ -17,6 +18,7 @@ import zipfile
 import mmdet
 import pytest
 import torch
+from _helpers.synthetic_shapes import tiny_run_options
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 MMDET_TRAIN = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', 'train.py')
@@ -108,3 +110,26 @@ def test_mmdet_train_runs_a_shipped_config_from_an_empty_dir(installed):
     # --auto-scale-lr: 1 process x batch 2 against the config's base_batch_size 8.
     assert 'LR is set based on batch size of 8 and the current batch size is 2' in out
     assert (work_dir / 'iter_2.pth').is_file()
+
+
+def test_our_tools_train_test_export_from_an_empty_dir(installed):
+    """The console scripts and `python -m` forms of train, test and ONNX export, no clone."""
+    pytest.importorskip('onnx')
+    site, env, cwd = installed
+    scripts = site / 'bin'  # where `pip install --target` puts console scripts
+    config = osp.join(str(site), 'mmdet_detrx', '.mim', 'configs', DEMO)
+    work_dir = cwd / 'detrx_work'
+    options = tiny_run_options(max_iters=2, ckpt_interval=2,
+                               extra=[f'data_root={cwd / "shapes"}'])
+    out = run([str(scripts / 'detrx-train'), config, '--work-dir', str(work_dir), *options],
+              cwd=cwd, env=env, timeout=600)
+    assert re.search(r'Iter\(train\) \[2/2\]', out), out[-3000:]
+    checkpoint = work_dir / 'iter_2.pth'
+    assert checkpoint.is_file()
+    out = run([sys.executable, '-m', 'mmdet_detrx.tools.test', config, str(checkpoint),
+               '--work-dir', str(cwd / 'detrx_test'), *options], cwd=cwd, env=env, timeout=600)
+    assert 'coco/bbox_mAP' in out
+    onnx_file = cwd / 'demo.onnx'
+    out = run([str(scripts / 'detrx-export'), config, str(checkpoint), '--out', str(onnx_file),
+               '--shape', '64', '64'], cwd=cwd, env=env, timeout=600)
+    assert f'wrote {onnx_file}' in out and onnx_file.stat().st_size > 0

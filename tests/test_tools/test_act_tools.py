@@ -1,5 +1,5 @@
 """ACT's analysis tools run end to end on a model built here and the embedded dataset."""
-import importlib.util
+import importlib
 import os
 import os.path as osp
 
@@ -14,11 +14,7 @@ DETR_CFG = osp.join(ROOT, 'configs/detr/detr_r18-dc5_1xb8-3000i_synthetic-shapes
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, 'tools/analysis',
-                                                                 f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f'mmdet_detrx.tools.analysis.{name}')
 
 
 def data_options(data_root):

@@ -1,7 +1,6 @@
-"""tools/analysis/benchmark_detectors.py and the analysis tools' shared helper, _common.py."""
+"""benchmark_detectors and the tools' shared helper, mmdet_detrx/tools/common.py."""
 import argparse
 import csv
-import importlib.util
 import os.path as osp
 import subprocess
 import sys
@@ -10,19 +9,14 @@ import cv2
 import pytest
 import torch
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOLS = osp.join(ROOT, 'tools', 'analysis')
-sys.path.insert(0, TOOLS)
+from mmdet_detrx.tools import common as _common
 
-import _common  # noqa: E402
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location('benchmark_detectors',
-                                                  osp.join(TOOLS, 'benchmark_detectors.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from mmdet_detrx.tools.analysis import benchmark_detectors
+    return benchmark_detectors
 
 
 # ------------------------------------------------------------------------------------- _common

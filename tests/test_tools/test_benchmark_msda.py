@@ -2,11 +2,9 @@
 import csv
 
 import pytest
-from _helpers import load_tool
 
 from mmdet_detrx.ops import native_available
-
-tool = load_tool('tools/analysis/benchmark_msda.py')
+from mmdet_detrx.tools.analysis import benchmark_msda as tool
 
 pytestmark = pytest.mark.skipif(not native_available(), reason='mmdet_detrx._C not built')
 
@@ -35,7 +33,7 @@ def test_table_csv_and_chart(tiny_shape, tmp_path, capsys):
 
     printed = capsys.readouterr().out
     table = [line for line in printed.splitlines() if line.startswith('|')]
-    # tools/gpu_check.sh reads these columns by position: shape, ..., impl, forward, fwd+bwd
+    # build_tools/gpu_check.sh reads these columns by position: shape, ..., impl, forward, fwd+bwd
     assert table[0].split('|')[1:8] == [
         ' shape ', ' queries ', ' threads ', ' impl ', ' forward ms ', ' fwd+bwd ms ',
         ' fwd+bwd speed-up ']

@@ -1,10 +1,12 @@
 import os.path as osp
 
 import cv2
-from _helpers import REPO_CONFIGS, load_tool
+from _helpers import REPO_CONFIGS
 from mmengine.config import Config
 
-browse = load_tool('tools/analysis/browse_dataset.py').browse
+from mmdet_detrx.tools.analysis import browse_dataset
+
+browse = browse_dataset.browse
 
 DEMO = osp.join(REPO_CONFIGS, 'demo/deformable-detrx_r18_1xb8-1000i_synthetic-shapes.py')
 
@@ -33,6 +35,6 @@ def test_command_line_with_mmdets_flag_spelling(tmp_path):
         f'train_dataloader = dict(dataset=dict(data_root={str(tmp_path / "shapes") + "/"!r}, '
         f'spec={spec!r}))\n'
         f'val_dataloader = train_dataloader\n')
-    tool = load_tool('tools/analysis/browse_dataset.py')
+    tool = browse_dataset
     written = tool.main([str(config), '--output-dir', str(tmp_path / 'vis'), '--num', '1'])
     assert len(written) == 1 and cv2.imread(written[0]) is not None

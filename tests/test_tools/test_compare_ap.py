@@ -1,10 +1,10 @@
-"""tools/analysis/compare_ap.py scores COCO result JSONs against one ground truth."""
+"""compare_ap (mmdet_detrx/tools/analysis/) scores COCO result JSONs against one ground truth."""
 import json
 
 import pytest
 
 pytest.importorskip('pycocotools')
-import compare_ap  # noqa: E402  (tools/analysis is on sys.path: tests/conftest.py)
+from mmdet_detrx.tools.analysis import compare_ap  # noqa: E402
 
 
 def write_json(path, value):

@@ -1,4 +1,4 @@
-"""FLOPs of a detector with our deformable attention: our tools/analysis/get_flops.py works on
+"""FLOPs of a detector with our deformable attention: our get_flops (mmdet_detrx/tools/analysis/) works on
 any detector (no ACT needed) and counts the op, and mmdet's own analysis_tools/get_flops.py
 counts it too (the handle `import mmdet_detrx` registers in mmengine's analyzer)."""
 import json
@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 
-import _helpers
 import mmdet
 import pytest
 
@@ -24,7 +23,8 @@ pytestmark = pytest.mark.skipif(not native_available(), reason='native extension
 
 
 def load_tool():
-    return _helpers.load_tool('tools/analysis/get_flops.py')
+    from mmdet_detrx.tools.analysis import get_flops
+    return get_flops
 
 
 def data_options(data_root):

@@ -1,24 +1,23 @@
-"""tools/analysis/visualize_deform_points.py on a tiny random Deformable DETR."""
+"""visualize_deform_points (mmdet_detrx/tools/analysis/) on a tiny random Deformable DETR."""
 import os.path as osp
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from _helpers import REPO_CONFIGS, load_tool
+from _helpers import REPO_CONFIGS
 from _helpers.detectors import shrink_deformable_detr
 from mmdet.registry import MODELS
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 from mmdet_detrx.datasets import SHAPE_CLASSES, generate_synthetic_shapes
+from mmdet_detrx.tools.analysis import visualize_deform_points as tool
 
 init_default_scope('mmdet')  # configs name mmdet's modules without a scope prefix
 
 CONFIG = osp.join(REPO_CONFIGS, 'deformable_detr', 'deformable-detrx_r50_16xb2-50e_coco.py')
 NUM_QUERIES = 20
-
-tool = load_tool('tools/analysis/visualize_deform_points.py')
 
 
 @pytest.fixture(scope='module')

@@ -35,15 +35,12 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mmdet_detrx.models.layers import (AdaptiveClusteringAttention,  # noqa: E402
-                                       resolve_act_layers)
-from mmdet_detrx.utils.cfg_options import merge_cfg_options  # noqa: E402
-
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from _common import write_csv  # noqa: E402
+from mmdet_detrx.models.layers import resolve_act_layers  # noqa: E402
+from mmdet_detrx.tools.common import (act_layers, build_test_runner, exit_status,  # noqa: E402
+                                      require_act_layers, write_csv)
 
 
 def parse_args(argv=None):
@@ -64,9 +61,7 @@ class EncoderMeter:
     """Accumulates ACT-layer FLOPs, clusters and encoder time over a test loop."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, AdaptiveClusteringAttention)]
-        if not self.layers:
-            raise ValueError('the model has no AdaptiveClusteringAttention layer')
+        self.layers = require_act_layers(model, 'the model')
         self.handles = [m.register_forward_hook(self._after_layer) for m in self.layers]
         encoder = getattr(model, 'encoder', None)
         if encoder is not None:
@@ -123,11 +118,10 @@ def set_num_hashes(model: torch.nn.Module, num_hashes: Optional[int]) -> None:
 
     The layer's hash keeps its first rounds (loaded or seeded) and is completed from its seed.
     """
-    for module in model.modules():
-        if isinstance(module, AdaptiveClusteringAttention):
-            module.use_exact = num_hashes is None
-            if num_hashes is not None:
-                module.num_hashes = num_hashes
+    for module in act_layers(model).values():
+        module.use_exact = num_hashes is None
+        if num_hashes is not None:
+            module.num_hashes = num_hashes
 
 
 class CocoResultCapture:
@@ -213,9 +207,8 @@ def run_sweep(runner: Runner, settings: List[Optional[int]], bootstrap: int = 0)
             add_paired_intervals(rows, evals, bootstrap)
     finally:
         meter.remove()
-        for module in model.modules():
-            if isinstance(module, AdaptiveClusteringAttention):
-                module.use_exact = False
+        for module in act_layers(model).values():
+            module.use_exact = False
     return rows
 
 
@@ -271,28 +264,10 @@ def plot(rows: List[Dict], path: str) -> None:
     plt.close(fig)
 
 
-def build_runner(args) -> Runner:
-    """A test-ready Runner of ``args.config`` with ``args.checkpoint`` loaded (every weight from
-    it), working under ``args.out_dir``: what Runner.test() does before its loop, so the caller
-    can run the test loop once per setting (also calibrate_act's)."""
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:  # as our tools/test.py: typos fail, data_root=X moves every data path
-        merge_cfg_options(cfg, args.cfg_options)
-    cfg.load_from = args.checkpoint
-    cfg.work_dir = osp.join(args.out_dir, 'runner')
-    cfg.setdefault('env_cfg', {})['cudnn_benchmark'] = False
-    if cfg.model.get('backbone', {}).get('init_cfg') is not None:
-        cfg.model.backbone.init_cfg = None  # all weights come from the checkpoint
-    runner = Runner.from_cfg(cfg)
-    runner._test_loop = runner.build_test_loop(runner._test_loop)
-    runner.call_hook('before_run')
-    runner.load_or_resume()
-    return runner
-
-
 def main(argv=None):
     args = parse_args(argv)
-    runner = build_runner(args)
+    runner = build_test_runner(args.config, args.checkpoint, args.cfg_options,
+                               osp.join(args.out_dir, 'runner'))
     resolve_act_layers(runner.model)  # per-layer settings (lists) take their layer's entry
     if args.bootstrap < 0:
         raise ValueError('--bootstrap must be >= 0')
@@ -309,4 +284,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(exit_status(main()))

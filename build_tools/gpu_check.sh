@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU check of the multi-scale deformable attention CUDA kernels.
 #
-#   tools/gpu_check.sh OUTDIR            on a machine with an NVIDIA GPU
-#   tools/gpu_check.sh --dry-run OUTDIR  without a GPU: every stage's command is prepared and the
+#   build_tools/gpu_check.sh OUTDIR            on a machine with an NVIDIA GPU
+#   build_tools/gpu_check.sh --dry-run OUTDIR  without a GPU: every stage's command is prepared and the
 #                                        CPU-reachable parts run (small case and benchmark on the
 #                                        CPU, CUDA tests collected and skipped), report written
 #

@@ -1,11 +1,11 @@
 """Forward time and peak memory of BoTNet vs the ResNet it modifies, same run, same input.
 
 Every (backbone, input size) pair is measured in a fresh subprocess so that peak memory is
-that pair's own: on CPU the growth of the process's peak resident set size during the forward
-passes (activations and workspaces; weights and input are allocated before), on CUDA
-``torch.cuda.max_memory_allocated`` minus the memory held before the forward passes. Timing,
-machine line, table and chart are ``_common``'s (``time_call``, ``machine_line``,
-``markdown_table``, ``bar_chart``: linear axes, each bar's ratio to the baseline ResNet on it).
+that pair's own (``measure_in_subprocess``): the growth over the forward passes of the
+process's resident set on CPU, of ``torch.cuda.max_memory_allocated`` on CUDA, over what was
+held before them (weights and input: ``PeakMemory``). Timing, machine line, table and chart are
+``mmdet_detrx.tools.common``'s (``time_call``, ``machine_line``, ``markdown_table``,
+``bar_chart``: linear axes, each bar's ratio to the baseline ResNet on it).
 
 Example (CPU, the numbers in docs/botnet.md)::
 
@@ -14,16 +14,14 @@ Example (CPU, the numbers in docs/botnet.md)::
 """
 import argparse
 import json
-import os.path as osp
-import resource
-import subprocess
 import sys
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from _common import (DTYPES, Column, add_common_args, bar_chart,  # noqa: E402
-                     describe_machine, machine_line, markdown_table, parse_hw, time_call)
+from mmdet_detrx.tools.common import (DTYPES, Column, PeakMemory, add_common_args, bar_chart,
+                                      describe_machine, machine_line, markdown_table,
+                                      measure_in_subprocess, parse_hw, time_call)
+
 
 BACKBONES = {
     'R50': dict(type='ResNet', depth=50),
@@ -38,7 +36,7 @@ TABLE = [Column('backbone', align='left'), Column('params_m', 'params (M)', '{:.
          Column('memory_vs_resnet', 'memory x ResNet', '{:.2f}x')]
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--backbones', nargs='+', default=['R50', 'BoT50'],
                         choices=sorted(BACKBONES))
@@ -56,7 +54,7 @@ def parse_args():
     parser.add_argument('--out-png', help='also save a bar chart of time and memory (PNG)')
     parser.add_argument('--single', nargs=2, metavar=('BACKBONE', 'SIZE'),
                         help=argparse.SUPPRESS)  # internal: measure one pair, print JSON
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.sizes = [parse_hw(s) if isinstance(s, str) else s for s in args.sizes]  # the default
     return args
 
@@ -71,10 +69,6 @@ def parse_chunk(text):
     if value <= 0:
         raise ValueError(f"--query-chunk-size must be a positive int or 'none', got {text!r}")
     return value
-
-
-def peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def measure(args, name, size):
@@ -100,23 +94,17 @@ def measure(args, name, size):
     def forward():
         model(x)  # outputs freed on return: one forward's activations at a time
 
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-        memory_before = torch.cuda.memory_allocated()
-    else:
-        memory_before = peak_rss_bytes()
+    memory = PeakMemory(device)
+    memory.start()
     with torch.no_grad(), autocast:
         timing = time_call(forward, repeats=args.repeats, warmup=args.warmup, device=device)
-    if device.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated() - memory_before
-    else:
-        peak = peak_rss_bytes() - memory_before
+    peak = memory.stop()
     return dict(backbone=name, size=f'{size[0]}x{size[1]}', params_m=num_params / 1e6,
                 ms=timing.median_ms, ms_min=1e3 * timing.min, memory_mib=peak / 2**20)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.single:
         print(json.dumps(measure(args, args.single[0], parse_hw(args.single[1]))))
         return
@@ -129,11 +117,9 @@ def main():
     rows = []
     for height, width in args.sizes:
         for name in args.backbones:
-            cmd = [sys.executable, __file__, '--single', name, f'{height}x{width}', *passthrough]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode:
-                sys.exit(f'{name} {height}x{width} failed:\n{result.stderr}')
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            rows.append(measure_in_subprocess(
+                __spec__.name, ['--single', name, f'{height}x{width}', *passthrough],
+                f'{name} {height}x{width}'))
             print(f'{name} {height}x{width}: {rows[-1]["ms"]:.0f} ms', file=sys.stderr)
 
     memory = {(row['backbone'], row['size']): row['memory_mib'] for row in rows}
@@ -189,4 +175,4 @@ def save_plot(rows, path, title):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

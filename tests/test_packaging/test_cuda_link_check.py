@@ -1,4 +1,4 @@
-"""tools/cuda_link_check.py (``make cuda-link``): version parsing, the torch / nvcc CUDA-major
+"""build_tools/cuda_link_check.py (``make cuda-link``): version parsing, the torch / nvcc CUDA-major
 check and its message, nvcc discovery, the rebuild stamp. The real link check downloads a CUDA
 torch and builds for minutes, so it is not run here (docs/cuda.md has its numbers)."""
 import json
@@ -13,7 +13,7 @@ NVCC_13 = ('nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, relea
 
 
 def load_tool():
-    return _helpers.load_tool('tools/cuda_link_check.py')
+    return _helpers.load_tool('build_tools/cuda_link_check.py')
 
 
 def write_script(path, body):

@@ -22,7 +22,7 @@ given peak. ``--mixed DTYPE`` adds the native op in mixed precision: value in DT
 float16), sampling locations and attention weights in the row's dtype (what ``ms_deform_attn``
 runs under autocast), with its speed-up over the native op in that dtype alone. The
 implementations of one shape and thread count are timed interleaved, run by run
-(``_common.time_calls``). ``--out-dir`` also writes the table (``msda.md``), the rows
+(``common.time_calls``). ``--out-dir`` also writes the table (``msda.md``), the rows
 (``msda.csv``) and a bar chart of forward+backward times on a linear axis with each bar's
 speed-up over the reference written on it (``msda.png``); ``--out-png PATH`` writes only the
 chart (the older flag).
@@ -30,12 +30,14 @@ chart (the older flag).
 import argparse
 import os
 import os.path as osp
+import sys
 
 import torch
-from _common import (DTYPES, Column, add_common_args, bar_chart, describe_machine, machine_line,
-                     markdown_table, time_calls, write_csv)
 
 from mmdet_detrx.ops import ms_deform_attn, ms_deform_attn_pytorch, native_available
+from mmdet_detrx.tools.common import (DTYPES, Column, add_common_args, bar_chart, describe_machine,
+                                      exit_status, machine_line, markdown_table, time_calls,
+                                      write_csv)
 
 ENCODER_LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
 SHAPES = {
@@ -285,4 +287,4 @@ def save_chart(rows, path, title):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(exit_status(main()))

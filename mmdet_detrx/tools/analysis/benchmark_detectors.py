@@ -72,31 +72,33 @@ the stock fp32 model of its group). Example (the full matrix, for an idle machin
 import argparse
 import contextlib
 import copy
-import ctypes
 import gc
 import math
 import os
 import os.path as osp
 import sys
-import time
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from _common import (Column, add_common_args, bar_chart, machine_line,  # noqa: E402
-                     markdown_table, panel_grid, time_calls, write_csv)
+from mmdet_detrx.config_path import get_config_path
+from mmdet_detrx.tools.common import (Column, PeakMemory, add_common_args, add_shape_arg,
+                                      bar_chart, machine_line, markdown_table,
+                                      memory_available_bytes, panel_grid, time_call,
+                                      time_calls, write_csv)
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DC5 = dict(strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), out_indices=(3, ))
 
 
 @dataclass
 class Pair:
+    """Two detectors compared with the same weights: the ``stock`` one (mmdet's) is the
+    reference of every ratio and of the encoder check; ``ours`` is the same model built from
+    our config (and, with ``--with-nchw``, an ``ours NCHW`` variant)."""
     stock: str  # config under mmdet's package configs
-    ours: str  # config in this repository
+    ours: str  # config shipped with this package (configs/ in the clone)
     stock_label: str
     ours_label: str
     stock_backbone: Optional[dict] = None  # applied to the stock config's backbone
@@ -108,26 +110,27 @@ class Pair:
 PAIRS = {
     'deformable-detr': Pair(
         'deformable_detr/deformable-detr_r50_16xb2-50e_coco.py',
-        'configs/deformable_detr/deformable-detrx_r50_16xb2-50e_coco.py',
+        'deformable_detr/deformable-detrx_r50_16xb2-50e_coco.py',
         'mmdet', 'ours (MSDeformAttn)'),
     'deformable-detr-2stage': Pair(
         'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
-        'configs/deformable_detr/deformable-detrx-refine-twostage_r50_16xb2-50e_coco.py',
+        'deformable_detr/deformable-detrx-refine-twostage_r50_16xb2-50e_coco.py',
         'mmdet', 'ours (MSDeformAttn)',
         min_pixels=48 * 340),  # top-300 proposals need >= 300 encoder tokens
     'dino': Pair(
         'dino/dino-4scale_r50_8xb2-12e_coco.py',
-        'configs/dino/dinox-4scale_r50_8xb2-12e_coco.py',
+        'dino/dinox-4scale_r50_8xb2-12e_coco.py',
         'mmdet', 'ours (MSDeformAttn)',
         # top-900 proposals need >= 900 encoder tokens (about pixels / 48 over strides 8-64)
         min_pixels=48 * 1000),
     'detr-dc5-act': Pair(
-        'detr/detr_r50_8xb2-150e_coco.py', 'configs/act_detr_r50-dc5.py',
+        'detr/detr_r50_8xb2-150e_coco.py', 'act_detr_r50-dc5.py',
         'exact (mmdet DETR-DC5)', 'ours (ACT)', stock_backbone=DC5),
     'botnet-mask-rcnn': Pair(
-        'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', 'configs/botnet/mask-rcnn_bot50_fpn_1x_coco.py',
+        'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', 'botnet/mask-rcnn_bot50_fpn_1x_coco.py',
         'mmdet R50', 'ours (BoT50)', strict=False, compare_encoder=False),
 }
+ROLES = ('stock', 'ours', 'ours NCHW')  # a variant's place in its pair (the chart's series)
 MODES = ('infer', 'train')
 STAGES = ('backbone', 'neck', 'encoder', 'decoder', 'head')
 STAGE_MODULES = {  # stage -> (detector attributes, methods wrapped)
@@ -151,8 +154,7 @@ def parse_args(argv=None):
     parser.add_argument('--models', nargs='+', choices=list(PAIRS), default=list(PAIRS),
                         help='model pairs (default: all)')
     parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
-    parser.add_argument('--shape', type=int, nargs=2, default=(800, 1333), metavar=('H', 'W'),
-                        help='input image size (default 800 1333)')
+    add_shape_arg(parser, help='input image size')
     parser.add_argument('--batch-infer', type=int, default=1, help='inference batch (1)')
     parser.add_argument('--batch-train', type=int, default=2, help='train-step batch (2)')
     add_common_args(parser, 'dtypes', 'threads', 'repeats', 'warmup', 'out_dir', 'seed')
@@ -181,52 +183,6 @@ def parse_args(argv=None):
 
 
 # -------------------------------------------------------------------------------------- memory
-_LIBC = ctypes.CDLL('libc.so.6') if sys.platform.startswith('linux') else None
-
-
-def _status_kib(field_name):
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field_name + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'{field_name} missing from /proc/self/status')
-
-
-def memory_available_bytes():
-    with open('/proc/meminfo') as f:
-        for line in f:
-            if line.startswith('MemAvailable:'):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError('MemAvailable missing from /proc/meminfo')
-
-
-class PeakRSS:
-    """Peak resident-set growth of this process over a region (Linux)."""
-
-    def __init__(self):
-        self.baseline = self.peak = 0
-
-    def start(self):
-        gc.collect()
-        if _LIBC is not None:
-            _LIBC.malloc_trim(0)  # give retained free heap back, so reuse cannot hide growth
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')  # reset VmHWM to the current RSS
-        self.baseline = _status_kib('VmRSS') * 1024
-
-    def stop(self):
-        self.peak = max(self.peak, _status_kib('VmHWM') * 1024 - self.baseline)
-        return self.peak
-
-
-def memory_supported():
-    try:
-        PeakRSS().start()
-        return True
-    except OSError:
-        return False
-
-
 def extrapolate_peak(probes, pixels):
     """Fit ``c + a * p + b * p**2`` (all >= 0) through (pixels, bytes) probes; evaluate at
     ``pixels``. The constant holds what does not scale with the image (gradients, optimizer
@@ -253,22 +209,12 @@ def machine_peaks(threads, repeats=5):
     for name, dtype in (('float32', torch.float32), ('bfloat16', torch.bfloat16)):
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         out = torch.empty(n, n, dtype=dtype)
-        torch.mm(a, b, out=out)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b, out=out)
-            times.append(time.perf_counter() - start)
-        peaks[f'gemm_gflops_{name}'] = 2 * n**3 / min(times) / 1e9
+        best = time_call(lambda: torch.mm(a, b, out=out), repeats=repeats, warmup=1).min
+        peaks[f'gemm_gflops_{name}'] = 2 * n**3 / best / 1e9
     src = torch.ones(64 * 2**20)  # 256 MiB, far past the caches
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    peaks['copy_gbps'] = 2 * src.numel() * src.element_size() / min(times) / 1e9
+    best = time_call(lambda: dst.copy_(src), repeats=repeats, warmup=1).min
+    peaks['copy_gbps'] = 2 * src.numel() * src.element_size() / best / 1e9
     peaks['threads'] = threads
     return peaks
 
@@ -291,15 +237,30 @@ def load_cfg(path, backbone_update=None):
     return cfg
 
 
-def build_pair(pair: Pair, with_nchw=False):
-    """Stock and ours from one set of weights. Returns (cfgs, models, labels, load report).
+@dataclass
+class Variant:
+    """One detector of a pair: its role (one of ``ROLES``), its label in the table, its config
+    and model, and the state dict every case starts from."""
+    role: str
+    label: str
+    cfg: Any
+    model: torch.nn.Module
+    state: Dict[str, torch.Tensor] = field(default_factory=dict)
 
-    With ``with_nchw``, and where our detector takes ``conv_memory_format``, a third model: ours
-    with NCHW convolutions (mmdet's layout), same weights.
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f'role must be one of {ROLES}, got {self.role!r}')
+
+
+def build_pair(pair: Pair, with_nchw=False) -> Tuple[List[Variant], str]:
+    """The stock and our variant from one set of weights, and the load report.
+
+    With ``with_nchw``, and where our detector takes ``conv_memory_format``, a third variant:
+    ours with NCHW convolutions (mmdet's layout), same weights.
     """
     from mmdet.registry import MODELS
     stock_cfg = load_cfg(mmdet_config_path(pair.stock), pair.stock_backbone)
-    ours_cfg = load_cfg(osp.join(ROOT, pair.ours))
+    ours_cfg = load_cfg(get_config_path(pair.ours))
     # Copied before the build: mmdet's detectors edit their cfg in place.
     nchw_cfg = copy.deepcopy(ours_cfg) if with_nchw else None
     torch.manual_seed(0)
@@ -323,15 +284,16 @@ def build_pair(pair: Pair, with_nchw=False):
                                f'unexpected {result.unexpected_keys}')
         report = (f'shared keys; {len(new_keys)} BoT tensors own init, {len(dropped_keys)} '
                   'R50 conv2 dropped')
-    cfgs, models, labels = [stock_cfg, ours_cfg], [stock, ours], [pair.stock_label, pair.ours_label]
+    variants = [Variant('stock', pair.stock_label, stock_cfg, stock),
+                Variant('ours', pair.ours_label, ours_cfg, ours)]
     if nchw_cfg is not None and hasattr(ours, 'conv_memory_format'):
         nchw_cfg.model.conv_memory_format = 'contiguous'
         nchw = MODELS.build(nchw_cfg.model)
         nchw.load_state_dict(ours.state_dict(), strict=True)
-        cfgs.append(nchw_cfg)
-        models.append(nchw)
-        labels.append(f'{pair.ours_label}, NCHW convs')
-    return cfgs, models, labels, report
+        variants.append(Variant('ours NCHW', f'{pair.ours_label}, NCHW convs', nchw_cfg, nchw))
+    for variant in variants:
+        variant.state = copy.deepcopy(variant.model.state_dict())
+    return variants, report
 
 
 def synthetic_batch(batch, shape, training, with_masks, seed):
@@ -509,24 +471,25 @@ def count_flops_and_capture(step, model):
 
 
 # ------------------------------------------------------------------------------------- benchmark
-def estimate_memory(models, cfgs, mode, shape, batch, with_masks, seed, states, min_pixels):
-    """Extrapolated peak growth (bytes) of each model's ``mode`` step at ``shape``."""
+def estimate_memory(variants, mode, shape, batch, with_masks, seed, min_pixels):
+    """Extrapolated peak growth (bytes) of each variant's ``mode`` step at ``shape``."""
     height, width = shape
     pixels = height * width
     top = max(min(pixels / 4, PROBE_MAX_PIXELS), min(min_pixels, pixels))
     low = max(top / 16, min(min_pixels, pixels))
     sizes = sorted({top, low, (top * low)**0.5}) if low < top else [top]
     estimates = []
-    for model, cfg, state in zip(models, cfgs, states):
+    for variant in variants:
+        model = variant.model
         probes = []
         for probe_pixels in sizes:
             scale = (probe_pixels / pixels)**0.5
             probe_shape = (max(32, math.ceil(height * scale)), max(32, math.ceil(width * scale)))
             data = synthetic_batch(batch, probe_shape, mode == 'train', with_masks, seed)
-            model.load_state_dict(state)
+            model.load_state_dict(variant.state)
             model.train(mode == 'train')
-            step = make_step(model, cfg, mode, 'float32', data)
-            meter = PeakRSS()
+            step = make_step(model, variant.cfg, mode, 'float32', data)
+            meter = PeakMemory()
             meter.start()
             step()
             probes.append((probe_shape[0] * probe_shape[1], meter.stop()))
@@ -537,27 +500,58 @@ def estimate_memory(models, cfgs, mode, shape, batch, with_masks, seed, states, 
         else:
             grown = extrapolate_peak(probes, pixels)
         estimates.append(grown + extra)
-    for model, state in zip(models, states):
-        model.load_state_dict(state)
+    for variant in variants:
+        variant.model.load_state_dict(variant.state)
     return estimates
+
+
+@dataclass
+class Case:
+    """One cell of the benchmark: a pair's variants in one mode, dtype and thread count on one
+    input batch, with the run settings and what every row of it repeats."""
+    pair: str
+    variants: List[Variant]
+    mode: str
+    dtype: str
+    threads: int
+    batch: int
+    shape: Tuple[int, int]
+    data: Dict[str, Any]
+    machine_peaks: Dict[str, float]  # measured GEMM GFLOP/s and copy GB/s at these threads
+    weights: str  # how our variant got the stock weights (build_pair's report)
+    repeats: int
+    warmup: int
+    seed: int
+    profile: bool = True
+    measure_memory: bool = True
+    compare_encoder: bool = True  # ours' encoder output against stock's (fp32 inference)
+
+    def base_row(self) -> Dict[str, Any]:
+        return dict(pair=self.pair, mode=self.mode, dtype=self.dtype, threads=self.threads,
+                    batch=self.batch, shape=f'{self.shape[0]}x{self.shape[1]}',
+                    weights=self.weights)
+
+    def status_rows(self, status: str) -> List[Dict[str, Any]]:
+        """A row per variant saying why the case did not run."""
+        return [dict(self.base_row(), impl=v.label, role=v.role, status=status)
+                for v in self.variants]
 
 
 def run_pair(args, name, pair, peaks_by_threads, log):
     log(f'== {name}: building {pair.stock} and {pair.ours}')
-    cfgs, models, labels, load_report = build_pair(pair, args.with_nchw)
-    states = [copy.deepcopy(m.state_dict()) for m in models]
+    variants, load_report = build_pair(pair, args.with_nchw)
     with_masks = 'mask' in pair.stock
     rows = []
-    measure_memory = memory_supported()
+    measure_memory = PeakMemory.supported()
+    shape = tuple(args.shape)
     for threads in args.threads:
         torch.set_num_threads(threads)
-        peaks = peaks_by_threads[threads]
         for mode in args.modes:
             batch = args.batch_infer if mode == 'infer' else args.batch_train
             refused = None
             if not args.no_memory_check and measure_memory:
-                estimates = estimate_memory(models, cfgs, mode, tuple(args.shape), batch,
-                                            with_masks, args.seed, states, pair.min_pixels)
+                estimates = estimate_memory(variants, mode, shape, batch, with_masks, args.seed,
+                                            pair.min_pixels)
                 need, available = MEMORY_MARGIN * max(estimates), memory_available_bytes()
                 log(f'   {mode}: estimated peak growth '
                     f'{", ".join(f"{e / 2**30:.2f}" for e in estimates)} GiB '
@@ -565,80 +559,83 @@ def run_pair(args, name, pair, peaks_by_threads, log):
                 if need > available:
                     refused = (f'refused: estimated {need / 2**30:.1f} GiB (x{MEMORY_MARGIN} '
                                f'margin) > {available / 2**30:.1f} GiB available')
-                    print(f'{name} {mode} {args.shape[0]}x{args.shape[1]} batch {batch}: '
+                    print(f'{name} {mode} {shape[0]}x{shape[1]} batch {batch}: '
                           f'{refused}; choose a smaller --shape', file=sys.stderr)
-            data = synthetic_batch(batch, tuple(args.shape), mode == 'train', with_masks,
-                                   args.seed)
+            data = synthetic_batch(batch, shape, mode == 'train', with_masks, args.seed)
             for dtype in args.dtypes:
-                base = dict(pair=name, mode=mode, dtype=dtype, threads=threads, batch=batch,
-                            shape=f'{args.shape[0]}x{args.shape[1]}', weights=load_report)
+                case = Case(pair=name, variants=variants, mode=mode, dtype=dtype,
+                            threads=threads, batch=batch, shape=shape, data=data,
+                            machine_peaks=peaks_by_threads[threads], weights=load_report,
+                            repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                            profile=not args.no_profile, measure_memory=measure_memory,
+                            compare_encoder=pair.compare_encoder)
                 if refused:
-                    rows += [dict(base, impl=label, status=refused) for label in labels]
+                    rows += case.status_rows(refused)
                     continue
                 try:
-                    rows += run_case(args, models, cfgs, states, labels, mode, dtype, data,
-                                     peaks, base, measure_memory, pair.compare_encoder, log)
+                    rows += run_case(case, log)
                 except Exception as exc:  # one case failing must not lose the others' rows
                     failed = f'failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}'
                     log(f'   {mode} {dtype} {threads}T: {failed}')
-                    rows += [dict(base, impl=label, status=failed) for label in labels]
-    del models
+                    rows += case.status_rows(failed)
+    del variants
     gc.collect()
     return rows
 
 
-def run_case(args, models, cfgs, states, labels, mode, dtype, data, peaks, base,
-             measure_memory, compare_encoder, log):
+def run_case(case: Case, log) -> List[Dict[str, Any]]:
+    """Time the case's variants interleaved; a row per variant (see the module docstring)."""
     steps, flops, encoders = {}, {}, {}
-    for model, cfg, state, label in zip(models, cfgs, states, labels):
-        model.load_state_dict(state)
-        model.train(mode == 'train')
-        torch.manual_seed(args.seed)
-        steps[label] = make_step(model, cfg, mode, dtype, data)
-        flops[label], encoders[label] = count_flops_and_capture(steps[label], model)
-    meters = {label: PeakRSS() for label in labels}
+    for variant in case.variants:
+        variant.model.load_state_dict(variant.state)
+        variant.model.train(case.mode == 'train')
+        torch.manual_seed(case.seed)
+        steps[variant.role] = make_step(variant.model, variant.cfg, case.mode, case.dtype,
+                                        case.data)
+        flops[variant.role], encoders[variant.role] = count_flops_and_capture(
+            steps[variant.role], variant.model)
+    meters = {variant.role: PeakMemory() for variant in case.variants}
     timings = time_calls(
-        steps, repeats=args.repeats, warmup=max(0, args.warmup - 1),
-        setup=(lambda label: meters[label].start()) if measure_memory else None,
-        teardown=(lambda label, _: meters[label].stop()) if measure_memory else None)
+        steps, repeats=case.repeats, warmup=max(0, case.warmup - 1),
+        setup=(lambda role: meters[role].start()) if case.measure_memory else None,
+        teardown=(lambda role, _: meters[role].stop()) if case.measure_memory else None)
     shares = {}
-    if not args.no_profile:
-        for model, label in zip(models, labels):
-            shares[label] = profile_shares(steps[label], model)
+    if case.profile:
+        for variant in case.variants:
+            shares[variant.role] = profile_shares(steps[variant.role], variant.model)
     rows = []
-    gemm_peak = peaks[f'gemm_gflops_{dtype}']
-    for label in labels:
-        timing = timings[label]
-        row = dict(base, impl=label, status='ok', median_s=timing.median, min_s=timing.min,
-                   gflop=flops[label] / 1e9 if flops[label] else None)
+    gemm_peak = case.machine_peaks[f'gemm_gflops_{case.dtype}']
+    reference = encoders.get('stock')
+    for variant in case.variants:
+        role, timing = variant.role, timings[variant.role]
+        row = dict(case.base_row(), impl=variant.label, role=role, status='ok',
+                   median_s=timing.median, min_s=timing.min,
+                   gflop=flops[role] / 1e9 if flops[role] else None)
         if row['gflop']:
             row['gflops_per_s'] = row['gflop'] / timing.median
             row['pct_gemm_peak'] = 100 * row['gflops_per_s'] / gemm_peak
-        if measure_memory:
-            row['peak_mib'] = meters[label].peak / 2**20
-        for stage, share in shares.get(label, {}).items():
+        if case.measure_memory:
+            row['peak_mib'] = meters[role].peak / 2**20
+        for stage, share in shares.get(role, {}).items():
             row[f'share_{stage}'] = 100 * share
-        if (compare_encoder and mode == 'infer' and dtype == 'float32'
-                and encoders[labels[0]] is not None and encoders[label] is not None
-                and encoders[label].shape == encoders[labels[0]].shape):
-            reference = encoders[labels[0]]
-            row['encoder_rel_diff'] = ((encoders[label] - reference).norm() /
+        encoder = encoders[role]
+        if (case.compare_encoder and case.mode == 'infer' and case.dtype == 'float32'
+                and reference is not None and encoder is not None
+                and encoder.shape == reference.shape):
+            row['encoder_rel_diff'] = ((encoder - reference).norm() /
                                        reference.norm().clamp_min(1e-12)).item()
         rows.append(row)
-        log(f'   {mode} {dtype} {base["threads"]}T {label}: {timing.median:.3f} s '
-            f'(min {timing.min:.3f})' + (f', peak +{row["peak_mib"]:.0f} MiB'
-                                         if measure_memory else ''))
+        log(f'   {case.mode} {case.dtype} {case.threads}T {variant.label}: '
+            f'{timing.median:.3f} s (min {timing.min:.3f})'
+            + (f', peak +{row["peak_mib"]:.0f} MiB' if case.measure_memory else ''))
     del steps
     return rows
 
 
 def add_ratios(rows):
     """Speed-up and memory ratio of every row to the stock fp32 row of its (pair, mode, threads)."""
-    stock = {}
-    for row in rows:
-        if row.get('status') == 'ok' and row['dtype'] == 'float32':
-            key = (row['pair'], row['mode'], row['threads'])
-            stock.setdefault(key, row)  # the first (stock) impl of the group
+    stock = {(row['pair'], row['mode'], row['threads']): row for row in rows
+             if row.get('status') == 'ok' and row['dtype'] == 'float32' and row['role'] == 'stock'}
     for row in rows:
         ref = stock.get((row['pair'], row['mode'], row['threads']))
         if ref is None or row.get('status') != 'ok':
@@ -686,8 +683,7 @@ def save_chart(rows, path, title):
         values, series = {}, []
         for r in subset:
             group = f'{r["pair"]}\n{r["threads"]}T'
-            role = impl_role(subset, r['pair'], r['impl'])
-            name = f'{role} {r["dtype"]}'
+            name = f'{r["role"]} {r["dtype"]}'
             series.append(name)
             values[(group, name)] = r.get(field)
         series = list(dict.fromkeys(series))
@@ -702,12 +698,6 @@ def save_chart(rows, path, title):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def impl_role(rows, pair, impl):
-    """'stock', 'ours' or 'ours NCHW': the impl's place in its pair (the chart's series)."""
-    impls = list(dict.fromkeys(r['impl'] for r in rows if r['pair'] == pair))
-    return ('stock', 'ours', 'ours NCHW')[impls.index(impl)]
 
 
 def main(argv=None):
@@ -731,7 +721,7 @@ def main(argv=None):
         log(f'{threads} threads: GEMM {p["gemm_gflops_float32"]:.0f} GFLOP/s fp32, '
             f'{p["gemm_gflops_bfloat16"]:.0f} GFLOP/s bf16; copy {p["copy_gbps"]:.1f} GB/s')
     machine = machine_line()
-    if not memory_supported():
+    if not PeakMemory.supported():
         log('peak memory: not measured (needs Linux /proc/self/clear_refs)')
 
     rows = []

@@ -1,4 +1,6 @@
-"""Evaluate a checkpoint: ``python tools/test.py CONFIG CHECKPOINT [--out F.pkl] [--show-dir D]``.
+"""Evaluate a checkpoint: ``detrx-test CONFIG CHECKPOINT [--out F.pkl] [--show-dir D]``.
+
+Also ``python -m mmdet_detrx.tools.test`` or, in a clone, ``python tools/test.py``.
 
 Mirrors MMDetection's ``tools/test.py`` (``--tta`` included) and registers mmdet-detrx's modules
 first. Beyond it: the checkpoint must match the model (``CheckpointMatchHook``) unless
@@ -7,6 +9,7 @@ every dataset path.
 """
 import argparse
 import os.path as osp
+import sys
 
 from mmengine.config import ConfigDict
 
@@ -16,7 +19,7 @@ from mmdet_detrx.utils.tool_cli import (add_runner_args, load_tool_config, parse
                                         require_checkpoint_match, tool_runner)
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Test (and evaluate) a detector')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
@@ -32,7 +35,7 @@ def parse_args():
                         help="mixed-precision inference: mmengine's TestLoop autocast (bf16 on "
                         'CPU, fp16 on CUDA); the ...X detectors return float32 predictions')
     add_runner_args(parser, partial_load_help='evaluate a checkpoint')
-    return parse_tool_args(parser)
+    return parse_tool_args(parser, argv)
 
 
 def trigger_visualization_hook(cfg, args):
@@ -66,8 +69,8 @@ def use_tta(cfg):
     return cfg
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if not osp.isfile(args.checkpoint) and '://' not in args.checkpoint:
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
@@ -92,4 +95,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -22,21 +22,22 @@ import argparse
 import json
 import os
 import os.path as osp
+import sys
 from functools import partial
 from typing import Dict, List
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import Column, add_common_args, markdown_table
 from mmengine.analysis import FlopAnalyzer
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner, load_checkpoint
 
-from mmdet_detrx.models.layers import AdaptiveClusteringAttention, act_exact_mode
-from mmdet_detrx.utils import merge_cfg_options
+from mmdet_detrx.models.layers import act_exact_mode
+from mmdet_detrx.tools.common import (Column, act_layers, add_common_args, add_shape_arg,
+                                      exit_status, load_config, markdown_table)
 
 
 def parse_args(argv=None):
@@ -46,8 +47,7 @@ def parse_args(argv=None):
                         help='checkpoint (clusters depend on the weights; random if omitted)')
     parser.add_argument('--num-images', type=int, default=20,
                         help='images of the val set to average over (default 20)')
-    parser.add_argument('--shape', type=int, nargs=2, default=None, metavar=('H', 'W'),
-                        help='resize every image to H x W')
+    add_shape_arg(parser, default=None, help='resize every image to this height and width')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, as in tools/test.py')
     add_common_args(parser, 'device', 'out_dir')
@@ -58,20 +58,11 @@ def parse_args(argv=None):
     return args
 
 
-def act_layers(model) -> Dict[str, AdaptiveClusteringAttention]:
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, AdaptiveClusteringAttention)}
-
-
 def build_model_and_loader(config, checkpoint=None, cfg_options=None, device='cpu'):
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        merge_cfg_options(cfg, cfg_options)
+    cfg = load_config(config, cfg_options, weights_from_checkpoint=True)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     from mmdet.registry import MODELS
     cfg.model.pop('init_cfg', None)
-    if cfg.model.get('backbone', {}).get('init_cfg') is not None:
-        cfg.model.backbone.init_cfg = None  # no pretrained download: the checkpoint has it all
     model = MODELS.build(cfg.model)
     if checkpoint:
         load_checkpoint(model, checkpoint, map_location='cpu')
@@ -200,4 +191,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(exit_status(main()))

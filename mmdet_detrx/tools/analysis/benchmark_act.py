@@ -29,6 +29,7 @@ compute cost itself). Writes ``benchmark_act.csv`` and
 import argparse
 import os
 import os.path as osp
+import sys
 import time
 
 import matplotlib
@@ -37,12 +38,12 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import (Column, add_common_args, machine_line, markdown_table,  # noqa: E402
-                     time_call, write_csv)
 from mmcv.cnn.bricks.transformer import MultiheadAttention  # noqa: E402
 
 from mmdet_detrx.models.layers import (AdaptiveClusteringAttention,  # noqa: E402
                                        adaptive_clustering_attention, calibrate_bucket_width)
+from mmdet_detrx.tools.common import (Column, add_common_args, exit_status,  # noqa: E402
+                                      machine_line, markdown_table, time_call, write_csv)
 
 
 def parse_args(argv=None):
@@ -224,4 +225,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(exit_status(main()))

@@ -16,7 +16,8 @@ import argparse
 import math
 import os
 import os.path as osp
-from typing import List, Sequence, Tuple
+import sys
+from typing import Sequence, Tuple
 
 import matplotlib
 
@@ -26,12 +27,12 @@ import mmcv  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmdet.apis import inference_detector, init_detector  # noqa: E402
-from _common import panel_grid, panel_shape, removing  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 
-from mmdet_detrx.models.layers import (AdaptiveClusteringAttention,  # noqa: E402
-                                       resolve_act_layers)
-from mmdet_detrx.utils import list_images, merge_cfg_options  # noqa: E402
+from mmdet_detrx.models.layers import resolve_act_layers  # noqa: E402
+from mmdet_detrx.tools.common import (exit_status, load_config, panel_grid,  # noqa: E402
+                                      panel_shape, removing, require_act_layers)
+from mmdet_detrx.utils import list_images  # noqa: E402
 
 PANEL_COLS = 4
 TITLE_PX = 24  # pixel band above each panel for its title
@@ -116,16 +117,9 @@ class FeatureShapeRecorder:
         self._handle.remove()
 
 
-def act_layers(model: torch.nn.Module) -> List[AdaptiveClusteringAttention]:
-    layers = [m for m in model.modules() if isinstance(m, AdaptiveClusteringAttention)]
-    if not layers:
-        raise ValueError('the model has no AdaptiveClusteringAttention layer; use an ACT config')
-    return layers
-
-
 def visualize(model, image_file: str, out_dir: str, head: int = 0,
               panel_size: int = 300) -> str:
-    layers = act_layers(model)
+    layers = require_act_layers(model, 'the model')
     if not 0 <= head < layers[0].num_heads:
         raise ValueError(f'--head {head} out of range: the encoder has {layers[0].num_heads} '
                          'heads')
@@ -162,11 +156,7 @@ def visualize(model, image_file: str, out_dir: str, head: int = 0,
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        merge_cfg_options(cfg, args.cfg_options)
-    if cfg.model.get('backbone', {}).get('init_cfg') is not None:
-        cfg.model.backbone.init_cfg = None  # the checkpoint holds every weight
+    cfg = load_config(args.config, args.cfg_options, weights_from_checkpoint=True)
     model = init_detector(cfg, args.checkpoint, device=args.device)
     resolve_act_layers(model)  # per-layer settings (lists) take their layer's entry
     written = [visualize(model, f, args.out_dir, args.head, args.panel_size)
@@ -177,4 +167,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(exit_status(main()))

@@ -1,6 +1,6 @@
 """Export a DETR-family detector (config + checkpoint) to ONNX: ``input -> (dets, labels)``.
 
-    python tools/deployment/pytorch2onnx.py CONFIG CHECKPOINT --out MODEL.onnx \\
+    detrx-export CONFIG CHECKPOINT --out MODEL.onnx \\
         [--shape H W] [--batch N] [--dynamic] [--msda {grid_sample,trt-plugin}] [--opset N] \\
         [--verify [IMAGE]] [--cfg-options KEY=VALUE ...]
 
@@ -21,7 +21,7 @@ import os.path as osp
 import sys
 
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
 
@@ -30,7 +30,8 @@ from mmdet.registry import MODELS
 from mmdet_detrx.deploy import (DEFAULT_OPSET, MSDA_MODES, OnnxExportError, compare_detections,
                                 export_detector_onnx, onnxruntime_session, pytorch_detections,
                                 run_onnxruntime)
-from mmdet_detrx.utils import TRUSTED_CHECKPOINTS_ENV, UnsafeCheckpointError, merge_cfg_options
+from mmdet_detrx.tools.common import add_shape_arg, load_config
+from mmdet_detrx.utils import TRUSTED_CHECKPOINTS_ENV, UnsafeCheckpointError
 
 
 def parse_args(argv=None):
@@ -38,8 +39,7 @@ def parse_args(argv=None):
     parser.add_argument('config', help='model config')
     parser.add_argument('checkpoint', help='checkpoint file (loaded strictly)')
     parser.add_argument('--out', required=True, help='the ONNX file to write')
-    parser.add_argument('--shape', type=int, nargs=2, default=[800, 1333], metavar=('H', 'W'),
-                        help='input height and width traced (default 800 1333)')
+    add_shape_arg(parser, help='input height and width traced')
     parser.add_argument('--batch', type=int, default=1, help='batch size N (fixed; default 1)')
     parser.add_argument('--dynamic', action='store_true', help='dynamic input height and width')
     parser.add_argument('--msda', choices=MSDA_MODES, default='grid_sample',
@@ -59,9 +59,7 @@ def parse_args(argv=None):
 
 def build_detector(config: str, checkpoint: str, cfg_options=None):
     """The config's model with the checkpoint loaded strictly, on CPU, in eval mode."""
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        merge_cfg_options(cfg, cfg_options)
+    cfg = load_config(config, cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     model = MODELS.build(cfg.model)
     if not osp.isfile(checkpoint):

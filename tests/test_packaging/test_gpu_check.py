@@ -1,4 +1,4 @@
-"""tools/gpu_check.sh without a GPU: the script parses (bash -n, shellcheck where installed),
+"""build_tools/gpu_check.sh without a GPU: the script parses (bash -n, shellcheck where installed),
 refuses bad arguments, refuses to run for real without a CUDA device, and its dry run exercises
 every CPU-reachable stage and writes a report that says plainly nothing ran on a GPU (--runslow).
 """
@@ -14,7 +14,7 @@ import torch
 from mmdet_detrx.ops import native_available
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-SCRIPT = osp.join(ROOT, 'tools', 'gpu_check.sh')
+SCRIPT = osp.join(ROOT, 'build_tools', 'gpu_check.sh')
 
 
 def run_script(*args, timeout=300, **env):

@@ -26,13 +26,15 @@ import argparse
 import json
 import os
 import os.path as osp
+import sys
 import time
 from typing import Dict, List
 
-from _common import Column, add_common_args, markdown_table, write_csv
 
 from mmdet_detrx.evaluation.bootstrap import (COCO_METRIC_MAX_DETS, CocoImageEvals,
                                               bootstrap_ap)
+from mmdet_detrx.tools.common import (Column, add_common_args, exit_status, markdown_table,
+                                      write_csv)
 
 
 def parse_args(argv=None):
@@ -161,4 +163,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(exit_status(main()))

@@ -32,9 +32,9 @@ or a missing nvcc.
 
 Example::
 
-    python3 tools/cuda_link_check.py                  # what `make cuda-link` runs
-    python3 tools/cuda_link_check.py --arch default   # setup.py's full arch list (slow)
-    python3 tools/cuda_link_check.py --torch-spec "torch==2.9.1" --nvcc /usr/local/cuda-12.8/bin/nvcc
+    python3 build_tools/cuda_link_check.py                  # what `make cuda-link` runs
+    python3 build_tools/cuda_link_check.py --arch default   # setup.py's full arch list (slow)
+    python3 build_tools/cuda_link_check.py --torch-spec "torch==2.9.1" --nvcc /usr/local/cuda-12.8/bin/nvcc
 """
 import argparse
 import glob

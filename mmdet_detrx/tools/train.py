@@ -1,4 +1,6 @@
-"""Train a detector: ``python tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [PATH]]``.
+"""Train a detector: ``detrx-train CONFIG [--work-dir DIR] [--amp] [--resume [PATH]]``.
+
+Also ``python -m mmdet_detrx.tools.train`` or, in a clone, ``python tools/train.py``.
 
 Mirrors MMDetection's ``tools/train.py`` and registers mmdet-detrx's modules first. Beyond it:
 unknown top-level ``--cfg-options`` keys fail and ``data_root=X`` moves every dataset path
@@ -8,6 +10,7 @@ unknown top-level ``--cfg-options`` keys fail and ``data_root=X`` moves every da
 """
 import argparse
 import os.path as osp
+import sys
 
 import mmdet_detrx  # noqa: F401  (registers our modules)
 from mmdet_detrx.utils import check_dataset_files, find_resumable_checkpoint, use_atomic_checkpoints
@@ -15,7 +18,7 @@ from mmdet_detrx.utils.tool_cli import (add_runner_args, load_tool_config, parse
                                         require_checkpoint_match, tool_runner)
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train a detector')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
@@ -27,11 +30,11 @@ def parse_args():
         '--resume', nargs='?', type=str, const='auto',
         help='resume from PATH, or from the latest checkpoint in the work dir if no PATH')
     add_runner_args(parser, partial_load_help='load a load_from checkpoint')
-    return parse_tool_args(parser)
+    return parse_tool_args(parser, argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     cfg = load_tool_config(args)
 
     if args.amp:
@@ -75,4 +78,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

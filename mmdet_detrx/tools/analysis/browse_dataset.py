@@ -6,16 +6,16 @@ Works for the embedded synthetic-shapes dataset (generated on first use) and any
 """
 import argparse
 import os.path as osp
+import sys
 
 import mmcv
-from _common import add_common_args
 from mmdet.registry import DATASETS, VISUALIZERS
 from mmdet.structures.bbox import BaseBoxes
 from mmengine.config import Config, DictAction
 from mmengine.registry import init_default_scope
 
 import mmdet_detrx  # noqa: F401
-from mmdet_detrx.utils import merge_cfg_options
+from mmdet_detrx.tools.common import add_common_args, exit_status, load_config
 
 
 def parse_args(argv=None):
@@ -62,9 +62,7 @@ def browse(config: Config, output_dir: str, num: int = 16) -> list:
 
 def main(argv=None) -> list:
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options is not None:
-        merge_cfg_options(cfg, args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)
     written = browse(cfg, args.out_dir, args.num)
     for path in written:
         print(path)
@@ -72,4 +70,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(exit_status(main()))

@@ -14,12 +14,13 @@ Measured per entry, each in a fresh subprocess (so memory is that entry's own):
 * FLOPs: mmengine's ``FlopAnalyzer`` (one multiply-accumulate = one FLOP, mmdet's convention),
   with a handle for ``scaled_dot_product_attention`` (the analyzer has none, and attention is
   most of a ViT's cost at detection sizes: ``B * heads * N * M * (d_qk + d_v)``);
-* time: median (and min) of ``--repeats`` forwards after ``--warmup`` (``_common.time_call``),
+* time: median (and min) of ``--repeats`` forwards after ``--warmup`` (``common.time_call``),
   wall clock or, with ``--timer cpu``, the process's CPU time summed over its threads (robust
   to other load on a shared machine);
-* peak memory: growth of the process's peak resident set during the timed forwards over the
-  resident set before them (weights and input are allocated before; CPU), or
-  ``torch.cuda.max_memory_allocated`` growth (CUDA).
+* peak memory: growth of the process's resident set during the forwards over the resident set
+  before them (weights and input are allocated before; CPU), or of
+  ``torch.cuda.max_memory_allocated`` (CUDA): ``common.PeakMemory``, each model in a fresh
+  process.
 
 Example (the numbers in docs/benchmarks.md)::
 
@@ -30,14 +31,14 @@ import argparse
 import json
 import os
 import os.path as osp
-import resource
-import subprocess
 import sys
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from _common import Column, add_common_args, machine_line, markdown_table, parse_hw, time_call  # noqa: E402,E501
+from mmdet_detrx.tools.common import (Column, PeakMemory, add_common_args, add_shape_arg,
+                                      machine_line, markdown_table, measure_in_subprocess,
+                                      time_call)
+
 
 RESNET50_FPN = (
     dict(type='ResNet', depth=50, num_stages=4, out_indices=(0, 1, 2, 3), frozen_stages=1,
@@ -64,8 +65,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--models', nargs='+', default=['R50', 'ViT-S', 'TNT-S'],
                         choices=list(MODELS_TO_BENCHMARK))
-    parser.add_argument('--shape', type=parse_hw, default=(800, 1333),
-                        help='input HxW (default 800x1333)')
+    add_shape_arg(parser, help='input height and width')
     parser.add_argument('--no-flops', action='store_true', help='skip the FLOP count')
     add_common_args(parser, 'device', 'repeats', 'warmup', 'timer', 'out_dir')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
@@ -107,10 +107,6 @@ def count_flops(model, x):
     return analyzer.total()
 
 
-def peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def measure(args, name):
     from mmdet.utils import register_all_modules
 
@@ -125,20 +121,14 @@ def measure(args, name):
     x = torch.randn(1, 3, *args.shape, device=device)
     row = dict(model=name, shape=f'{args.shape[0]}x{args.shape[1]}',
                params_m=sum(p.numel() for p in model.parameters()) / 1e6)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-        memory_before = torch.cuda.memory_allocated(device)
-    else:
-        memory_before = peak_rss_bytes()
+    memory = PeakMemory(device)
+    memory.start()
     with torch.no_grad():
         timing = time_call(lambda: model(x), repeats=args.repeats, warmup=args.warmup,
                            device=device, clock=args.timer)
+    peak = memory.stop()
     row['levels'] = ' '.join(f'{o.shape[-2]}x{o.shape[-1]}' for o in timing.output)
     timing.output = None
-    if device.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated(device) - memory_before
-    else:
-        peak = peak_rss_bytes() - memory_before
     row.update(ms=timing.median_ms, ms_min=1e3 * timing.min, memory_mib=peak / 2**20)
     if not args.no_flops:  # after timing: tracing allocates too
         with torch.no_grad():
@@ -159,11 +149,7 @@ def main(argv=None):
         passthrough.append('--no-flops')
     rows = []
     for name in args.models:
-        cmd = [sys.executable, osp.abspath(__file__), '--single', name, *passthrough]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode:
-            sys.exit(f'{name} failed:\n{result.stderr}')
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        rows.append(measure_in_subprocess(__spec__.name, ['--single', name, *passthrough], name))
         print(f'{name}: {rows[-1]["ms"]:.0f} ms', file=sys.stderr)
     base = next((r for r in rows if r['model'] == 'R50'), None)
     for row in rows:
@@ -193,4 +179,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

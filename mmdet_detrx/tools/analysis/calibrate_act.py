@@ -27,28 +27,20 @@ CONFIG is a DETR config whose encoder self-attention is ``AdaptiveClusteringAtte
 Writes ``calibrate_act.json`` and ``calibrate_act.md`` to ``--out-dir``.
 """
 import argparse
-import importlib.util
 import json
 import os
 import os.path as osp
+import sys
 from typing import Dict, List, Optional
 
 import torch
 from mmengine.config import DictAction
-from mmengine.runner import Runner
 
-from mmdet_detrx.models.layers import (AdaptiveClusteringAttention, act_exact_mode,
-                                       calibrate_layer, resolve_act_layers)
+from mmdet_detrx.models.layers import act_exact_mode, calibrate_layer, resolve_act_layers
+from mmdet_detrx.tools.analysis import act_tradeoff
+from mmdet_detrx.tools.common import build_test_runner, exit_status, require_act_layers
 
 _ATTN_KEY = 'model.encoder.layer_cfg.self_attn_cfg'
-
-
-def _load_sibling(name):
-    spec = importlib.util.spec_from_file_location(
-        name, osp.join(osp.dirname(osp.abspath(__file__)), f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv=None):
@@ -79,13 +71,8 @@ def parse_args(argv=None):
     return args
 
 
-def build_runner(args) -> Runner:
-    """act_tradeoff's test-ready Runner (checkpoint loaded, test loop built)."""
-    return _load_sibling('act_tradeoff').build_runner(args)
-
-
 @torch.no_grad()
-def record_layer_inputs(model, layers: List[AdaptiveClusteringAttention], dataloader,
+def record_layer_inputs(model, layers: List[torch.nn.Module], dataloader,
                         num_images: int) -> List[List[tuple]]:
     """Per layer, the (query, query_pos, key_padding_mask) batches of the exact model."""
     recorded = [[] for _ in layers]
@@ -163,8 +150,7 @@ def apply(layers, chosen, relative: bool) -> None:
 
 def evaluate(runner, layers, settings) -> List[Dict]:
     """Test loop per named setting: AP, encoder GFLOPs, clusters, times."""
-    tradeoff = _load_sibling('act_tradeoff')
-    meter = tradeoff.EncoderMeter(runner.model)
+    meter = act_tradeoff.EncoderMeter(runner.model)
     rows = []
     try:
         for name, exact, setup in settings:
@@ -203,12 +189,11 @@ def to_markdown(per_layer, eval_rows: Optional[List[Dict]], target: str, snippet
 
 def main(argv=None):
     args = parse_args(argv)
-    runner = build_runner(args)
+    runner = build_test_runner(args.config, args.checkpoint, args.cfg_options,
+                               osp.join(args.out_dir, 'runner'))
     model = runner.model
     resolve_act_layers(model)
-    layers = [m for m in model.modules() if isinstance(m, AdaptiveClusteringAttention)]
-    if not layers:
-        raise ValueError(f'{args.config} has no AdaptiveClusteringAttention layer')
+    layers = require_act_layers(model, args.config)
     original = [(m.num_hashes, m.bucket_width, m.relative_bucket_width) for m in layers]
     model.eval()
     recorded = record_layer_inputs(model, layers, runner.test_dataloader, args.num_images)
@@ -278,4 +263,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(exit_status(main()))

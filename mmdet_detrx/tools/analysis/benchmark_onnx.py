@@ -27,27 +27,25 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from _common import (Column, add_common_args, machine_line, markdown_table,  # noqa: E402
-                     time_calls)
-from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.runner import load_checkpoint  # noqa: E402
 
 import mmdet_detrx  # noqa: F401,E402  (registers our modules)
 from mmdet.registry import MODELS  # noqa: E402
+from mmdet_detrx.config_path import CONFIG_ROOT  # noqa: E402
 from mmdet_detrx.deploy import (DetectionExportWrapper, compare_detections,  # noqa: E402
                                 export_detector_onnx, onnxruntime_session, run_onnxruntime)
+from mmdet_detrx.tools.common import (Column, add_common_args, add_shape_arg,  # noqa: E402
+                                      load_config, machine_line, markdown_table, time_calls)
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-DEFAULT_CONFIG = osp.join(ROOT, 'configs/deformable_detr/deformable-detrx_r50_16xb2-50e_coco.py')
+DEFAULT_CONFIG = osp.join(CONFIG_ROOT, 'deformable_detr/deformable-detrx_r50_16xb2-50e_coco.py')
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', nargs='?', default=DEFAULT_CONFIG, help='model config')
     parser.add_argument('--checkpoint', help='weights (default: random initialisation)')
-    parser.add_argument('--shape', type=int, nargs=2, default=[800, 1333], metavar=('H', 'W'))
+    add_shape_arg(parser, help='input height and width exported and timed')
     parser.add_argument('--onnx', help='an existing export of CONFIG at --shape (skip export)')
     parser.add_argument('--opset', type=int, default=17)
     add_common_args(parser, 'threads', 'repeats', 'warmup', 'out_dir')
@@ -55,9 +53,8 @@ def parse_args(argv=None):
 
 
 def build_model(config: str, checkpoint=None):
-    cfg = Config.fromfile(config)
+    cfg = load_config(config, weights_from_checkpoint=True)  # random init: no download either
     init_default_scope(cfg.get('default_scope', 'mmdet'))
-    cfg.model.backbone.init_cfg = None
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
     if checkpoint:
@@ -105,7 +102,7 @@ def main(argv=None):
                                   Column('min', 'min (ms)', '{:.0f}'),
                                   Column('ratio', 'speed vs PyTorch fp32', '{:.2f}x')])
     import onnxruntime
-    header = (f'{osp.relpath(args.config, ROOT)}, input 1x3x{height}x{width}, '
+    header = (f'{osp.relpath(args.config, CONFIG_ROOT)}, input 1x3x{height}x{width}, '
               f'{args.repeats} runs after {args.warmup} warm-up, {threads} thread(s), '
               f'onnxruntime {onnxruntime.__version__}\n'
               f'{machine_line()}\n'

@@ -1,7 +1,6 @@
-"""Pieces every analysis tool shares: timing, machine description, tables, charts, panels, flags.
+"""Pieces the tools share: timing, machine description, tables, charts, panels, flags, exit status.
 
-Tools in this folder run as scripts (``python tools/analysis/X.py``), so ``from _common import
-...`` resolves to this file; tests import the tools by path with this folder on ``sys.path``.
+The one helper module of ``mmdet_detrx.tools`` (``from mmdet_detrx.tools.common import ...``).
 
 * :func:`time_call` / :func:`time_calls`: wall (or process CPU) time of callables with warm-up,
   device synchronisation and repeats; ``time_calls`` interleaves several callables run by run,
@@ -16,16 +15,29 @@ Tools in this folder run as scripts (``python tools/analysis/X.py``), so ``from 
 * :func:`removing`: a context that removes a recorder's forward hooks on leaving, whatever
   happens inside (``with removing(Recorder(model)) as recorder: inference_detector(...)``).
 * :func:`add_common_args`: the flags tools share, under one name each (old spellings kept as
-  aliases).
+  aliases); :func:`add_shape_arg`: ``--shape H W``, mmdet's spelling, with ``HxW`` accepted.
+* :class:`PeakMemory`, :func:`memory_available_bytes`: peak memory growth over a region (CUDA
+  allocator or the process's resident set) and the memory left on the machine;
+  :func:`measure_in_subprocess`: one measurement in a fresh process, so its peak is its own.
+* :func:`load_config`, :func:`build_test_runner`: a config with ``--cfg-options`` applied as our
+  train/test tools do, and a test-ready Runner with a checkpoint loaded;
+  :func:`act_layers` / :func:`require_act_layers`: a model's ACT attention layers.
+* :func:`exit_status`: a tool's ``main()`` result as a process exit status (``main`` returns its
+  rows or report to Python callers).
 """
 import argparse
 import contextlib
 import csv
+import ctypes
+import gc
+import json
 import math
 import os
 import os.path as osp
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -35,7 +47,9 @@ import torch
 __all__ = [
     'Timing', 'CLOCKS', 'DTYPES', 'sync_device', 'time_call', 'time_calls', 'describe_machine',
     'machine_line', 'Column', 'markdown_table', 'write_csv', 'bar_chart', 'panel_grid',
-    'panel_shape', 'removing', 'add_common_args', 'parse_hw'
+    'panel_shape', 'removing', 'add_common_args', 'add_shape_arg', 'parse_hw', 'exit_status',
+    'PeakMemory', 'memory_available_bytes', 'measure_in_subprocess', 'load_config',
+    'build_test_runner', 'act_layers', 'require_act_layers'
 ]
 
 CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
@@ -172,6 +186,83 @@ def machine_line(device='cpu') -> str:
     return line
 
 
+# -------------------------------------------------------------------------------------- memory
+_LIBC = ctypes.CDLL('libc.so.6') if sys.platform.startswith('linux') else None
+
+
+def _status_kib(field_name: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field_name + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f'{field_name} missing from /proc/self/status')
+
+
+def memory_available_bytes() -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` (Linux)."""
+    with open('/proc/meminfo') as f:
+        for line in f:
+            if line.startswith('MemAvailable:'):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError('MemAvailable missing from /proc/meminfo')
+
+
+class PeakMemory:
+    """Peak memory growth of this process over regions (``start()`` ... ``stop()``), in bytes;
+    ``peak`` is the maximum over the regions measured.
+
+    On CUDA: the allocator's high-water mark over what was allocated at ``start``. On CPU (Linux):
+    the resident set's — at ``start`` retained free heap is handed back (``malloc_trim``, so reuse
+    cannot hide growth) and the kernel's high-water mark ``VmHWM`` is reset to the current
+    resident set through ``/proc/self/clear_refs``; ``stop`` reads it. Either way what was held
+    before ``start`` (weights, optimizer state) is excluded.
+    """
+
+    def __init__(self, device='cpu') -> None:
+        self.device = torch.device(device)
+        self.baseline = self.peak = 0
+
+    @staticmethod
+    def supported(device='cpu') -> bool:
+        """Whether :meth:`start` works here (CPU: needs ``/proc/self/clear_refs``)."""
+        try:
+            PeakMemory(device).start()
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            return
+        gc.collect()
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # reset VmHWM to the current RSS
+        self.baseline = _status_kib('VmRSS') * 1024
+
+    def stop(self) -> int:
+        if self.device.type == 'cuda':
+            grown = torch.cuda.max_memory_allocated(self.device) - self.baseline
+        else:
+            grown = _status_kib('VmHWM') * 1024 - self.baseline
+        self.peak = max(self.peak, grown)
+        return self.peak
+
+
+def measure_in_subprocess(module: str, argv: Sequence[str], what: str) -> Dict[str, Any]:
+    """``python -m module *argv`` in a fresh process (its peak memory is its own, nothing of an
+    earlier measurement lingers): the JSON object its last stdout line holds. A failure exits
+    naming ``what`` with the child's stderr."""
+    result = subprocess.run([sys.executable, '-m', module, *argv], capture_output=True,
+                            text=True)
+    if result.returncode:
+        sys.exit(f'{what} failed:\n{result.stderr}')
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 # -------------------------------------------------------------------------------------- tables
 @dataclass
 class Column:
@@ -304,6 +395,34 @@ def parse_hw(text: str) -> Tuple[int, int]:
     return height, width
 
 
+class _ShapeAction(argparse.Action):
+    """``--shape H W`` (two values, mmdet's spelling) or ``--shape HxW`` (one) -> ``(H, W)``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            if len(values) == 1:
+                shape = parse_hw(values[0])
+            elif len(values) == 2:
+                shape = tuple(int(v) for v in values)
+            else:
+                raise ValueError
+        except (ValueError, argparse.ArgumentTypeError):
+            parser.error(f'{option_string} takes H W (e.g. 800 1333) or HxW (800x1333), got '
+                         f'{" ".join(values)!r}')
+        if min(shape) <= 0:
+            parser.error(f'{option_string} must be positive, got {shape[0]} {shape[1]}')
+        setattr(namespace, self.dest, shape)
+
+
+def add_shape_arg(parser: argparse.ArgumentParser, default: Optional[Tuple[int, int]] = (800, 1333),
+                  help: str = 'input height and width') -> None:
+    """``--shape H W`` (``HxW`` accepted too) into ``args.shape`` as an ``(H, W)`` tuple."""
+    suffix = f' (default {default[0]} {default[1]})' if default else ''
+    parser.add_argument('--shape', nargs='+', action=_ShapeAction, metavar=('H', 'W'),
+                        default=tuple(default) if default else None,
+                        help=f'{help}: H W or HxW{suffix}')
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -358,3 +477,64 @@ def add_common_args(parser: argparse.ArgumentParser, *names: str, **defaults) ->
         parser.add_argument(*flags, **kwargs)
     if defaults:
         raise ValueError(f'defaults given for arguments not added: {sorted(defaults)}')
+
+
+def exit_status(result: Any) -> int:
+    """The exit status of a tool whose ``main()`` returned ``result``: an int is the status;
+    anything else (the rows, report or files a tool returns to Python callers) means success.
+    Errors leave ``main`` as exceptions or ``SystemExit``."""
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+# ------------------------------------------------------------------------------- configs, models
+def load_config(path: str, cfg_options: Optional[Mapping] = None,
+                weights_from_checkpoint: bool = False):
+    """``Config.fromfile(path)`` with ``--cfg-options`` merged as our train/test tools merge them
+    (unknown top-level keys fail, ``data_root=DIR`` moves every data path). With
+    ``weights_from_checkpoint`` the backbone's ``init_cfg`` is dropped: a checkpoint will hold
+    every weight, so no pretrained file is downloaded."""
+    from mmengine.config import Config
+
+    from mmdet_detrx.utils.cfg_options import merge_cfg_options
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        merge_cfg_options(cfg, cfg_options)
+    if weights_from_checkpoint and cfg.model.get('backbone', {}).get('init_cfg') is not None:
+        cfg.model.backbone.init_cfg = None
+    return cfg
+
+
+def build_test_runner(config: str, checkpoint: str, cfg_options: Optional[Mapping],
+                      work_dir: str):
+    """A test-ready Runner of ``config`` with ``checkpoint`` loaded (every weight from it),
+    working under ``work_dir``: what ``Runner.test()`` does before its loop, so that a tool can
+    run the test loop once per setting (``runner.test_loop.run()``) and call
+    ``runner.call_hook('after_run')`` at the end."""
+    from mmengine.runner import Runner
+    cfg = load_config(config, cfg_options, weights_from_checkpoint=True)
+    cfg.load_from = checkpoint
+    cfg.work_dir = work_dir
+    cfg.setdefault('env_cfg', {})['cudnn_benchmark'] = False
+    runner = Runner.from_cfg(cfg)
+    runner._test_loop = runner.build_test_loop(runner._test_loop)
+    runner.call_hook('before_run')
+    runner.load_or_resume()
+    return runner
+
+
+def act_layers(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """``{module name: layer}`` of the model's ``AdaptiveClusteringAttention`` layers, in
+    module order (empty for a model without ACT)."""
+    from mmdet_detrx.models.layers import AdaptiveClusteringAttention
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, AdaptiveClusteringAttention)}
+
+
+def require_act_layers(model: torch.nn.Module, source: str) -> List[torch.nn.Module]:
+    """The model's ACT layers (module order), or a ``ValueError`` saying ``source`` (a config,
+    'the model') has none."""
+    layers = list(act_layers(model).values())
+    if not layers:
+        raise ValueError(f'{source} has no AdaptiveClusteringAttention layer; use an ACT config '
+                         '(configs/act/, or encoder self_attn_cfg of that type)')
+    return layers

@@ -39,10 +39,11 @@ from mmdet.apis import inference_detector, init_detector  # noqa: E402
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from _common import add_common_args, panel_grid, panel_shape, removing  # noqa: E402
 
 from mmdet_detrx.models.layers import MSDeformAttn  # noqa: E402
 from mmdet_detrx.utils import list_images  # noqa: E402
+from mmdet_detrx.tools.common import (add_common_args, exit_status, panel_grid,  # noqa: E402
+                                      panel_shape, removing)
 
 LEVEL_CMAPS = ('Reds', 'Greens', 'Blues', 'Purples', 'Oranges', 'Greys')
 PANEL_COLS = 4
@@ -236,4 +237,4 @@ def main(argv=None) -> List[str]:
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(exit_status(main()))

@@ -26,8 +26,8 @@ compilation failed.
 
 Example::
 
-    python tools/check_cuda_kernels.py                      # sm_80 + sm_90, all stages
-    TORCH_CUDA_ARCH_LIST="8.6;8.9" python tools/check_cuda_kernels.py --no-glue -v
+    python build_tools/check_cuda_kernels.py                      # sm_80 + sm_90, all stages
+    TORCH_CUDA_ARCH_LIST="8.6;8.9" python build_tools/check_cuda_kernels.py --no-glue -v
 """
 import argparse
 import os

@@ -1,0 +1,1 @@
+"""Analysis tools: benchmarks, FLOPs, ACT calibration and trade-off, AP comparison, pictures."""

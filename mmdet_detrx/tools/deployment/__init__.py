@@ -1,0 +1,1 @@
+"""Deployment tools: ONNX export (``pytorch2onnx``)."""

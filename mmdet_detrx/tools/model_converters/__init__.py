@@ -1,0 +1,1 @@
+"""Checkpoint conversion tools (``convert``: other codebases' checkpoints to ours)."""
