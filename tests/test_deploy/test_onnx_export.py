@@ -228,7 +228,21 @@ def test_failed_export_leaves_no_file_and_keeps_an_existing_one(tmp_path, monkey
 
 def test_bad_arguments_are_named(tmp_path):
     assert 'msda must be one of' in _export_error(tmp_path, msda='cuda')
-    assert 'opset must be an int in [11, 20]' in _export_error(tmp_path, opset=21)
+    assert 'opset must be an int in [11, 17]' in _export_error(tmp_path, opset=21)
+
+
+@pytest.mark.parametrize('opset', [11, 17])
+def test_documented_opset_range_exports(tmp_path, opset):
+    """Issue 27.5: the documented range is the one that works (18-20 always failed inside the
+    TorchScript exporter for the deformable detectors; they are refused up front now)."""
+    msda = 'trt-plugin' if opset < 16 else 'grid_sample'
+    summary = export_detector_onnx(_model('deformable-detr'), str(tmp_path / 'model.onnx'),
+                                   (1, 3, HEIGHT, WIDTH), msda=msda, opset=opset)
+    assert summary.opset == opset and os.listdir(tmp_path) == ['model.onnx']
+
+
+def test_opsets_the_exporter_fails_on_are_refused_up_front(tmp_path):
+    assert '18-20 hit an exporter assert' in _export_error(tmp_path, opset=18)
 
 
 def test_onnx_file_honours_the_umask(tmp_path):
@@ -241,3 +255,23 @@ def test_onnx_file_honours_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
+
+
+def test_stale_temporary_files_of_a_killed_export_are_cleaned(tmp_path):
+    """Issue 27.5: a killed export left .export-*/.final-* files that nothing removed."""
+    import socket
+    import subprocess
+    import sys
+    from mmdet_detrx.deploy.onnx_export import _host
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
+    stale = [f'.detrx-export.{_host()}.{dead}.abc.onnx', f'.detrx-final.{_host()}.{dead}.x.onnx']
+    kept = [f'.detrx-export.{_host()}.{os.getpid()}.live.onnx',  # a live process: not ours to touch
+            f'.detrx-export.otherhost.{dead}.abc.onnx',  # another machine on a shared folder
+            'notes.onnx']
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b'x')
+    assert socket.gethostname()  # the names above carry this host
+    export_detector_onnx(_model('deformable-detr'), str(tmp_path / 'model.onnx'),
+                         (1, 3, HEIGHT, WIDTH))
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ['model.onnx'])
