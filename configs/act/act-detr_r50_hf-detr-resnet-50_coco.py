@@ -4,7 +4,7 @@
 # the ACT-DETR-R50 config with the backbone's ImageNet init dropped. Convert with --coco80, which
 # keeps the 80 real COCO classes of HF's 91 category-id outputs (mmdet's CocoDataset/CocoMetric
 # label space; docs/converters.md):
-#   python -m mmdet_detrx.tools.model_converters.convert HF_FOLDER work_dirs/hf-detr-r50 --coco80
+#   python tools/model_converters/convert.py HF_FOLDER work_dirs/hf-detr-r50 --coco80
 #   python tools/test.py configs/act/act-detr_r50_hf-detr-resnet-50_coco.py \
 #       work_dirs/hf-detr-r50/hf-detr_detr-resnet-50.pth
 # HF_FOLDER: `huggingface-cli download facebook/detr-resnet-50 --local-dir HF_FOLDER` (or the
