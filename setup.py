@@ -166,11 +166,13 @@ setup(
         'mmdet': STACK_REQUIREMENTS['openmmlab'],
         'openmmlab': STACK_REQUIREMENTS['openmmlab'],
         'onedl': STACK_REQUIREMENTS['onedl'],
-        # mmdet's analysis tools (benchmark.py, analyze_logs.py) and the TensorBoard backend.
-        'analysis': ['tensorboard', 'psutil', 'seaborn'],
+        # mmdet's analysis tools (benchmark.py, analyze_logs.py), the TensorBoard backend and
+        # the HF transformers pair of benchmark_detectors (pinned: the converters' tested version).
+        'analysis': ['tensorboard', 'psutil', 'seaborn', 'transformers==5.23.0'],
         # ONNX export (detrx-export) and its ONNX Runtime check / benchmark.
         'deploy': ['onnx', 'onnxruntime'],
-        'tests': ['pytest', 'pytest-timeout', 'hypothesis'],
+        # transformers: the HF converter parity tests (tests/test_converters/test_hf_*.py).
+        'tests': ['pytest', 'pytest-timeout', 'hypothesis', 'transformers==5.23.0'],
     },
     # The user tools without a clone: `detrx-train CONFIG ...` = `python -m mmdet_detrx.tools.train
     # CONFIG ...` = `python tools/train.py CONFIG ...` in a clone (mmdet_detrx/tools/console.py).
