@@ -33,7 +33,7 @@ MMCV_BUILD_SPECS ?= "setuptools>=80" "packaging>=24.2"
 else
 $(error STACK=$(STACK) is not a stack this Makefile installs: use STACK=openmmlab or STACK=onedl)
 endif
-EXTRA_SPECS ?= "onnx==1.23.2" "onnxruntime==1.32.0" "tensorboard==2.21.0" "psutil==7.2.2" "seaborn==0.13.2"
+EXTRA_SPECS ?= "onnx==1.23.2" "onnxruntime==1.32.0" "tensorboard==2.21.0" "psutil==7.2.2" "seaborn==0.13.2" "transformers==5.23.0" "safetensors==0.8.0"
 PYTEST_ARGS ?=
 NPROC       ?= $(shell nproc 2>/dev/null || echo 2)
 
@@ -73,8 +73,9 @@ $(STAMP_DEPS): $(PY) Makefile
 	MMCV_WITH_OPS=1 MAX_JOBS=$(NPROC) $(PIP) install -c $(CONSTRAINTS) --no-build-isolation "$(MMCV_SPEC)"
 	$(PIP) install -q -c $(CONSTRAINTS) "$(MMENGINE_SPEC)" "$(MMDET_SPEC)" scipy pycocotools \
 		matplotlib pytest pytest-timeout hypothesis
-	# mmdet's analysis tools and TensorBoard backend (psutil, seaborn, tensorboard) and ONNX
-	# export/parity tests (onnx, onnxruntime), pinned to versions tested together.
+	# mmdet's analysis tools and TensorBoard backend (psutil, seaborn, tensorboard), ONNX
+	# export/parity tests (onnx, onnxruntime) and the HF checkpoint converters' parity tests and
+	# benchmark pair (transformers, safetensors), pinned to versions tested together.
 	$(PIP) install -q -c $(CONSTRAINTS) $(EXTRA_SPECS) requests pillow
 	# timm (test-only: the ViT/TNT equality tests build timm models) imports torchvision. PyPI's
 	# torchvision for this torch is a CUDA build that fails to import beside the CPU wheel
