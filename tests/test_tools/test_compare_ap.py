@@ -62,3 +62,15 @@ def test_compare_ap_rejects_a_non_result_json(files):
     ann, good, _ = files
     with pytest.raises(ValueError, match='COCO result list'):
         compare_ap.main([ann, good, ann, '--bootstrap', '0'])
+
+
+def test_max_dets_without_100_is_refused(files, capsys):
+    """Issue 27.4: AP is read at 100 detections; without that limit COCOeval reports -1 and the
+    tool printed AP -100 for both models and 'not distinguishable'."""
+    ann, good, poor = files
+    with pytest.raises(SystemExit):
+        compare_ap.main([ann, good, poor, '--bootstrap', '0', '--max-dets', '10', '300', '1000'])
+    assert '--max-dets must include 100' in capsys.readouterr().err
+    rows = compare_ap.main([ann, good, poor, '--bootstrap', '0',
+                            '--max-dets', '1000', '100', '300'])  # any order: COCOeval sorts
+    assert all(row['AP'] >= 0 for row in rows)

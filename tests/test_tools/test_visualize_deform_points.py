@@ -101,3 +101,26 @@ def test_nothing_drawn_is_an_error_naming_the_threshold(tiny_model, tmp_path, ca
     assert '--score-thr' in str(exc.value.code) and '--query-ids' in str(exc.value.code)
     assert 'best' in capsys.readouterr().err  # the per-image note says what would pass
     assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_images_differing_only_in_extension_get_their_own_pictures(tiny_model, tmp_path):
+    """Issue 27.4: a.png and a.jpg used to write the same a_deform_points.png."""
+    from PIL import Image
+    config, checkpoint, image = tiny_model
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    Image.open(image).convert('RGB').save(folder / 'a.png')
+    Image.open(image).convert('RGB').save(folder / 'a.jpg')
+    written = tool.main([config, checkpoint, str(folder), '--out-dir', str(tmp_path / 'out'),
+                         '--queries', '1', '--score-thr', '0', '--panel-size', '64'])
+    assert sorted(osp.basename(p) for p in written) == ['a_jpg_deform_points.png',
+                                                         'a_png_deform_points.png']
+    assert all(osp.getsize(p) > 0 for p in written)
+
+
+def test_output_names_never_clash():
+    from mmdet_detrx.utils.image_files import output_names
+    names = output_names(['x/a.png', 'x/a.jpg', 'y/a.png', 'b.png', 'B.jpg', 'c.png'], '_v')
+    assert names == ['a_png_v.png', 'a_jpg_v.png', 'a_png_1_v.png', 'b_png_v.png', 'B_jpg_v.png',
+                     'c_v.png']
+    assert len({n.lower() for n in names}) == len(names)

@@ -16,6 +16,7 @@ from mmengine.registry import init_default_scope
 
 import mmdet_detrx  # noqa: F401
 from mmdet_detrx.tools.common import add_common_args, exit_status, load_config
+from mmdet_detrx.utils.image_files import output_names
 
 
 def parse_args(argv=None):
@@ -44,8 +45,12 @@ def browse(config: Config, output_dir: str, num: int = 16) -> list:
     dataset = DATASETS.build(config.train_dataloader.dataset)
     visualizer = VISUALIZERS.build(dict(type='DetLocalVisualizer', name='browse_dataset'))
     visualizer.dataset_meta = dataset.metainfo
+    indices = range(min(num, len(dataset)))
+    # one output per sample: a.png and a.jpg (or one file name in two folders) must not
+    # overwrite each other
+    names = output_names([dataset.get_data_info(i)['img_path'] for i in indices])
     written = []
-    for index in range(min(num, len(dataset))):
+    for index, name in zip(indices, names):
         item = dataset[index]
         image = mmcv.bgr2rgb(item['inputs'].permute(1, 2, 0).numpy())
         sample = item['data_samples']
@@ -53,7 +58,7 @@ def browse(config: Config, output_dir: str, num: int = 16) -> list:
         if isinstance(boxes, BaseBoxes):  # the visualizer draws plain (N, 4) arrays
             sample.gt_instances.bboxes = boxes.tensor
         sample = sample.numpy()
-        out_file = osp.join(output_dir, osp.splitext(osp.basename(sample.img_path))[0] + '.png')
+        out_file = osp.join(output_dir, name)
         visualizer.add_datasample(osp.basename(out_file), image, sample, draw_pred=False,
                                   show=False, out_file=out_file)
         written.append(out_file)

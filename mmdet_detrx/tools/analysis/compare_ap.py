@@ -31,8 +31,8 @@ import time
 from typing import Dict, List
 
 
-from mmdet_detrx.evaluation.bootstrap import (COCO_METRIC_MAX_DETS, CocoImageEvals,
-                                              bootstrap_ap)
+from mmdet_detrx.evaluation.bootstrap import (COCO_METRIC_MAX_DETS, STATS0_MAX_DET,
+                                              CocoImageEvals, bootstrap_ap)
 from mmdet_detrx.tools.common import (Column, add_common_args, exit_status, markdown_table,
                                       write_csv)
 
@@ -62,6 +62,15 @@ def parse_args(argv=None):
         parser.error('--bootstrap must be >= 0')
     if not 0 < args.confidence < 1:
         parser.error('--confidence must lie in (0, 1)')
+    if min(args.max_dets) < 1:
+        parser.error(f'--max-dets must be positive, got {args.max_dets}')
+    if STATS0_MAX_DET not in args.max_dets:
+        # COCOeval.summarize reads AP (stats[0]) at exactly 100 detections and reports -1
+        # without that limit: both models would print AP -100 and "not distinguishable"
+        parser.error(f'--max-dets must include {STATS0_MAX_DET}: AP (COCOeval stats[0], '
+                     f"CocoMetric's bbox_mAP) is read at {STATS0_MAX_DET} detections per image "
+                     f'and category, and is undefined (-1) without it; got {args.max_dets}, e.g. '
+                     f'--max-dets {STATS0_MAX_DET} 300 1000')
     return args
 
 

@@ -17,7 +17,7 @@ import math
 import os
 import os.path as osp
 import sys
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -32,7 +32,7 @@ from mmengine.config import DictAction  # noqa: E402
 from mmdet_detrx.models.layers import resolve_act_layers  # noqa: E402
 from mmdet_detrx.tools.common import (exit_status, load_config, panel_grid,  # noqa: E402
                                       panel_shape, removing, require_act_layers)
-from mmdet_detrx.utils import list_images  # noqa: E402
+from mmdet_detrx.utils.image_files import list_images, output_names  # noqa: E402
 
 PANEL_COLS = 4
 TITLE_PX = 24  # pixel band above each panel for its title
@@ -118,7 +118,9 @@ class FeatureShapeRecorder:
 
 
 def visualize(model, image_file: str, out_dir: str, head: int = 0,
-              panel_size: int = 300) -> str:
+              panel_size: int = 300, out_name: Optional[str] = None) -> str:
+    """Draw one image's clusters into ``out_dir/out_name`` (default
+    ``<image name>_act_clusters.png``); returns the file written."""
     layers = require_act_layers(model, 'the model')
     if not 0 <= head < layers[0].num_heads:
         raise ValueError(f'--head {head} out of range: the encoder has {layers[0].num_heads} '
@@ -148,8 +150,7 @@ def visualize(model, image_file: str, out_dir: str, head: int = 0,
     keep_h, keep_w = min(img_h, pad.shape[0]), min(img_w, pad.shape[1])
     pad[:keep_h, :keep_w] = image[:keep_h, :keep_w]
     os.makedirs(out_dir, exist_ok=True)
-    name = osp.splitext(osp.basename(image_file))[0]
-    out_file = osp.join(out_dir, f'{name}_act_clusters.png')
+    out_file = osp.join(out_dir, out_name or output_names([image_file], '_act_clusters')[0])
     draw(pad, cluster_maps, counts, head, out_file, panel_size)
     return out_file
 
@@ -159,8 +160,10 @@ def main(argv=None):
     cfg = load_config(args.config, args.cfg_options, weights_from_checkpoint=True)
     model = init_detector(cfg, args.checkpoint, device=args.device)
     resolve_act_layers(model)  # per-layer settings (lists) take their layer's entry
-    written = [visualize(model, f, args.out_dir, args.head, args.panel_size)
-               for f in list_images(args.image)]
+    images = list_images(args.image)
+    # one output per input: a.png and a.jpg must not overwrite each other
+    written = [visualize(model, f, args.out_dir, args.head, args.panel_size, name)
+               for f, name in zip(images, output_names(images, '_act_clusters'))]
     for path in written:
         print(path)
     return written

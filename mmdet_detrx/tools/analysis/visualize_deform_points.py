@@ -41,7 +41,7 @@ from mmengine.config import DictAction  # noqa: E402
 
 
 from mmdet_detrx.models.layers import MSDeformAttn  # noqa: E402
-from mmdet_detrx.utils import list_images  # noqa: E402
+from mmdet_detrx.utils.image_files import list_images, output_names  # noqa: E402
 from mmdet_detrx.tools.common import (add_common_args, exit_status, panel_grid,  # noqa: E402
                                       panel_shape, removing)
 
@@ -222,9 +222,10 @@ def main(argv=None) -> List[str]:
     model = init_detector(args.config, args.checkpoint, device=args.device,
                           cfg_options=args.cfg_options)
     written = []
-    for image_path in list_images(args.image):
-        stem = osp.splitext(osp.basename(image_path))[0]
-        out_file = osp.join(args.out_dir, f'{stem}_deform_points.png')
+    images = list_images(args.image)
+    # one output per input: a.png and a.jpg must not overwrite each other
+    for image_path, name in zip(images, output_names(images, '_deform_points')):
+        out_file = osp.join(args.out_dir, name)
         if visualize_image(model, image_path, out_file, args.queries, args.query_ids,
                            args.score_thr, args.panel_size):
             print(f'{image_path} -> {out_file}')
