@@ -66,9 +66,17 @@ def test_resume_restores_iteration_and_optimizer(trained, tmp_path):
     data_root, work_dir = trained
     ckpt1 = osp.join(work_dir, 'iter_1.pth')
     before = load_checkpoint_file(ckpt1, map_location='cpu')
+    # issue 27.1: config text in the checkpoint (plain strings: passes any weights-only check)
+    # is never executed; mmengine's resume would run it with Config.fromstring
+    marker = tmp_path / 'pwned'
+    with_config = torch.load(ckpt1, weights_only=False)
+    with_config['meta']['config'] = f'x = __import__("os").system("touch {marker}")\n'
+    resume_from = str(tmp_path / 'iter_1.pth')
+    torch.save(with_config, resume_from)
     resumed_dir = str(tmp_path / 'resumed')
-    proc = _check(_run(['tools/train.py', DEMO, '--work-dir', resumed_dir, '--resume', ckpt1,
-                        *_tiny_options(data_root, max_iters=3)]))
+    proc = _check(_run(['tools/train.py', DEMO, '--work-dir', resumed_dir, '--resume',
+                        resume_from, *_tiny_options(data_root, max_iters=3)]))
+    assert not marker.exists()
     log = proc.stdout + proc.stderr
     assert 'resumed epoch: 0, iter: 1' in log.replace('\n', ' ') or 'resumed' in log
     after = load_checkpoint_file(osp.join(resumed_dir, 'iter_3.pth'), map_location='cpu')
