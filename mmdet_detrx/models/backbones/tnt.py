@@ -28,8 +28,9 @@ from mmengine.model import BaseModule
 from mmdet.registry import MODELS
 from ..layers.pixel_embed import PixelEmbed
 from ..layers.tnt_block import TNTBlock
-from .vit import (TokenBackboneMixin, check_heads, drop_class_token, drop_classifier,
-                  init_linear_and_norm, rename_keys, resolve_arch, timm_block_rules)
+from .token_backbone import TokenBackboneMixin, check_heads, init_linear_and_norm, resolve_arch
+from .token_checkpoint import (drop_class_token, drop_classifier, rename_keys,
+                               timm_block_rules)
 
 __all__ = ['TNT']
 
