@@ -18,8 +18,9 @@ from importlib.util import find_spec
 from .version import __version__
 
 if find_spec('mmdet') is not None:
-    from .stacks import check_stack  # a mixed OpenMMLab/OneDL install fails here, by name
-    check_stack()
+    from .stacks import check_stack, import_mmdet_quietly
+    check_stack()  # a mixed OpenMMLab/OneDL install fails here, by name
+    import_mmdet_quietly()  # OneDL's mmdet prints a debug note to stdout at import
     from . import datasets, distill, engine, evaluation, models  # noqa: F401  (registration)
     from .utils import patch_mmengine_checkpoint_loading
     patch_mmengine_checkpoint_loading()

@@ -19,7 +19,7 @@ import re
 from importlib import metadata
 
 __all__ = ['STACKS', 'TESTED', 'ALLOW_UNTESTED_ENV', 'UnsupportedStackError', 'installed_stack',
-           'check_stack', 'requirements']
+           'check_stack', 'requirements', 'import_mmdet_quietly']
 
 # module -> (distribution, supported versions) per family. The extras `[openmmlab]` / `[onedl]`
 # are these requirements; `[mmdet]` is kept as the OpenMMLab one (what it always meant).
@@ -129,6 +129,22 @@ def _problems(found):
                 if not _satisfies(version, spec):
                     problems.append(f'{dist} {version} is outside the supported {dist}{spec}')
     return problems
+
+
+def import_mmdet_quietly() -> None:
+    """Import ``mmdet.datasets`` with its standard output sent to standard error.
+
+    OneDL's mmdetection ``print()``s ``Could not import OneDL. Skipping OneDL datasets.`` twice at
+    import when its optional ``onedl`` SDK is absent (``print_log(..., level=DEBUG)`` without a
+    logger prints), which would corrupt output meant for the shell, e.g.
+    ``$(python -m mmdet_detrx.config_path NAME)``. Nothing happens if mmdet is already imported.
+    """
+    import contextlib
+    import sys
+    if 'mmdet.datasets' in sys.modules:
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        import mmdet.datasets  # noqa: F401
 
 
 def check_stack(found=None) -> None:
