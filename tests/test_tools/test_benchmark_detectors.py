@@ -1,6 +1,7 @@
 """benchmark_detectors and the tools' shared helper, mmdet_detrx/tools/common.py."""
 import argparse
 import csv
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -155,6 +156,42 @@ def test_benchmark_detectors_tiny_shape_end_to_end(tmp_path):
     assert '| deformable-detr | ours (MSDeformAttn) | infer | bfloat16 |' in table
     image = cv2.imread(str(out / 'benchmark_detectors.png'))
     assert image is not None and image.std() > 0
+
+
+def _has_transformers_and_timm():
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ('transformers', 'timm'))
+
+
+@pytest.mark.skipif(not _has_transformers_and_timm(), reason='the HF pairs need transformers+timm')
+def test_hf_pairs_tiny_shape(tmp_path):
+    """HF transformers' DETR / Deformable DETR vs ours converted from their save_pretrained
+    folders: inference only, fp32 and bf16 autocast, same weights (encoder outputs agree)."""
+    out = tmp_path / 'bench'
+    proc = subprocess.run(
+        [sys.executable, 'tools/analysis/benchmark_detectors.py', '--models', 'hf-detr',
+         'hf-deformable-detr', '--modes', 'infer', 'train', '--dtypes', 'float32', 'bfloat16',
+         '--shape', '64', '96', '--repeats', '1', '--warmup', '1', '--threads', '1',
+         '--out-dir', str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, HF_HUB_OFFLINE='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'train: skipped (the HF pairs time inference only)' in proc.stderr
+    with open(out / 'benchmark_detectors.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert {(r['pair'], r['impl'], r['mode'], r['dtype']) for r in rows} == {
+        (pair, impl, 'infer', dtype)
+        for pair, ours in (('hf-detr', 'ours (converted)'),
+                           ('hf-deformable-detr', 'ours (converted, MSDeformAttn)'))
+        for impl in ('HF transformers', ours) for dtype in ('float32', 'bfloat16')}
+    for row in rows:
+        assert row['status'] == 'ok', row
+        assert row['weights'] == f"converted ({row['pair']}, strict)"
+        assert float(row['median_s']) > 0 and float(row['gflop']) > 0
+        assert float(row['share_encoder']) > 0 and float(row['share_attention']) > 0
+        if row['dtype'] == 'float32' and row['impl'] != 'HF transformers':
+            # ours converted from HF's weights: the same encoder output up to rounding
+            assert float(row['encoder_rel_diff']) < 1e-4
 
 
 def test_refuses_a_case_that_does_not_fit_in_memory(monkeypatch, capsys):

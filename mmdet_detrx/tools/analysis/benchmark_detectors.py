@@ -13,6 +13,18 @@ into ours, strictly):
                           (not strict: BoT50's attention tensors keep their own random init,
                           R50's replaced c5 conv2 weights are dropped; the key difference is
                           asserted to be exactly ``BoTNet.resnet_key_diff()``)
+  hf-detr                 HF transformers DetrForObjectDetection (facebook/detr-resnet-50's
+                          config: timm ResNet-50, 91 labels) vs DETRX converted from its
+                          ``save_pretrained`` folder by ``mmdet_detrx.converters.convert``
+  hf-deformable-detr      HF DeformableDetrForObjectDetection (SenseTime/deformable-detr's
+                          config; transformers' CPU path: its PyTorch grid_sample deformable
+                          attention) vs DeformableDETRX (MSDeformAttn) converted the same way
+
+The HF pairs time inference only (``infer``; ``train`` is skipped for them): the HF side runs the
+same preprocessing as mmdet's data preprocessor (BGR -> RGB, the converted config's mean/std,
+zero padding, HF's ``pixel_mask``), HF's forward and its image processor's
+``post_process_object_detection`` (top 100). They need transformers and timm (``[analysis]``
+extra); without them they are left out of the default ``--models``.
 
 Ours is our detector as a user gets it: the ``...X`` detectors also run the CNN backbone and
 neck channels-last on CPU (``conv_memory_format='auto'``, see
@@ -68,6 +80,8 @@ the stock fp32 model of its group). Example (the full matrix, for an idle machin
         --out-dir work_dirs/benchmark_detectors
     python tools/analysis/benchmark_detectors.py --models deformable-detr dino --modes infer \\
         --dtypes float32 bfloat16 --shape 800 1333 --repeats 3 --out-dir work_dirs/bd
+    python tools/analysis/benchmark_detectors.py --models hf-detr hf-deformable-detr \\
+        --modes infer --threads 2 --repeats 3 --out-dir work_dirs/bd_hf   # vs HF transformers
 """
 import argparse
 import contextlib
@@ -105,6 +119,7 @@ class Pair:
     strict: bool = True
     compare_encoder: bool = True
     min_pixels: int = 32 * 32  # smallest input the detector runs on
+    hf: Optional[str] = None  # stock is HF transformers' model of this type, ours converted
 
 
 PAIRS = {
@@ -129,6 +144,12 @@ PAIRS = {
     'botnet-mask-rcnn': Pair(
         'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', 'botnet/mask-rcnn_bot50_fpn_1x_coco.py',
         'mmdet R50', 'ours (BoT50)', strict=False, compare_encoder=False),
+    'hf-detr': Pair(
+        'transformers DetrForObjectDetection', 'hf-detr (converted)',
+        'HF transformers', 'ours (converted)', hf='detr'),
+    'hf-deformable-detr': Pair(
+        'transformers DeformableDetrForObjectDetection', 'hf-deformable-detr (converted)',
+        'HF transformers', 'ours (converted, MSDeformAttn)', hf='deformable_detr'),
 }
 ROLES = ('stock', 'ours', 'ours NCHW')  # a variant's place in its pair (the chart's series)
 MODES = ('infer', 'train')
@@ -142,17 +163,31 @@ STAGE_MODULES = {  # stage -> (detector attributes, methods wrapped)
              ('forward', 'predict', 'loss', 'loss_and_predict')),
 }
 ATTENTION_CLASSES = ('MultiScaleDeformableAttention', 'MSDeformAttn', 'MultiheadAttention',
-                     'AdaptiveClusteringAttention', 'BottleneckAttention')
+                     'AdaptiveClusteringAttention', 'BottleneckAttention',
+                     # HF transformers 5 (the HF pairs)
+                     'DetrSelfAttention', 'DetrCrossAttention', 'DeformableDetrSelfAttention',
+                     'DeformableDetrMultiscaleDeformableAttention')
 MEMORY_MARGIN = 2.0  # the estimate was 0.5-1.1x the measured peak at 800x1333
 PROBE_MAX_PIXELS = 400 * 667
+
+
+def hf_available() -> bool:
+    """Whether the HF pairs can run: transformers (and timm, their backbones' home)."""
+    import importlib.util
+    return all(importlib.util.find_spec(name) is not None for name in ('transformers', 'timm'))
+
+
+def default_models() -> List[str]:
+    return [name for name, pair in PAIRS.items() if pair.hf is None or hf_available()]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='\n'.join(__doc__.split('\n')[1:]))
-    parser.add_argument('--models', nargs='+', choices=list(PAIRS), default=list(PAIRS),
-                        help='model pairs (default: all)')
+    parser.add_argument('--models', nargs='+', choices=list(PAIRS), default=None,
+                        help='model pairs (default: all; the HF pairs where transformers and '
+                        'timm are installed)')
     parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
     add_shape_arg(parser, help='input image size')
     parser.add_argument('--batch-infer', type=int, default=1, help='inference batch (1)')
@@ -167,6 +202,11 @@ def parse_args(argv=None):
                         help='also time ours with conv_memory_format="contiguous" (mmdet\'s NCHW '
                         'convolutions), which splits our gain into layout and attention')
     args = parser.parse_args(argv)
+    args.models = args.models or default_models()
+    missing = [name for name in args.models if PAIRS[name].hf and not hf_available()]
+    if missing:
+        parser.error(f'{", ".join(missing)} need transformers and timm: pip install '
+                     '"transformers==5.23.0" timm (or the [analysis] extra)')
     bad = [d for d in args.dtypes if d not in ('float32', 'bfloat16')]
     if bad:
         parser.error(f'--dtypes: only float32 and bfloat16 (CPU autocast), got {bad}')
@@ -296,6 +336,103 @@ def build_pair(pair: Pair, with_nchw=False) -> Tuple[List[Variant], str]:
     return variants, report
 
 
+# ------------------------------------------------------------------------------ HF transformers
+def hf_config(kind: str):
+    """An HF config of the hub's model (random init, no download): facebook/detr-resnet-50 /
+    SenseTime/deformable-detr -- timm ResNet-50, 91 COCO-id labels, the classes' defaults."""
+    import transformers
+    labels = dict(id2label={i: f'class_{i}' for i in range(91)},
+                  label2id={f'class_{i}': i for i in range(91)})
+    if kind == 'detr':
+        backbone = transformers.TimmBackboneConfig(backbone='resnet50', out_indices=[4],
+                                                   features_only=True)
+        return transformers.DetrConfig(backbone_config=backbone, **labels)
+    backbone = transformers.TimmBackboneConfig(backbone='resnet50', out_indices=[2, 3, 4],
+                                               features_only=True)
+    return transformers.DeformableDetrConfig(backbone_config=backbone, **labels)
+
+
+class HFDetector(torch.nn.Module):
+    """An HF transformers ``*ForObjectDetection`` behind the interface this tool times.
+
+    ``test_step(data)`` does what our ``test_step`` does, HF's way: the same preprocessing as
+    mmdet's data preprocessor (BGR -> RGB, normalise with the converted config's mean/std, zero
+    padding bottom-right, HF's ``pixel_mask``), HF's forward on its CPU path (transformers' own
+    PyTorch code: grid_sample deformable attention), and its image processor's
+    ``post_process_object_detection`` (top 100). Its stages are exposed under our names
+    (``backbone``, ``neck`` = the input projections, ``encoder``, ``decoder``, ``bbox_head`` =
+    the class and box layers, with the post-processing timed as 'head' too) for the profile.
+    """
+
+    def __init__(self, hf_model, kind: str, mean, std):
+        super().__init__()
+        import transformers
+        self.hf = hf_model
+        inner = hf_model.model
+        self.backbone, self.encoder, self.decoder = inner.backbone, inner.encoder, inner.decoder
+        self.neck = inner.input_projection if kind == 'detr' else inner.input_proj
+        self.bbox_head = torch.nn.ModuleList(
+            [hf_model.class_labels_classifier, hf_model.bbox_predictor] if kind == 'detr' else
+            [*hf_model.class_embed, *hf_model.bbox_embed])
+        processor = (transformers.DetrImageProcessor if kind == 'detr'
+                     else transformers.DeformableDetrImageProcessor)
+        self.processor = processor()
+        self.register_buffer('mean', torch.tensor(mean).view(3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std).view(3, 1, 1), persistent=False)
+
+    def test_step(self, data):
+        images = data['inputs']
+        height = max(image.shape[-2] for image in images)
+        width = max(image.shape[-1] for image in images)
+        pixels = torch.zeros(len(images), 3, height, width)
+        mask = torch.zeros(len(images), height, width, dtype=torch.long)
+        for index, image in enumerate(images):
+            h, w = image.shape[-2:]
+            pixels[index, :, :h, :w] = (image.flip(0).float() - self.mean) / self.std
+            mask[index, :h, :w] = 1
+        outputs = self.hf(pixel_values=pixels, pixel_mask=mask)
+        return ranged('head', self.processor.post_process_object_detection)(
+            outputs, threshold=0.0, target_sizes=[tuple(image.shape[-2:]) for image in images])
+
+
+def build_hf_pair(pair: Pair, with_nchw=False) -> Tuple[List[Variant], str]:
+    """HF's model (random init, the hub model's config) and ours converted from its
+    ``save_pretrained`` folder by ``mmdet_detrx.converters.convert`` -- the user's path."""
+    import tempfile
+
+    import transformers
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+
+    from mmdet_detrx.converters import convert_source
+    from mmdet_detrx.converters._convert import build_model_from_config
+    from mmdet_detrx.utils.safe_checkpoint import load_checkpoint_file
+    torch.manual_seed(0)
+    model_class = (transformers.DetrForObjectDetection if pair.hf == 'detr'
+                   else transformers.DeformableDetrForObjectDetection)
+    hf_model = model_class(hf_config(pair.hf)).eval()
+    with tempfile.TemporaryDirectory(prefix='benchmark-hf-') as tmp:
+        hf_model.save_pretrained(osp.join(tmp, 'hf'))
+        result = convert_source(osp.join(tmp, 'hf'), osp.join(tmp, 'ours'))
+        # Read before the build: mmdet's detectors edit their cfg in place.
+        nchw_cfg = Config.fromfile(result.config_path) if with_nchw else None
+        ours, ours_cfg = build_model_from_config(result.config_path)
+        state = load_checkpoint_file(result.checkpoint_path)['state_dict']
+    ours.load_state_dict(state, strict=True)
+    pre = ours_cfg.model.data_preprocessor
+    stock = HFDetector(hf_model, pair.hf, pre.mean, pre.std)
+    variants = [Variant('stock', pair.stock_label, None, stock),
+                Variant('ours', pair.ours_label, ours_cfg, ours)]
+    if nchw_cfg is not None and hasattr(ours, 'conv_memory_format'):
+        nchw_cfg.model.conv_memory_format = 'contiguous'
+        nchw = MODELS.build(nchw_cfg.model)
+        nchw.load_state_dict(state, strict=True)
+        variants.append(Variant('ours NCHW', f'{pair.ours_label}, NCHW convs', nchw_cfg, nchw))
+    for variant in variants:
+        variant.state = copy.deepcopy(variant.model.state_dict())
+    return variants, f'converted ({result.layout}, strict)'
+
+
 def synthetic_batch(batch, shape, training, with_masks, seed):
     """``test_step``/``train_step`` input: smooth images with flat boxes (= the ground truth)."""
     from mmdet.structures import DetDataSample
@@ -392,7 +529,7 @@ def stage_ranges(model):
     wrapped = []
 
     def wrap(module, method, name):
-        if not hasattr(type(module), method):
+        if not hasattr(type(module), method) or (module, method) in wrapped:
             return
         setattr(module, method, ranged(name, getattr(module, method)))
         wrapped.append((module, method))
@@ -400,9 +537,12 @@ def stage_ranges(model):
     for stage, (attributes, methods) in STAGE_MODULES.items():
         for attribute in attributes:
             module = getattr(model, attribute, None)
-            if isinstance(module, torch.nn.Module):
-                for method in methods:
-                    wrap(module, method, stage)
+            # a ModuleList stage (the HF pairs' input projections, heads): each of its modules
+            parts = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
+            for part in parts:
+                if isinstance(part, torch.nn.Module):
+                    for method in methods:
+                        wrap(part, method, stage)
     for module in model.modules():
         if type(module).__name__ in ATTENTION_CLASSES:
             wrap(module, 'forward', 'attention')
@@ -446,9 +586,14 @@ def count_flops_and_capture(step, model):
     captured = {}
     handle = None
     encoder = getattr(model, 'encoder', None)
+
+    def keep(module, inputs, output):  # returns None: the encoder's output is not replaced
+        if not isinstance(output, torch.Tensor):  # HF encoders return a ModelOutput
+            output = output[0]
+        captured.setdefault('encoder', output.detach().float().clone())
+
     if isinstance(encoder, torch.nn.Module):
-        handle = encoder.register_forward_hook(
-            lambda m, i, out: captured.setdefault('encoder', out.detach().float().clone()))
+        handle = encoder.register_forward_hook(keep)
     try:
         counter = FlopCounterMode(display=False)
         # Its per-module tracker hooks autograd and asserts on parameters used under no_grad
@@ -539,7 +684,8 @@ class Case:
 
 def run_pair(args, name, pair, peaks_by_threads, log):
     log(f'== {name}: building {pair.stock} and {pair.ours}')
-    variants, load_report = build_pair(pair, args.with_nchw)
+    build = build_hf_pair if pair.hf else build_pair
+    variants, load_report = build(pair, args.with_nchw)
     with_masks = 'mask' in pair.stock
     rows = []
     measure_memory = PeakMemory.supported()
@@ -547,6 +693,9 @@ def run_pair(args, name, pair, peaks_by_threads, log):
     for threads in args.threads:
         torch.set_num_threads(threads)
         for mode in args.modes:
+            if pair.hf and mode != 'infer':
+                log(f'   {mode}: skipped (the HF pairs time inference only)')
+                continue
             batch = args.batch_infer if mode == 'infer' else args.batch_train
             refused = None
             if not args.no_memory_check and measure_memory:
