@@ -72,3 +72,90 @@ def test_activations_are_the_output_elements():
     analyzer = ActivationAnalyzer(CoreOp(), op_inputs())
     assert analyzer.total() == B * Q * HEADS * C
     assert MS_DEFORM_ATTN_OP not in analyzer.unsupported_ops()
+
+
+# --- One registry of FLOP formulas (issue 28.4): every counter of ours counts every op ---------
+
+SDPA_SHAPES = dict(q=(B, HEADS, 11, C), k=(B, HEADS, 13, C), v=(B, HEADS, 13, 2 * C))
+
+
+class SdpaAndMsda(torch.nn.Module):
+    """One scaled dot-product attention and one deformable attention op, nothing else counted."""
+
+    def forward(self, q, k, v, value, spatial_shapes, level_start_index, locations, weights):
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        sampled = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        return attended, sampled
+
+
+def sdpa_msda_inputs():
+    g = torch.Generator().manual_seed(0)
+    return (*(torch.randn(shape, generator=g) for shape in SDPA_SHAPES.values()), *op_inputs())
+
+
+def expected_macs():
+    from mmdet_detrx.utils.complexity import sdpa_macs
+    msda = 5 * B * Q * HEADS * len(SHAPES) * P * C
+    sdpa = B * HEADS * 11 * 13 * (C + 2 * C)
+    assert sdpa_macs(*SDPA_SHAPES.values()) == sdpa
+    return dict(scaled_dot_product_attention=sdpa, ms_deform_attn=msda)
+
+
+def test_mmengine_analyzer_counts_sdpa_and_msda():
+    """mmengine's FlopAnalyzer: what mmdet's get_flops and ours use."""
+    analyzer = FlopAnalyzer(SdpaAndMsda(), sdpa_msda_inputs())
+    assert dict(analyzer.by_operator()) == expected_macs()
+    assert not analyzer.unsupported_ops()
+
+
+def test_benchmark_backbones_counts_sdpa_and_msda():
+    from mmdet_detrx.tools.analysis import benchmark_backbones
+
+    class Packed(SdpaAndMsda):  # count_flops passes one input
+        def forward(self, x):
+            return super().forward(*inputs)
+
+    inputs = sdpa_msda_inputs()
+    assert benchmark_backbones.count_flops(Packed(), torch.zeros(1)) == \
+        sum(expected_macs().values())
+
+
+def test_benchmark_detectors_flop_counter_counts_sdpa_and_msda():
+    """torch's FlopCounterMode (2 FLOPs per MAC), which lacks both ops, gets our formulas."""
+    from mmdet_detrx.tools.analysis import benchmark_detectors
+    inputs = sdpa_msda_inputs()
+    module = SdpaAndMsda()
+    flops, encoder = benchmark_detectors.count_flops_and_capture(lambda: module(*inputs), module)
+    assert flops == 2 * sum(expected_macs().values()) and encoder is None
+
+
+def test_act_flops_are_counted_from_the_record():
+    """get_flops and act_tradeoff count ACT layers from their forwards' records."""
+    from mmdet_detrx.models.layers import AdaptiveClusteringAttention, act_exact_mode
+    from mmdet_detrx.tools.analysis.act_tradeoff import EncoderMeter
+    from mmdet_detrx.utils.complexity import act_flops
+    torch.manual_seed(0)
+    act = AdaptiveClusteringAttention(32, 4, batch_first=True, bucket_width=1.0).eval()
+    model = torch.nn.ModuleDict(dict(encoder=torch.nn.ModuleList([act])))
+    x = torch.randn(2, 10, 32)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[1, 6:] = True
+    records = []
+    act.register_record_hook(lambda layer, record: records.append(record))
+    meter = EncoderMeter(model)
+    with torch.no_grad():
+        act(x, key_padding_mask=mask)
+        with act_exact_mode(model):
+            act(x, key_padding_mask=mask)
+    meter.remove()
+    clustered, exact = records
+    n = torch.tensor([10., 6.], dtype=torch.float64)
+    e, d, heads = 32., 8., 4
+    sum_c = clustered.num_clusters.double().sum(dim=1)
+    assert torch.equal(act_flops(exact, 32), 4 * n * e * e + 2 * n * n * e)
+    assert torch.equal(act_flops(clustered, 32),
+                       4 * n * e * e + n * 32 * e + n * e + 2 * n * d * sum_c)
+    assert clustered.num_clusters.shape == (2, heads) and (sum_c <= n * heads).all()
+    assert meter.flops == pytest.approx(float(act_flops(clustered, 32).sum())
+                                        + float(act_flops(exact, 32).sum()))
+    assert meter.images == 4 and meter.cluster_count == 2 * heads

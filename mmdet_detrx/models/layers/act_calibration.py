@@ -116,11 +116,12 @@ class _LayerInputs:
         """(relative error, mean clusters per real (image, head), every query a singleton)."""
         err2, cluster_sum, groups, singletons = 0.0, 0.0, 0, True
         for q, k, v, kpm, qpm, exact, real in self.items:
-            out, _, clusters = adaptive_clustering_attention(
+            result = adaptive_clustering_attention(
                 q, k, v, lsh, key_padding_mask=kpm, query_padding_mask=qpm,
                 bucket_width=None if relative else width,
                 relative_bucket_width=width if relative else None)
-            diff = self.merge(out) - exact
+            clusters = result.num_clusters  # (B, heads)
+            diff = self.merge(result.output) - exact
             err2 += float(diff[real].double().square().sum())
             has_real = real.any(dim=1)  # (B,)
             cluster_sum += float(clusters[has_real].double().sum())

@@ -32,20 +32,22 @@ batches of any size (0 included) give the same per-image result; hash codes cann
 """
 import contextlib
 import math
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from collections import OrderedDict
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from mmcv.cnn.bricks.transformer import MultiheadAttention
 from mmdet.registry import MODELS
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .attention_inputs import attention_inputs
 from .e2lsh import E2LSH, all_finite
 
-__all__ = ['AdaptiveClusteringAttention', 'Clusters', 'act_exact_mode',
-           'adaptive_clustering_attention', 'cluster_queries', 'group_codes', 'hash_queries',
-           'query_spread', 'resolve_act_layers']
+__all__ = ['ACTForward', 'ACTResult', 'AdaptiveClusteringAttention', 'Clusters',
+           'act_exact_mode', 'adaptive_clustering_attention', 'cluster_queries', 'group_codes',
+           'hash_queries', 'query_spread', 'record_act_forwards', 'resolve_act_layers']
 
 _INT64_SAFE = 2**62
 _SPREAD_RESOLUTION = 2.0**-20
@@ -259,6 +261,23 @@ def _prototype_attention(prototypes: Tensor, key: Tensor, value: Tensor,
     return out
 
 
+class ACTResult(NamedTuple):
+    """What :func:`adaptive_clustering_attention` returns.
+
+    Attributes:
+        output (Tensor): (B, heads, N, head_dims_v); zero for an image whose keys are all
+            padded.
+        cluster_ids (Tensor): (B, heads, N) int64, numbered per (image, head) from 0, -1 for
+            padded queries.
+        num_clusters (Tensor): (B, heads) int64 real (non-padded) clusters.
+        bucket_widths (Tensor): (B, heads) float64 absolute widths used (NaN without tokens).
+    """
+    output: Tensor
+    cluster_ids: Tensor
+    num_clusters: Tensor
+    bucket_widths: Tensor
+
+
 def adaptive_clustering_attention(
         query: Tensor,
         key: Tensor,
@@ -268,8 +287,7 @@ def adaptive_clustering_attention(
         query_padding_mask: Optional[Tensor] = None,
         dropout_p: float = 0.0,
         bucket_width: Optional[float] = None,
-        relative_bucket_width: Optional[float] = None,
-        return_widths: bool = False) -> Tuple[Tensor, ...]:
+        relative_bucket_width: Optional[float] = None) -> ACTResult:
     """Clustered-query attention on per-head tensors.
 
     The steps: hash the scaled queries (:func:`hash_queries`), group equal codes into clusters
@@ -289,24 +307,19 @@ def adaptive_clustering_attention(
         bucket_width (float, optional): absolute width instead of ``lsh.bucket_width``.
         relative_bucket_width (float, optional): scale-free width (see :func:`hash_queries`);
             takes precedence over ``bucket_width``.
-        return_widths (bool): also return the absolute widths used, (B, heads) float64.
 
     Returns:
-        tuple: output (B, heads, N, head_dims_v); cluster ids (B, heads, N) int64, numbered per
-        (image, head) from 0, -1 for padded queries; number of real clusters (B, heads) int64;
-        with ``return_widths`` the widths. Images whose keys are all padded get a zero output.
+        ACTResult: the output, cluster ids, real-cluster counts and widths used.
     """
     batch, heads, num_queries, head_dims = query.shape
     num_keys = key.shape[2]
     device = query.device
     if batch == 0 or num_queries == 0 or num_keys == 0:
-        output = value.new_zeros(batch, heads, num_queries, value.shape[-1])
-        result = (output, torch.full((batch, heads, num_queries), -1, device=device),
-                  torch.zeros(batch, heads, dtype=torch.int64, device=device))
-        if return_widths:
-            result += (torch.full((batch, heads), float('nan'), dtype=torch.float64,
-                                  device=device), )
-        return result
+        return ACTResult(value.new_zeros(batch, heads, num_queries, value.shape[-1]),
+                         torch.full((batch, heads, num_queries), -1, device=device),
+                         torch.zeros(batch, heads, dtype=torch.int64, device=device),
+                         torch.full((batch, heads), float('nan'), dtype=torch.float64,
+                                    device=device))
     if not all_finite(query):
         raise ValueError('query contains non-finite values (inf/nan): the queries cannot be '
                          'hashed into clusters')
@@ -320,11 +333,49 @@ def adaptive_clustering_attention(
     # Broadcast: every query takes its prototype's output.
     output = out.reshape(batch * heads * clusters.max_clusters, -1)[clusters.slot]
     output = output.view(batch, heads, num_queries, -1)  # (B, heads, N, dv)
-    result = (output, clusters.ids, clusters.num_real)
-    return result + (widths, ) if return_widths else result
+    return ACTResult(output, clusters.ids, clusters.num_real, widths)
 
 
 _PER_LAYER_ARGS = ('num_hashes', 'bucket_width', 'relative_bucket_width')
+
+
+class ACTForward(NamedTuple):
+    """One forward of an :class:`AdaptiveClusteringAttention`, as its record hooks receive it
+    (:meth:`AdaptiveClusteringAttention.register_record_hook`, :func:`record_act_forwards`).
+
+    Attributes:
+        num_queries, num_keys (Tensor): (B,) real (non-padded) tokens.
+        num_clusters (Tensor | None): (B, heads) real clusters; None for an exact forward.
+        cluster_ids (Tensor | None): (B, heads, N) cluster of each query (-1: padding).
+        bucket_widths (Tensor | None): (B, heads) float64 absolute widths used.
+        num_hashes (int): E2LSH rounds of that forward.
+
+    :func:`mmdet_detrx.utils.complexity.act_flops` turns it into multiply-accumulates.
+    """
+    num_queries: Tensor
+    num_keys: Tensor
+    num_clusters: Optional[Tensor]
+    cluster_ids: Optional[Tensor]
+    bucket_widths: Optional[Tensor]
+    num_hashes: int
+
+
+def _real_tokens(query: Tensor, key: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                 batch_first: bool) -> Tuple[Tensor, Tensor]:
+    """(B,) real queries and keys of a forward's arguments (a key padding mask of the keys'
+    shape counts; in self-attention it marks the queries too)."""
+    token_dim = 1 if batch_first else 0
+    num_queries = query.shape[token_dim]
+    num_keys = num_queries if key is None else key.shape[token_dim]
+    batch = query.shape[1 - token_dim]
+    queries = torch.full((batch, ), num_queries, device=query.device)
+    keys = queries.clone() if num_keys == num_queries else \
+        torch.full((batch, ), num_keys, device=query.device)
+    if key_padding_mask is not None and key_padding_mask.shape == (batch, num_keys):
+        keys = (~key_padding_mask.bool()).sum(dim=1)
+        if num_keys == num_queries:
+            queries = keys
+    return queries, keys
 
 
 class _HashSetting:
@@ -356,8 +407,6 @@ class AdaptiveClusteringAttention(MultiheadAttention):
         bucket_width (float | list[float]): E2LSH bucket width ``r`` on ``q / sqrt(head_dims)``,
             absolute. Default: 8.0 (official).
         seed (int): Seed of the hash projections. Default: 0.
-        record_clusters (bool): Keep the last forward's cluster ids in ``last_cluster_ids``
-            (B, heads, N) for visualisation. Default: False.
         relative_bucket_width (float | list, optional): Scale-free width ``rho``: each
             (image, head) uses ``r = rho * spread`` of its real scaled queries
             (:func:`query_spread`), with projections centred on their mean, so clusters do not
@@ -374,11 +423,9 @@ class AdaptiveClusteringAttention(MultiheadAttention):
     Attributes:
         use_exact (bool): When True, forward is exactly mmcv's ``MultiheadAttention.forward``
             (full softmax attention with the same weights). Default: False.
-        last_num_clusters (Tensor | None): (B, heads) real clusters of the last ACT forward
-            (None after an exact forward).
-        last_bucket_width (Tensor | None): (B, heads) absolute widths of the last ACT forward.
-        last_num_queries, last_num_keys (Tensor | None): (B,) real tokens of the last forward;
-            :meth:`last_flops` turns them into a cost.
+
+    The layer keeps nothing about its forwards: tools that need the clusters, widths or token
+    counts register a record hook (:meth:`register_record_hook`, :func:`record_act_forwards`).
     """
 
     def __init__(self,
@@ -392,7 +439,6 @@ class AdaptiveClusteringAttention(MultiheadAttention):
                  num_hashes: Union[int, Sequence[int]] = 32,
                  bucket_width: Union[float, Sequence[float]] = 8.0,
                  seed: int = 0,
-                 record_clusters: bool = False,
                  relative_bucket_width: Union[None, float, Sequence[Optional[float]]] = None,
                  layer_index: Optional[int] = None,
                  **kwargs) -> None:
@@ -432,12 +478,7 @@ class AdaptiveClusteringAttention(MultiheadAttention):
         if layer_index is not None:
             self.select_layer(layer_index)
         self.use_exact = False
-        self.record_clusters = record_clusters
-        self.last_num_clusters: Optional[Tensor] = None
-        self.last_cluster_ids: Optional[Tensor] = None
-        self.last_bucket_width: Optional[Tensor] = None
-        self.last_num_queries: Optional[Tensor] = None
-        self.last_num_keys: Optional[Tensor] = None
+        self._record_hooks: Dict[int, Callable] = OrderedDict()
 
     num_hashes = _HashSetting('num_hashes', 'E2LSH rounds ``L``.')
     bucket_width = _HashSetting('bucket_width', 'Absolute E2LSH bucket width ``r``.')
@@ -468,6 +509,28 @@ class AdaptiveClusteringAttention(MultiheadAttention):
             setattr(self, name, values[index])
         self.layer_index = index
 
+    def register_record_hook(
+            self, hook: Callable[['AdaptiveClusteringAttention', ACTForward], None]
+    ) -> RemovableHandle:
+        """Call ``hook(layer, record)`` after every forward with its :class:`ACTForward`
+        (exact forwards included); ``handle.remove()`` unregisters it. Nothing is computed for
+        the record while no hook is registered."""
+        handle = RemovableHandle(self._record_hooks)
+        self._record_hooks[handle.id] = hook
+        return handle
+
+    def _call_record_hooks(self, query: Tensor, key: Optional[Tensor],
+                           key_padding_mask: Optional[Tensor],
+                           result: Optional[ACTResult]) -> None:
+        num_queries, num_keys = _real_tokens(query, key, key_padding_mask, self.batch_first)
+        if result is None:  # exact attention
+            record = ACTForward(num_queries, num_keys, None, None, None, self.num_hashes)
+        else:
+            record = ACTForward(num_queries, num_keys, result.num_clusters, result.cluster_ids,
+                                result.bucket_widths, self.num_hashes)
+        for hook in tuple(self._record_hooks.values()):
+            hook(self, record)
+
     def forward(self,
                 query: Tensor,
                 key: Optional[Tensor] = None,
@@ -483,11 +546,9 @@ class AdaptiveClusteringAttention(MultiheadAttention):
         ``attn_mask`` is not supported by clustering and must be None. In self-attention
         (as many queries as keys) ``key_padding_mask`` marks the padded queries too.
         """
-        self._record_sizes(query, key, key_padding_mask)
         if self.use_exact:
-            self.last_num_clusters = None
-            self.last_cluster_ids = None
-            self.last_bucket_width = None
+            if self._record_hooks:
+                self._call_record_hooks(query, key, key_padding_mask, None)
             return super().forward(query, key, value, identity, query_pos, key_pos, attn_mask,
                                    key_padding_mask, **kwargs)
         if self.per_layer and self.layer_index is None:
@@ -499,20 +560,20 @@ class AdaptiveClusteringAttention(MultiheadAttention):
             raise ValueError('attn_mask is not supported by AdaptiveClusteringAttention; use '
                              'key_padding_mask, or use_exact=True for full attention')
         identity = query if identity is None else identity
+        given_key, given_padding_mask = key, key_padding_mask
         q, k, v, key_padding_mask, query_padding_mask = self.project_heads(
             query, key, value, query_pos, key_pos, key_padding_mask)
         batch, _, num_queries, _ = q.shape
 
-        out, cluster_ids, num_clusters, widths = adaptive_clustering_attention(
+        result = adaptive_clustering_attention(
             q, k, v, self.lsh, key_padding_mask=key_padding_mask,
             query_padding_mask=query_padding_mask,
             dropout_p=self.attn.dropout if self.training else 0.0,
-            relative_bucket_width=self.relative_bucket_width, return_widths=True)
-        self.last_num_clusters = num_clusters
-        self.last_bucket_width = widths
-        self.last_cluster_ids = cluster_ids if self.record_clusters else None
+            relative_bucket_width=self.relative_bucket_width)
+        if self._record_hooks:
+            self._call_record_hooks(query, given_key, given_padding_mask, result)
 
-        out = out.transpose(1, 2).reshape(batch, num_queries, self.embed_dims)  # (B, N, C)
+        out = result.output.transpose(1, 2).reshape(batch, num_queries, self.embed_dims)  # (B, N, C)
         out = self.attn.out_proj(out)
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -550,45 +611,12 @@ class AdaptiveClusteringAttention(MultiheadAttention):
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, heads, N, head_dims)
         return q, k, v, key_padding_mask, query_padding_mask
 
-    def _record_sizes(self, query: Tensor, key: Optional[Tensor],
-                      key_padding_mask: Optional[Tensor]) -> None:
-        token_dim = 1 if self.batch_first else 0
-        num_queries = query.shape[token_dim]
-        num_keys = num_queries if key is None else key.shape[token_dim]
-        batch = query.shape[1 - token_dim]
-        self.last_num_queries = torch.full((batch, ), num_queries, device=query.device)
-        self.last_num_keys = self.last_num_queries.clone() if num_keys == num_queries else \
-            torch.full((batch, ), num_keys, device=query.device)
-        if key_padding_mask is not None and key_padding_mask.shape == (batch, num_keys):
-            self.last_num_keys = (~key_padding_mask.bool()).sum(dim=1)
-            if num_keys == num_queries:
-                self.last_num_queries = self.last_num_keys
-
-    def last_flops(self) -> Tensor:
-        """Multiply-accumulates of the last forward, per image (B,), counting real tokens only.
-
-        Both modes: ``4 N E^2`` for the q/k/v/out projections. Exact attention: ``2 N S E``
-        (q.k and attention.v over all pairs, the N^2 terms). ACT: ``N L E`` (hashing, L rounds
-        per head), ``N E`` (prototype means) and ``2 S d sum_h C_h`` (each head's C_h
-        prototypes against the S keys).
-        """
-        if self.last_num_queries is None:
-            raise RuntimeError('last_flops() needs a forward first')
-        n = self.last_num_queries.double()
-        s = self.last_num_keys.double()
-        e = float(self.embed_dims)
-        flops = 4 * n * e * e
-        if self.last_num_clusters is None:  # exact attention
-            return flops + 2 * n * s * e
-        clusters = self.last_num_clusters.double().sum(dim=1)  # (B,) summed over heads
-        return flops + n * self.num_hashes * e + n * e + 2 * s * self.head_dims * clusters
-
     def extra_repr(self) -> str:
         width = (f'relative_bucket_width={self.relative_bucket_width}'
                  if self.relative_bucket_width is not None else
                  f'bucket_width={self.bucket_width}')
         return (f'num_hashes={self.num_hashes}, {width}, layer_index={self.layer_index}, '
-                f'use_exact={self.use_exact}, record_clusters={self.record_clusters}')
+                f'use_exact={self.use_exact}')
 
 
 def _check_setting(name: str, value) -> None:
@@ -640,3 +668,24 @@ def act_exact_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module
         for module, value in zip(modules, previous):
             module.use_exact = value
 
+
+@contextlib.contextmanager
+def record_act_forwards(model: nn.Module) -> Iterator[Dict[str, List[ACTForward]]]:
+    """Collect the :class:`ACTForward` of every ACT attention forward in ``model``.
+
+    Yields ``{module name: [record per forward, in call order]}`` for every
+    :class:`AdaptiveClusteringAttention` (named as ``model.named_modules()`` names it); the
+    hooks are removed on exit, also after an exception.
+    """
+    records: Dict[str, List[ACTForward]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptiveClusteringAttention):
+            records[name] = []
+            handles.append(module.register_record_hook(
+                lambda _, record, into=records[name]: into.append(record)))
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()

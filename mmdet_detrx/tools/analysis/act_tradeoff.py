@@ -15,7 +15,8 @@ test set and reports:
   same per-image predictions, and a paired interval of each ACT row's AP difference to exact
   attention (same resampled images; :mod:`mmdet_detrx.evaluation.bootstrap`);
 * encoder attention GFLOPs per image, from the clusters actually found
-  (:meth:`AdaptiveClusteringAttention.last_flops`; exact attention counts its N^2 terms);
+  (each layer's record hook and ``mmdet_detrx.utils.complexity.act_flops``; exact attention
+  counts its N^2 terms);
 * mean clusters per head and layer;
 * wall time of the whole test loop and of the encoder alone, per image.
 
@@ -41,6 +42,7 @@ from mmengine.runner import Runner  # noqa: E402
 from mmdet_detrx.models.layers import resolve_act_layers  # noqa: E402
 from mmdet_detrx.tools.common import (act_layers, build_test_runner, exit_status,  # noqa: E402
                                       require_act_layers, write_csv)
+from mmdet_detrx.utils.complexity import act_flops  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -62,7 +64,7 @@ class EncoderMeter:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.layers = require_act_layers(model, 'the model')
-        self.handles = [m.register_forward_hook(self._after_layer) for m in self.layers]
+        self.handles = [m.register_record_hook(self._after_layer) for m in self.layers]
         encoder = getattr(model, 'encoder', None)
         if encoder is not None:
             self.handles.append(encoder.register_forward_pre_hook(self._before_encoder))
@@ -83,14 +85,14 @@ class EncoderMeter:
     def _after_encoder(self, module, args, output):
         self.encoder_seconds += time.perf_counter() - self._start
 
-    def _after_layer(self, module, args, output):
-        flops = module.last_flops()
+    def _after_layer(self, module, record):
+        flops = act_flops(record, module.embed_dims)
         self.flops += float(flops.sum())
         if module is self.layers[0]:
             self.images += flops.numel()
-        if module.last_num_clusters is not None:
-            self.cluster_sum += float(module.last_num_clusters.float().sum())
-            self.cluster_count += module.last_num_clusters.numel()
+        if record.num_clusters is not None:
+            self.cluster_sum += float(record.num_clusters.float().sum())
+            self.cluster_count += record.num_clusters.numel()
 
     def remove(self) -> None:
         for handle in self.handles:

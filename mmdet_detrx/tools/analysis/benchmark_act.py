@@ -131,7 +131,7 @@ def bench_size(args, num_tokens):
     for name, width, calibration_s in settings:
         act.bucket_width = width
         out_module, t_act_module = timed(lambda: act(x), args.repeats, args.device, args.timer)
-        (out_core, _, clusters), t_act_core = timed(
+        act_core, t_act_core = timed(
             lambda: adaptive_clustering_attention(q, k, v, act.lsh), args.repeats, args.device,
             args.timer)
         rows.append(dict(
@@ -140,8 +140,8 @@ def bench_size(args, num_tokens):
             setting=name,
             bucket_width=width,
             calibration_s=calibration_s,
-            clusters=round(clusters.float().mean().item(), 1),
-            rel_err=((out_core - ref_core).norm() / ref_core.norm()).item(),
+            clusters=round(act_core.num_clusters.float().mean().item(), 1),
+            rel_err=((act_core.output - ref_core).norm() / ref_core.norm()).item(),
             rel_err_module=(((out_module - ref_module).norm() / (ref_module - x).norm()).item()
                             if with_mmcv else float('nan')),
             sdpa_s=t_sdpa,

@@ -12,8 +12,9 @@ Measured per entry, each in a fresh subprocess (so memory is that entry's own):
 
 * params: backbone + neck, in millions;
 * FLOPs: mmengine's ``FlopAnalyzer`` (one multiply-accumulate = one FLOP, mmdet's convention),
-  with a handle for ``scaled_dot_product_attention`` (the analyzer has none, and attention is
-  most of a ViT's cost at detection sizes: ``B * heads * N * M * (d_qk + d_v)``);
+  counting ``scaled_dot_product_attention`` with the handle ``import mmdet_detrx`` registers
+  (``mmdet_detrx.utils.complexity``; mmengine has none, and attention is most of a ViT's cost
+  at detection sizes: ``B * heads * N * M * (d_qk + d_v)``);
 * time: median (and min) of ``--repeats`` forwards after ``--warmup`` (``common.time_call``),
   wall clock or, with ``--timer cpu``, the process's CPU time summed over its threads (robust
   to other load on a shared machine);
@@ -86,22 +87,9 @@ class BackboneNeck(torch.nn.Module):
         return self.neck(self.backbone(x))
 
 
-def sdpa_flop_handle(inputs, outputs):
-    """MACs of ``scaled_dot_product_attention(q, k, v)``: q kᵀ and (softmax) v."""
-    from mmengine.analysis.jit_handles import get_shape
-    q, k, v = (get_shape(i) for i in inputs[:3])
-    *batch, n, d_qk = q
-    m, d_v = k[-2], v[-1]
-    count = 1
-    for size in batch:
-        count *= size
-    return count * n * m * (d_qk + d_v)
-
-
 def count_flops(model, x):
     from mmengine.analysis import FlopAnalyzer
     analyzer = FlopAnalyzer(model, (x, ))
-    analyzer.set_op_handle('aten::scaled_dot_product_attention', sdpa_flop_handle)
     analyzer.unsupported_ops_warnings(False)
     analyzer.uncalled_modules_warnings(False)
     return analyzer.total()

@@ -48,9 +48,11 @@ Measured per case:
 
 * time: median (and min) of ``--repeats`` runs after ``--warmup`` untimed runs (at least one:
   it also counts FLOPs); stock and ours run interleaved, run by run;
-* FLOPs: ``torch.utils.flop_counter`` over one run (matmuls/convolutions/attention; the
-  deformable-attention sampling, an op without a FLOP formula, is not counted), reported as
-  achieved GFLOP/s and as a percentage of this machine's measured GEMM peak in that dtype;
+* FLOPs: ``torch.utils.flop_counter`` over one run (matmuls/convolutions/attention), with the
+  formulas of ``mmdet_detrx.utils.complexity`` for the ops it lacks (our deformable attention
+  op's forward, CPU scaled dot-product attention; the deformable op's backward is not
+  counted), reported as achieved GFLOP/s and as a percentage of this machine's measured GEMM
+  peak in that dtype;
 * peak memory: the growth of the process's resident set during a timed run over the resident
   set just before it (Linux: ``malloc_trim`` frees retained heap, then the kernel's high-water
   mark ``VmHWM`` is reset through ``/proc/self/clear_refs`` and read afterwards), maximum over
@@ -582,7 +584,7 @@ class _GlobalOnly:
 
 def count_flops_and_capture(step, model):
     """Run ``step`` once counting FLOPs; also return the encoder's output (or None)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from mmdet_detrx.utils.complexity import flop_counter_mode
     captured = {}
     handle = None
     encoder = getattr(model, 'encoder', None)
@@ -595,7 +597,7 @@ def count_flops_and_capture(step, model):
     if isinstance(encoder, torch.nn.Module):
         handle = encoder.register_forward_hook(keep)
     try:
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter_mode(display=False)
         # Its per-module tracker hooks autograd and asserts on parameters used under no_grad
         # (mmdet's query embeddings); only the global total is needed here.
         counter.mod_tracker = _GlobalOnly()

@@ -10,8 +10,9 @@ one FLOP, mmdet's convention), which counts our deformable attention op through 
 parameters, total GFLOPs, GFLOPs per operator and the operators the analyzer could not count.
 
 ACT's cost depends on the image, so when the model has ``AdaptiveClusteringAttention`` layers
-they are counted from the clusters each layer actually found
-(:meth:`AdaptiveClusteringAttention.last_flops`) instead of by the analyzer, which traces the
+they are counted from the clusters each layer actually found (a record hook on each layer,
+``record_act_forwards``, and the ACT formula ``mmdet_detrx.utils.complexity.act_flops``, next to
+the MSDA and SDPA formulas the analyzer uses) instead of by the analyzer, which traces the
 exact path: ``total = analyzer(model with exact attention) - analyzer(ACT layers) + ACT layers``.
 Exact attention is counted with its N^2 terms. Then the report adds the mean clusters per layer
 (over images and heads), mean tokens, the encoder attention GFLOPs (exact and ACT) and the total
@@ -35,9 +36,10 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner, load_checkpoint
 
-from mmdet_detrx.models.layers import act_exact_mode
+from mmdet_detrx.models.layers import act_exact_mode, record_act_forwards
 from mmdet_detrx.tools.common import (Column, act_layers, add_common_args, add_shape_arg,
                                       exit_status, load_config, markdown_table)
+from mmdet_detrx.utils.complexity import act_flops
 
 
 def parse_args(argv=None):
@@ -84,6 +86,11 @@ def preprocess(model, data_batch, shape=None):
     return data
 
 
+def _flops(layer, records) -> float:
+    """FLOPs of a layer's last forward (the one the image ran through it)."""
+    return float(act_flops(records[-1], layer.embed_dims).sum())
+
+
 @torch.no_grad()
 def count_image(model, data) -> Dict:
     """FLOPs of one preprocessed image, with exact and with ACT encoder attention."""
@@ -99,14 +106,18 @@ def count_image(model, data) -> Dict:
             by_module = analyzer.by_module()
             by_operator = dict(analyzer.by_operator())
             unsupported = dict(analyzer.unsupported_ops())
+            with record_act_forwards(model) as exact_forwards:
+                model(data['inputs'])
+        with record_act_forwards(model) as act_forwards:
             model(data['inputs'])
-            exact = {name: float(m.last_flops().sum()) for name, m in layers.items()}
-        model(data['inputs'])
-        act = {name: float(m.last_flops().sum()) for name, m in layers.items()}
-        clusters = {name: m.last_num_clusters.float().mean().item() for name, m in layers.items()}
-        tokens = {name: m.last_num_queries.float().mean().item() for name, m in layers.items()}
     finally:
         model.forward = forward
+    exact = {name: _flops(layers[name], records) for name, records in exact_forwards.items()}
+    act = {name: _flops(layers[name], records) for name, records in act_forwards.items()}
+    clusters = {name: records[-1].num_clusters.float().mean().item()
+                for name, records in act_forwards.items()}
+    tokens = {name: records[-1].num_queries.float().mean().item()
+              for name, records in act_forwards.items()}
     rest = analyzer_total - sum(by_module.get(name, 0) for name in layers)
     return dict(rest=rest, exact=exact, act=act, clusters=clusters, tokens=tokens,
                 by_operator=by_operator, unsupported=unsupported)

@@ -29,9 +29,9 @@ import torch  # noqa: E402
 from mmdet.apis import inference_detector, init_detector  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from mmdet_detrx.models.layers import resolve_act_layers  # noqa: E402
-from mmdet_detrx.tools.common import (exit_status, load_config, panel_grid,  # noqa: E402
-                                      panel_shape, removing, require_act_layers)
+from mmdet_detrx.models.layers import record_act_forwards, resolve_act_layers  # noqa: E402
+from mmdet_detrx.tools.common import (act_layers, exit_status, load_config,  # noqa: E402
+                                      panel_grid, panel_shape, removing, require_act_layers)
 from mmdet_detrx.utils.image_files import list_images, output_names  # noqa: E402
 
 PANEL_COLS = 4
@@ -126,10 +126,11 @@ def visualize(model, image_file: str, out_dir: str, head: int = 0,
         raise ValueError(f'--head {head} out of range: the encoder has {layers[0].num_heads} '
                          'heads')
     for layer in layers:
-        layer.record_clusters = True
         layer.use_exact = False
-    with removing(FeatureShapeRecorder(model)) as recorder:
+    with removing(FeatureShapeRecorder(model)) as recorder, \
+            record_act_forwards(model) as forwards:
         result = inference_detector(model, image_file)
+    records = [forwards[name][-1] for name in act_layers(model)]
     meta = result.metainfo
     img_h, img_w = meta['img_shape'][:2]
     pad_h, pad_w = meta.get('batch_input_shape', meta['img_shape'])[:2]
@@ -138,10 +139,10 @@ def visualize(model, image_file: str, out_dir: str, head: int = 0,
     rows = min(feat_h, math.ceil(feat_h * img_h / pad_h))
     cols = min(feat_w, math.ceil(feat_w * img_w / pad_w))
     cluster_maps, counts = [], []
-    for layer in layers:
-        ids = layer.last_cluster_ids[0, head].reshape(feat_h, feat_w)[:rows, :cols]
+    for record in records:
+        ids = record.cluster_ids[0, head].reshape(feat_h, feat_w)[:rows, :cols]
         cluster_maps.append(ids.clamp(min=0).cpu().numpy())
-        counts.append(int(layer.last_num_clusters[0, head]))
+        counts.append(int(record.num_clusters[0, head]))
     image = mmcv.imread(image_file, channel_order='rgb')
     # The network saw the image resized to img_shape; the cells cover rows * stride of it.
     image = mmcv.imresize(image, (img_w, img_h))

@@ -1,5 +1,6 @@
 import copy
 import os.path as osp
+import weakref
 
 import pytest
 import torch
@@ -8,10 +9,20 @@ from mmengine.config import Config
 from mmengine.runner import load_checkpoint
 
 from mmdet_detrx.models.layers import (E2LSH, AdaptiveClusteringAttention, act_exact_mode,
-                                       adaptive_clustering_attention, cluster_queries)
+                                       adaptive_clustering_attention, cluster_queries,
+                                       record_act_forwards)
+from mmdet_detrx.utils.complexity import act_flops
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 EMBED_DIMS, HEADS = 32, 4
+
+
+_LAST_FORWARD = weakref.WeakKeyDictionary()
+
+
+def last(act):
+    """The ACTForward record of ``act``'s last forward (its record hook, see make_pair)."""
+    return _LAST_FORWARD[act]
 
 
 def make_pair(batch_first=True, **act_kwargs):
@@ -20,6 +31,7 @@ def make_pair(batch_first=True, **act_kwargs):
     act = AdaptiveClusteringAttention(EMBED_DIMS, HEADS, batch_first=batch_first,
                                       **act_kwargs).eval()
     act.load_state_dict(exact.state_dict(), strict=True)
+    act.register_record_hook(_LAST_FORWARD.__setitem__)
     return exact, act
 
 
@@ -56,7 +68,7 @@ def assert_tiny_width_gives_exact_attention(batch_first, **width):
     out, ref = self_attn(act, x, pos, mask), self_attn(exact, x, pos, mask)
     real = ~mask if batch_first else ~mask.t()
     torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=0)
-    assert act.last_num_clusters.tolist() == [[40] * HEADS, [int((~mask[1]).sum())] * HEADS]
+    assert last(act).num_clusters.tolist() == [[40] * HEADS, [int((~mask[1]).sum())] * HEADS]
 
 
 @pytest.mark.parametrize('batch_first', [True, False])
@@ -83,16 +95,16 @@ def test_use_exact_is_mmcv_attention_and_context_manager_restores():
 
 def test_clusters_are_coarser_than_tokens_and_output_is_close():
     # Redundant tokens: 6 prototypes + small noise, as in a feature map with flat regions.
-    exact, act = make_pair(bucket_width=1.0, record_clusters=True)
+    exact, act = make_pair(bucket_width=1.0)
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(6, EMBED_DIMS, generator=g) * 3
     x = centres[torch.randint(0, 6, (1, 200), generator=g)]
     x = x + 0.01 * torch.randn(x.shape, generator=g)
     out, ref = act(x), exact(x)
-    assert (act.last_num_clusters < 40).all()
-    ids = act.last_cluster_ids
+    assert (last(act).num_clusters < 40).all()
+    ids = last(act).cluster_ids
     assert ids.shape == (1, HEADS, 200)
-    assert (ids.amax(-1) + 1).tolist() == act.last_num_clusters.tolist()
+    assert (ids.amax(-1) + 1).tolist() == last(act).num_clusters.tolist()
     assert (out - ref).norm() / (ref - x).norm() < 0.05
 
 
@@ -102,10 +114,10 @@ def test_image_in_padded_batch_equals_image_alone():
     real = ~mask[1]
     x[1, ~real] = 1e3  # garbage in padding must not leak into clusters or keys
     batch_out = self_attn(act, x, pos, mask)[1, real]
-    batch_clusters = act.last_num_clusters[1]
+    batch_clusters = last(act).num_clusters[1]
     alone = self_attn(act, x[1:, real], pos[1:, real], None)[0]
     torch.testing.assert_close(batch_out, alone, atol=1e-6, rtol=1e-5)
-    assert torch.equal(act.last_num_clusters[0], batch_clusters)
+    assert torch.equal(last(act).num_clusters[0], batch_clusters)
     assert (batch_clusters < real.sum()).all()  # real clustering happened
 
 
@@ -154,11 +166,11 @@ def test_gradcheck_through_clustering_mean_and_broadcast():
     lsh = E2LSH(8, num_hashes=4, bucket_width=2.0, seed=0)
     mask = torch.zeros(1, 12, dtype=torch.bool)
     mask[0, -2:] = True
-    _, ids, num = adaptive_clustering_attention(q, k, v, lsh, mask, mask)
+    _, ids, num, _ = adaptive_clustering_attention(q, k, v, lsh, mask, mask)
     assert (num < 10).all()  # clusters with several members: the mean path is exercised
 
     def fn(q, k, v):
-        return adaptive_clustering_attention(q, k, v, lsh, mask, mask)[0]
+        return adaptive_clustering_attention(q, k, v, lsh, mask, mask).output
 
     # fast_mode checks the Jacobian along random directions: seconds instead of a minute.
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
@@ -194,7 +206,7 @@ def test_zero_and_one_token():
     exact, act = make_pair()
     x = torch.randn(2, 1, EMBED_DIMS)
     torch.testing.assert_close(act(x), exact(x))
-    assert act.last_num_clusters.tolist() == [[1] * HEADS] * 2
+    assert last(act).num_clusters.tolist() == [[1] * HEADS] * 2
 
 
 def test_all_padded_image_is_finite_and_isolated():
@@ -203,7 +215,7 @@ def test_all_padded_image_is_finite_and_isolated():
     mask[1] = True
     out = self_attn(act, x, pos, mask)
     assert torch.isfinite(out).all()
-    assert act.last_num_clusters[1].tolist() == [0] * HEADS
+    assert last(act).num_clusters[1].tolist() == [0] * HEADS
     torch.testing.assert_close(out[:1], self_attn(act, x[:1], pos[:1], mask[:1]))
     mask[:] = True
     assert torch.isfinite(self_attn(act, x, pos, mask)).all()
@@ -295,21 +307,21 @@ def scale_query_projection(module, factor):
 @pytest.mark.parametrize('factor', [2.0**-6, 2.0**5, 10.0, 1e3])
 def test_relative_width_clusters_do_not_change_with_the_query_scale(factor):
     x, pos, mask = make_redundant_inputs()
-    _, act = make_pair(relative_bucket_width=0.5, record_clusters=True)
-    _, scaled = make_pair(relative_bucket_width=0.5, record_clusters=True)
+    _, act = make_pair(relative_bucket_width=0.5)
+    _, scaled = make_pair(relative_bucket_width=0.5)
     scale_query_projection(scaled, factor)
     self_attn(act, x, pos, mask)
     self_attn(scaled, x, pos, mask)
-    assert torch.equal(act.last_cluster_ids, scaled.last_cluster_ids)
-    assert (act.last_num_clusters > 1).all() and (act.last_num_clusters < 20).all()
-    torch.testing.assert_close(scaled.last_bucket_width, factor * act.last_bucket_width)
+    assert torch.equal(last(act).cluster_ids, last(scaled).cluster_ids)
+    assert (last(act).num_clusters > 1).all() and (last(act).num_clusters < 20).all()
+    torch.testing.assert_close(last(scaled).bucket_widths, factor * last(act).bucket_widths)
     # The absolute width is not scale-free: the same factor changes the clusters.
-    _, absolute = make_pair(bucket_width=act.last_bucket_width.median().item())
-    _, absolute_scaled = make_pair(bucket_width=act.last_bucket_width.median().item())
+    _, absolute = make_pair(bucket_width=last(act).bucket_widths.median().item())
+    _, absolute_scaled = make_pair(bucket_width=last(act).bucket_widths.median().item())
     scale_query_projection(absolute_scaled, factor)
     self_attn(absolute, x, pos, mask)
     self_attn(absolute_scaled, x, pos, mask)
-    assert not torch.equal(absolute.last_num_clusters, absolute_scaled.last_num_clusters)
+    assert not torch.equal(last(absolute).num_clusters, last(absolute_scaled).num_clusters)
 
 
 def test_relative_width_ignores_a_shift_of_the_queries():
@@ -317,9 +329,9 @@ def test_relative_width_ignores_a_shift_of_the_queries():
     q = 3 * torch.randn(2, HEADS, 30, EMBED_DIMS // HEADS, generator=g)
     k, v = torch.randn_like(q), torch.randn_like(q)
     lsh = E2LSH(EMBED_DIMS // HEADS, 16, 1.0, seed=0)
-    _, ids, num = adaptive_clustering_attention(q, k, v, lsh, relative_bucket_width=0.7)
-    _, shifted_ids, _ = adaptive_clustering_attention(q + 64.0, k, v, lsh,
-                                                      relative_bucket_width=0.7)
+    _, ids, num, _ = adaptive_clustering_attention(q, k, v, lsh, relative_bucket_width=0.7)
+    _, shifted_ids, _, _ = adaptive_clustering_attention(q + 64.0, k, v, lsh,
+                                                         relative_bucket_width=0.7)
     assert torch.equal(ids, shifted_ids) and (num > 1).all()
 
 
@@ -335,12 +347,12 @@ def test_relative_width_padding_batch_and_determinism():
     real = ~mask[1]
     x[1, ~real] = 1e3  # garbage in padding must not move the spread, clusters or keys
     batch_out = self_attn(act, x, pos, mask)
-    clusters, widths = act.last_num_clusters.clone(), act.last_bucket_width.clone()
+    clusters, widths = last(act).num_clusters.clone(), last(act).bucket_widths.clone()
     assert (clusters[1] > 1).all() and (clusters[1] < real.sum()).all()
     alone = self_attn(act, x[1:2, real], pos[1:2, real], None)
     torch.testing.assert_close(batch_out[1, real], alone[0], atol=1e-6, rtol=1e-5)
-    assert torch.equal(act.last_num_clusters[0], clusters[1])
-    torch.testing.assert_close(act.last_bucket_width[0], widths[1], rtol=1e-12, atol=0)
+    assert torch.equal(last(act).num_clusters[0], clusters[1])
+    torch.testing.assert_close(last(act).bucket_widths[0], widths[1], rtol=1e-12, atol=0)
     for i in range(3):  # each image of the batch as if alone
         single = self_attn(act, x[i:i + 1], pos[i:i + 1], mask[i:i + 1])
         torch.testing.assert_close(batch_out[i:i + 1][~mask[i:i + 1]], single[~mask[i:i + 1]],
@@ -355,11 +367,11 @@ def test_relative_width_all_padded_image_and_constant_queries():
     x, pos, mask = make_inputs()
     mask[1] = True
     out = self_attn(act, x, pos, mask)
-    assert torch.isfinite(out).all() and act.last_num_clusters[1].tolist() == [0] * HEADS
+    assert torch.isfinite(out).all() and last(act).num_clusters[1].tolist() == [0] * HEADS
     for value in (0.0, 1.0, 1e4):  # zero or rounding-noise spread: one cluster, finite output
         same = torch.full((2, 6, EMBED_DIMS), value)
         assert torch.isfinite(act(same)).all()
-        assert act.last_num_clusters.tolist() == [[1] * HEADS] * 2
+        assert last(act).num_clusters.tolist() == [[1] * HEADS] * 2
 
 
 def test_relative_width_bad_input():
@@ -433,8 +445,10 @@ def test_per_layer_settings_from_the_config_reach_their_layers():
     saved = plain.encoder.layers[2].self_attn.lsh.projections
     assert torch.equal(found[2].lsh.projections, saved[:16])
     x = torch.randn(2, 12, 128)
-    model.encoder(query=x, query_pos=torch.zeros_like(x), key_padding_mask=None)
-    assert all(a.last_num_clusters is not None for a in found)
+    with record_act_forwards(model) as forwards:
+        model.encoder(query=x, query_pos=torch.zeros_like(x), key_padding_mask=None)
+    assert [len(records) for records in forwards.values()] == [1, 1, 1]
+    assert all(records[0].num_clusters is not None for records in forwards.values())
     with pytest.raises(ValueError, match='bucket_width has 2 per-layer values .* 3 layers'):
         resolve_act_layers(build_act_detr(bucket_width=[8.0, 4.0]))
 
@@ -446,7 +460,7 @@ def test_extremely_narrow_buckets_do_not_overflow(width):
     exact, act = make_pair(bucket_width=width)
     x, pos, mask = make_inputs()
     out, ref = self_attn(act, x, pos, mask), self_attn(exact, x, pos, mask)
-    assert act.last_num_clusters.tolist() == [[40] * HEADS, [int((~mask[1]).sum())] * HEADS]
+    assert last(act).num_clusters.tolist() == [[40] * HEADS, [int((~mask[1]).sum())] * HEADS]
     torch.testing.assert_close(out[~mask], ref[~mask], atol=1e-5, rtol=0)
 
 
@@ -454,7 +468,7 @@ def test_huge_finite_queries_keep_distinct_clusters():
     _, act = make_pair(bucket_width=8.0)
     x = torch.randn(1, 20, EMBED_DIMS) * 1e30
     out = act(x)
-    assert (act.last_num_clusters == 20).all()
+    assert (last(act).num_clusters == 20).all()
     assert out.shape == x.shape
 
 
@@ -471,5 +485,48 @@ def test_empty_batch_with_tokens(batch_first):
     out = act(x, query_pos=torch.zeros_like(x),
               key_padding_mask=torch.zeros(0, 7, dtype=torch.bool))
     assert out.shape == x.shape
-    assert act.last_num_clusters.shape == (0, HEADS)
-    assert act.last_flops().shape == (0, )
+    assert last(act).num_clusters.shape == (0, HEADS)
+    assert act_flops(last(act), act.embed_dims).shape == (0, )
+
+
+# --- Records: what tools read, through hooks; nothing kept on the layer ------------------------
+
+def test_record_hooks_see_every_forward_and_the_layer_keeps_nothing():
+    exact, act = make_pair(bucket_width=1.0)
+    x, pos, mask = make_inputs()
+    before = set(vars(act))
+    with record_act_forwards(torch.nn.ModuleDict(dict(enc=act))) as forwards:
+        out = self_attn(act, x, pos, mask)
+        with act_exact_mode(act):
+            self_attn(act, x, pos, mask)
+    self_attn(act, x, pos, mask)  # after the block: not recorded
+    assert set(vars(act)) == before  # no measurement state appears on the layer
+    (act_record, exact_record), = forwards.values()
+    assert act_record.num_hashes == act.num_hashes == 32
+    assert act_record.num_queries.tolist() == act_record.num_keys.tolist() == \
+        [40, int((~mask[1]).sum())]
+    assert act_record.num_clusters.shape == (2, HEADS)
+    assert act_record.cluster_ids.shape == (2, HEADS, 40)
+    assert act_record.bucket_widths.tolist() == [[1.0] * HEADS] * 2
+    assert exact_record.num_clusters is None and exact_record.cluster_ids is None
+    # The record is what the functional core returns for the same projected inputs.
+    q, k, v, kpm, qpm = act.project_heads(x, None, None, pos, None, mask)
+    result = adaptive_clustering_attention(q, k, v, act.lsh, kpm, qpm)
+    assert torch.equal(result.cluster_ids, act_record.cluster_ids)
+    assert torch.equal(result.num_clusters, act_record.num_clusters)
+    assert torch.equal(result.bucket_widths, act_record.bucket_widths)
+    assert torch.isfinite(out).all()
+
+
+def test_functional_core_has_one_return_type():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, HEADS, 9, 8, generator=g) for _ in range(3))
+    lsh = E2LSH(8, num_hashes=4, bucket_width=2.0, seed=0)
+    for kwargs in (dict(), dict(relative_bucket_width=0.5), dict(bucket_width=0.1)):
+        result = adaptive_clustering_attention(q, k, v, lsh, **kwargs)
+        assert type(result).__name__ == 'ACTResult' and len(result) == 4
+        assert result.output.shape == (2, HEADS, 9, 8)
+        assert result.bucket_widths.dtype == torch.float64
+    empty = adaptive_clustering_attention(q[:0], k[:0], v[:0], lsh)
+    assert type(empty).__name__ == 'ACTResult' and empty.bucket_widths.shape == (0, HEADS)
+
