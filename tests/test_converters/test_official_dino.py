@@ -121,3 +121,22 @@ def test_detrex_dino_key_map(tmp_path):
     assert cfg.positional_encoding.temperature == 10000
     assert result.classes[0] == 'person' and len(result.classes) == 80
     _runs(result)
+
+
+def test_dino_official_coco80(tmp_path):
+    """--coco80 on DINO: every class head, the encoder's proposal head included (DINO ranks
+    proposals by the best class score), and the denoising label embedding keep the 80 ids."""
+    from mmdet_detrx.converters._original_common import COCO91_IDS
+    source = dino_official_state_dict(enc_layers=1, dec_layers=2, dec_points=2, labelbook=91)
+    path = save_official(tmp_path / 'checkpoint0011_4scale.pth', source, **ARGS)
+    result = convert_source(path, str(tmp_path / 'out'), coco80=True)
+    ours = load_checkpoint_file(result.checkpoint_path)['state_dict']
+    ids = list(COCO91_IDS)
+    assert result.classes[0] == 'person' and len(result.classes) == 80
+    assert torch.equal(ours['bbox_head.cls_branches.2.weight'],
+                       source['transformer.enc_out_class_embed.weight'][ids])
+    assert torch.equal(ours['bbox_head.cls_branches.0.bias'], source['class_embed.0.bias'][ids])
+    assert torch.equal(ours['dn_query_generator.label_embedding.weight'],
+                       source['label_enc.weight'][ids])
+    assert Config.fromfile(result.config_path).model.bbox_head.num_classes == 80
+    assert any('proposal selection ignores' in note for note in result.notes)
