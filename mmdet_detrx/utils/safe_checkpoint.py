@@ -42,7 +42,9 @@ Importing ``mmdet_detrx`` (:func:`patch_mmengine_checkpoint_loading`) makes mmen
 ``http(s)://`` checkpoint loaders use it (and OneDL mmengine's ``_safe_torch_load``, whose own
 fallback is ``weights_only=False``), and makes ``Runner.resume`` ignore the checkpoint's
 ``meta['config']`` text, which mmengine would execute with ``Config.fromstring``
-(:func:`patch_runner_resume`). ``MMDET_DETRX_TRUSTED_CHECKPOINTS=1`` (or ``--trust-checkpoint``
+(:func:`patch_runner_resume`), and makes ``BaseInferencer`` without a config (mmdet's
+``DetInferencer(weights=ckpt)``) read the stored config as data (:func:`patch_inferencer_config`,
+``utils/literal_config.py``) instead of executing it. ``MMDET_DETRX_TRUSTED_CHECKPOINTS=1`` (or ``--trust-checkpoint``
 on our tools) is the explicit opt-in for trusted legacy pickles: full pickle loading. Other
 schemes (``torchvision://``, ``open-mmlab://``, ``s3://``, ...) keep mmengine's own code.
 """
@@ -72,7 +74,8 @@ __all__ = [
     'CHECKPOINT_GLOBALS', 'CorruptCheckpointError', 'MAX_EXPANDED_NODES', 'MAX_NESTING_DEPTH',
     'RestrictedUnpickler', 'TRUSTED_CHECKPOINTS_ENV', 'UnsafeCheckpointError',
     'inert_checkpoint_config', 'load_checkpoint_file', 'mmengine_checkpoint_globals',
-    'patch_mmengine_checkpoint_loading', 'patch_runner_resume', 'restricted_load',
+    'patch_inferencer_config', 'patch_mmengine_checkpoint_loading', 'patch_runner_resume',
+    'restricted_load',
     'safe_torch_load', 'trusted_checkpoints'
 ]
 
@@ -976,10 +979,60 @@ def patch_runner_resume() -> None:
     FlexibleRunner.resume = _wrap_resume(FlexibleRunner.resume)
 
 
+def _config_from_checkpoint(weights: str) -> dict:
+    """The config a Runner stored in checkpoint ``weights``, read as data (never executed)."""
+    from mmengine.runner.checkpoint import _load_checkpoint
+    from .literal_config import ConfigNotLiteralError, literal_config
+    checkpoint = _load_checkpoint(weights, map_location='cpu')
+
+    def entry(mapping, *keys):  # checkpoint[k0][k1]... or None
+        for key in keys:
+            mapping = mapping.get(key) if isinstance(mapping, dict) else None
+        return mapping
+
+    # Where BaseInferencer looks, in its order: message_hub's runtime info, then meta.
+    text = entry(checkpoint, 'message_hub', 'runtime_info', 'cfg')
+    if text is None:
+        text = entry(checkpoint, 'meta', 'cfg')
+    if text is None:
+        raise ValueError(f'{weights} holds no config (meta["cfg"] or message_hub): pass the '
+                         'config file too, e.g. DetInferencer(model=CONFIG, weights=CHECKPOINT)')
+    try:
+        return literal_config(text)
+    except ConfigNotLiteralError as error:
+        raise _refused(weights, f'its stored config is not plain data ({error}); mmengine would '
+                       'execute it as Python. Pass the config file instead: '
+                       'DetInferencer(model=CONFIG, weights=CHECKPOINT)') from None
+
+
+def _wrap_init_model(init_model: Callable) -> Callable:
+    if getattr(init_model, '_detrx_literal_config', False):
+        return init_model
+
+    @functools.wraps(init_model)
+    def init_model_from_literal_config(self, cfg, weights, device):
+        # BaseInferencer(model=None, weights=ckpt) builds the model from the checkpoint's config
+        # text with Config.fromstring, which runs it: read it as data instead.
+        if not cfg and weights is not None and not trusted_checkpoints():
+            from mmengine.config import ConfigDict
+            cfg = ConfigDict(_config_from_checkpoint(weights))
+        return init_model(self, cfg, weights, device)
+
+    init_model_from_literal_config._detrx_literal_config = True
+    return init_model_from_literal_config
+
+
+def patch_inferencer_config() -> None:
+    """Make mmengine's ``BaseInferencer`` read a checkpoint's stored config as data."""
+    from mmengine.infer import BaseInferencer
+    BaseInferencer._init_model = _wrap_init_model(BaseInferencer._init_model)
+
+
 def patch_mmengine_checkpoint_loading() -> None:
     """Register the safe local and http(s) loaders in mmengine's ``CheckpointLoader``, route
-    OneDL mmengine's ``_safe_torch_load`` through :func:`safe_torch_load`, and make
-    ``Runner.resume`` ignore executable config text (once)."""
+    OneDL mmengine's ``_safe_torch_load`` through :func:`safe_torch_load`, make
+    ``Runner.resume`` ignore executable config text, and make ``BaseInferencer`` (mmdet's
+    ``DetInferencer(weights=ckpt)``) read a checkpoint's config as data (once)."""
     global _PATCHED
     if _PATCHED:
         return
@@ -990,4 +1043,5 @@ def patch_mmengine_checkpoint_loading() -> None:
     if hasattr(mmengine_checkpoint, '_safe_torch_load'):  # OneDL mmengine
         mmengine_checkpoint._safe_torch_load = safe_torch_load
     patch_runner_resume()
+    patch_inferencer_config()
     _PATCHED = True
