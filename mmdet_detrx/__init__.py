@@ -3,12 +3,21 @@
 Importing the package (``custom_imports=dict(imports=['mmdet_detrx'])``) registers every
 model, dataset and hook into MMDetection's registries (scope ``mmdet``).
 
-Beyond registering, the import changes two things for the whole process (docs/tools.md):
-mmengine's local and http(s) checkpoint loaders load with ``weights_only=True`` and exactly the
-globals mmengine's own checkpoints need allow-listed (``utils/safe_checkpoint.py``; opt out for
-trusted legacy pickles with ``MMDET_DETRX_TRUSTED_CHECKPOINTS=1``), and ``AmpOptimWrapper`` in
-mmdet's scope falls back to bf16 autocast on machines without a GPU
-(``engine/optimizers/amp_optim_wrapper.py``); on GPUs it is mmengine's class.
+Beyond registering under names of its own, the import makes these process-wide changes, each
+kept because users rely on it with mmdet's own tools, which reach this package only through
+``custom_imports`` (docs/import.md: every change, why, and what is left to explicit calls):
+
+* checkpoints load without running code from them: mmengine's local and http(s) loaders, OneDL
+  mmengine's ``_safe_torch_load``, ``Runner.resume`` and the inferencers (never executing a
+  checkpoint's config text) go through ``utils/safe_checkpoint.py``
+  (``MMDET_DETRX_TRUSTED_CHECKPOINTS=1`` opts in to full pickles);
+* ``AmpOptimWrapper`` in mmdet's scope is mmengine's class with an accelerator and bf16
+  ``CPUAmpOptimWrapper`` without one (``engine/optimizers/amp_optim_wrapper.py``);
+* mmengine's configs accept ``_base_ = 'mmdet_detrx::dir/cfg.py'`` (``config_scheme.py``);
+* mmengine's FLOP analysis counts our deformable attention op and scaled dot-product attention
+  (``utils/complexity.py``);
+* every model build first checks that registered attention types sit in a detector that builds
+  them (``models/detectors/detrx.py``), so mmdet's plain detectors fail with a clear error.
 
 ``mmdet_detrx.ops`` needs only torch, so the native op layer stays usable (and testable) on a
 machine without mmcv/mmdet; there the registries are simply not populated.
@@ -26,7 +35,9 @@ if find_spec('mmdet') is not None:
     patch_mmengine_checkpoint_loading()
     from .config_scheme import register_with_mmengine  # `_base_ = 'mmdet_detrx::dir/cfg.py'`
     from .utils.complexity import register_flop_handles  # FLOPs of our ops in mmengine.analysis
+    from .models.detectors import install_attention_type_check  # clear error for plain DETRs
     register_with_mmengine()
     register_flop_handles()
+    install_attention_type_check()
 
 __all__ = ['__version__']

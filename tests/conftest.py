@@ -27,7 +27,7 @@ MMDET_INTEGRATION = ('test_models/test_detectors/', 'test_configs.py', 'test_dat
                      'test_engine/', 'test_tools/', 'test_converters/',
                      'test_packaging/test_wheel.py', 'test_packaging/test_shipped_configs.py',
                      'test_utils/test_safe_checkpoint.py', 'test_utils/test_safe_loading_stacks.py',
-                     'test_utils/test_stacks.py')
+                     'test_utils/test_stacks.py', 'test_utils/test_import_time.py')
 
 
 def pytest_configure(config):

@@ -13,6 +13,7 @@ import os.path as osp
 import sys
 
 import mmdet_detrx  # noqa: F401  (registers our modules)
+from mmdet_detrx.engine.optimizers import amp_optim_wrapper_cfg
 from mmdet_detrx.utils import check_dataset_files, find_resumable_checkpoint, use_atomic_checkpoints
 from mmdet_detrx.utils.tool_cli import (add_runner_args, load_tool_config, parse_tool_args,
                                         require_checkpoint_match, tool_runner)
@@ -37,15 +38,8 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_tool_config(args)
 
-    if args.amp:
-        import torch
-        if torch.cuda.is_available():
-            cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
-        else:
-            # mmengine's AmpOptimWrapper refuses CPUs; bf16 autocast needs no loss scaling.
-            cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
-            cfg.optim_wrapper.dtype = 'bfloat16'
+    if args.amp:  # fp16 AmpOptimWrapper on an accelerator, bf16 CPUAmpOptimWrapper on CPU
+        cfg.optim_wrapper = amp_optim_wrapper_cfg(cfg.optim_wrapper)
 
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:

@@ -51,3 +51,21 @@ def _wrapper_of_type(type_name, **kwargs):
         # the runner builds through mmengine's root registry in mmdet's scope
         return model, ROOT_OPTIM_WRAPPERS.build(
             dict(type=type_name, optimizer=optimizer, **kwargs))
+
+
+def test_amp_decision_is_one_function():
+    """What tools/train.py --amp and benchmark_detectors' bf16 training use (issue 28.5)."""
+    from mmengine.config import ConfigDict
+
+    from mmdet_detrx.engine.optimizers import amp_optim_wrapper_cfg
+    cfg = ConfigDict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-4),
+                     clip_grad=dict(max_norm=0.1))
+    cpu = amp_optim_wrapper_cfg(cfg, device='cpu')
+    assert (cpu.type, cpu.dtype, cpu.clip_grad) == ('CPUAmpOptimWrapper', 'bfloat16',
+                                                    dict(max_norm=0.1))
+    gpu = amp_optim_wrapper_cfg(cfg, device='cuda')
+    assert (gpu.type, gpu.loss_scale) == ('AmpOptimWrapper', 'dynamic') and 'dtype' not in gpu
+    assert amp_optim_wrapper_cfg(dict(cfg, loss_scale=512.), device='cuda')['loss_scale'] == 512.
+    assert cfg.type == 'OptimWrapper' and 'dtype' not in cfg  # the config given is not changed
+    if not torch.cuda.is_available():
+        assert amp_optim_wrapper_cfg(cfg) == cpu  # decided by the machine

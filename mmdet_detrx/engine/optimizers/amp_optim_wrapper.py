@@ -11,7 +11,14 @@ mmdet's scope once ``mmdet_detrx`` is imported):
 * on CPU it returns :class:`CPUAmpOptimWrapper` in bfloat16, whose fp32-sized exponent needs no
   loss scaling (``loss_scale`` is accepted and unused); float16 on CPU is refused, because
   without loss scaling its small exponent range underflows gradients.
+
+The same decision, accelerator or not, is written once here: :func:`amp_optim_wrapper_cfg` gives
+the ``optim_wrapper`` config our ``tools/train.py --amp`` and ``benchmark_detectors.py``'s bf16
+training use.
 """
+import copy
+from typing import Optional
+
 import torch
 from mmdet.registry import OPTIM_WRAPPERS
 from mmengine.device import is_cuda_available, is_mlu_available, is_musa_available, \
@@ -21,12 +28,31 @@ from mmengine.optim import AmpOptimWrapper as MMEngineAmpOptimWrapper
 
 from .cpu_amp_optim_wrapper import CPUAmpOptimWrapper
 
-__all__ = ['build_amp_optim_wrapper']
+__all__ = ['amp_optim_wrapper_cfg', 'build_amp_optim_wrapper']
 
 
 def _has_accelerator() -> bool:
     return (is_cuda_available() or is_npu_available() or is_mlu_available()
             or is_musa_available())
+
+
+def amp_optim_wrapper_cfg(optim_wrapper, device: Optional[str] = None):
+    """A copy of the ``optim_wrapper`` config for mixed-precision training.
+
+    ``device``: where training runs (``'cpu'``, ``'cuda'``, ...); None decides by the machine
+    (an accelerator: GPU/NPU/MLU/MUSA, what mmengine's ``AmpOptimWrapper`` requires). With an accelerator:
+    mmengine's ``AmpOptimWrapper`` (fp16, ``loss_scale='dynamic'`` unless the config sets one);
+    on CPU: :class:`CPUAmpOptimWrapper` in bfloat16 (no loss scaling: bf16 has fp32's exponent
+    range).
+    """
+    optim_wrapper = copy.deepcopy(optim_wrapper)
+    if (_has_accelerator() if device is None else device != 'cpu'):
+        optim_wrapper['type'] = 'AmpOptimWrapper'
+        optim_wrapper.setdefault('loss_scale', 'dynamic')
+    else:
+        optim_wrapper['type'] = 'CPUAmpOptimWrapper'
+        optim_wrapper['dtype'] = 'bfloat16'
+    return optim_wrapper
 
 
 @OPTIM_WRAPPERS.register_module(name='AmpOptimWrapper')

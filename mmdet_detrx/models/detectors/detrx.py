@@ -14,7 +14,8 @@ Naming a registered attention under mmdet's *plain* detector (``type='Deformable
 fail deep inside mmcv with ``TypeError: ... unexpected keyword argument 'type'``. No code of ours
 runs there, so :func:`check_attention_types` inspects every model config before it is built
 (installed around the ``build_func`` of mmengine's and mmdet's ``MODELS`` on import, the one
-hook every model build passes) and raises a ``TypeError`` that names the ``...X`` detector to use.
+hook every model build passes; :func:`install_attention_type_check`, called by the package's
+``__init__``) and raises a ``TypeError`` that names the ``...X`` detector to use.
 
 The ``...X`` detectors also take ``conv_memory_format`` (:class:`ChannelsLastMixin`): on CPU
 their backbone and neck run channels-last by default.
@@ -35,7 +36,7 @@ from .channels_last import ChannelsLastMixin
 from .dino_ref_point_head import adapt_ref_point_head
 
 __all__ = ['RegistryAttentionMixin', 'DETRX', 'ConditionalDETRX', 'DeformableDETRX', 'DINOX',
-           'check_attention_types']
+           'check_attention_types', 'install_attention_type_check']
 
 _ATTENTION_CFG_KEYS = ('self_attn_cfg', 'cross_attn_cfg')
 
@@ -210,6 +211,9 @@ def _checking(build_func):
     return build
 
 
-for _registry in (MMENGINE_MODELS, MODELS):
-    _registry.build_func = _checking(_registry.build_func)
-del _registry
+def install_attention_type_check() -> None:
+    """Run :func:`check_attention_types` before every model build: wrap the ``build_func`` of
+    mmengine's and mmdet's ``MODELS`` (idempotent). Called by ``import mmdet_detrx``
+    (docs/import.md): mmdet's own tools reach no code of ours before the build fails."""
+    for registry in (MMENGINE_MODELS, MODELS):
+        registry.build_func = _checking(registry.build_func)

@@ -477,10 +477,11 @@ def synthetic_batch(batch, shape, training, with_masks, seed):
 
 def optim_wrapper_for(model, cfg, dtype):
     from mmengine.optim import build_optim_wrapper
+
+    from mmdet_detrx.engine.optimizers import amp_optim_wrapper_cfg
     optim_cfg = copy.deepcopy(cfg.optim_wrapper)
-    if dtype == 'bfloat16':
-        optim_cfg.type = 'CPUAmpOptimWrapper'
-        optim_cfg.dtype = 'bfloat16'
+    if dtype == 'bfloat16':  # tools/train.py --amp on CPU
+        optim_cfg = amp_optim_wrapper_cfg(optim_cfg, device='cpu')
     return build_optim_wrapper(model, optim_cfg)
 
 
