@@ -80,6 +80,54 @@ def _cuda_arch_list(torch, cuda_home):
         os.environ['TORCH_CUDA_ARCH_LIST'] = arch_list
 
 
+# CPU kernels compiled once per instruction-set level (ops/cpu/isa/<name>_<LEVEL>.cpp, each
+# including one kernel source) and chosen at load time (ops/cpu/cpu_capability.h). The wheel stays
+# portable: nothing else gets an -m flag, and a level runs only on a CPU that has it.
+CPU_ISA_FLAGS = {
+    'DEFAULT': [],
+    'AVX2': ['-mavx2', '-mfma', '-mf16c'],
+    'AVX512': ['-mavx2', '-mfma', '-mf16c', '-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx512dq'],
+}
+
+
+def _cpu_isa_sources():
+    """{level: sources} and the DETRX_CPU_<LEVEL> macros of the levels this build compiles:
+    every level on x86-64 with GCC / Clang, DEFAULT alone elsewhere."""
+    import platform
+    x86 = platform.machine().lower() in ('x86_64', 'amd64') and os.name == 'posix'
+    levels = list(CPU_ISA_FLAGS) if x86 else ['DEFAULT']
+    if os.getenv('MMDET_DETRX_CPU_BASELINE_ONLY') == '1':  # e.g. a compiler without AVX-512
+        levels = ['DEFAULT']
+    sources = {level: _sources(f'ops/cpu/isa/*_{level}.cpp') for level in levels}
+    macros = [(f'DETRX_CPU_{level}', None) for level in levels if level != 'DEFAULT']
+    return sources, macros
+
+
+def _per_isa_build_ext(base):
+    """build_ext that compiles each level's sources with its flags (the ninja compile of torch's
+    BuildExtension takes one flag set per call) and links them after the other objects, DEFAULT
+    first: the linker keeps the first copy of an inline function emitted by several objects,
+    so shared inline code is the baseline's."""
+
+    class PerIsaBuildExt(base):
+        def build_extension(self, ext):
+            isa_sources = getattr(ext, 'isa_sources', {})
+            objects = []
+            for level, level_sources in isa_sources.items():
+                if not level_sources:
+                    continue
+                cflags = dict(ext.extra_compile_args)
+                cflags['cxx'] = list(cflags.get('cxx', [])) + CPU_ISA_FLAGS[level]
+                objects += self.compiler.compile(
+                    level_sources, output_dir=self.build_temp, macros=ext.define_macros,
+                    include_dirs=ext.include_dirs, debug=self.debug, extra_postargs=cflags,
+                    depends=ext.depends)
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+            super().build_extension(ext)
+
+    return PerIsaBuildExt
+
+
 def _extensions():
     if os.getenv('MMDET_DETRX_NO_EXT') == '1':
         return [], {}, 'torch>=2.4'
@@ -88,6 +136,7 @@ def _extensions():
                                            CUDAExtension)
 
     sources = _sources('ops/*.cpp') + _sources('ops/cpu/*.cpp')
+    isa_sources, isa_macros = _cpu_isa_sources()
     include_dirs = [os.path.join(ROOT, 'ops')]
     cxx_flags = ['-O3']  # the C++ standard is torch.utils.cpp_extension's choice
     link_flags = []
@@ -112,7 +161,7 @@ def _extensions():
             'mmdet_detrx._C',
             sources + _sources('ops/cuda/*.cu'),
             include_dirs=include_dirs,
-            define_macros=[('WITH_CUDA', None)],
+            define_macros=[('WITH_CUDA', None)] + isa_macros,
             extra_compile_args={'cxx': cxx_flags, 'nvcc': ['-O3', '-lineinfo']},
             extra_link_args=link_flags)
     else:
@@ -120,9 +169,11 @@ def _extensions():
             'mmdet_detrx._C',
             sources,
             include_dirs=include_dirs,
+            define_macros=isa_macros,
             extra_compile_args={'cxx': cxx_flags},
             extra_link_args=link_flags)
-    cmdclass = {'build_ext': BuildExtension.with_options(use_ninja=True)}
+    ext.isa_sources = isa_sources
+    cmdclass = {'build_ext': _per_isa_build_ext(BuildExtension).with_options(use_ninja=True)}
     return [ext], cmdclass, _torch_requirement(torch)
 
 

@@ -69,3 +69,21 @@ def test_old_flag_spellings_still_parse():
     assert (args.repeats, args.dtypes, args.out_png) == (2, ['float16'], 'x.png')
     with pytest.raises(SystemExit):
         tool.parse_args(['--device', 'tpu'])
+
+
+def test_cpu_levels_and_copy_bandwidth(capsys):
+    """--cpu-levels times the native op at a forced ISA level in a child process (the level is
+    fixed at load); --vs-copy reports GB/s against the measured copy bandwidth."""
+    rows = tool.main(['--shapes', 'small', '--threads', '1', '--repeats', '1', '--warmup', '0',
+                      '--batch', '1', '--skip-reference', '--cpu-levels', 'default',
+                      '--vs-copy', '--copy-mib', '8'])
+    printed = capsys.readouterr().out
+    assert 'copy bandwidth: ' in printed and 'per CPU ISA level' in printed
+    assert [(r['shape'], r['level'], r['impl']) for r in rows] == [('small', 'default', 'native')]
+    assert rows[0]['vs_first'] == '1.00x fwd, 1.00x fwd+bwd'
+    assert rows[0]['fwd_bwd_gbps'].endswith('%)')
+
+
+def test_cpu_levels_unknown_to_this_cpu_are_refused(tiny_shape):
+    with pytest.raises(SystemExit, match='not supported here'):
+        tool.main(['--shapes', 'tiny', '--cpu-levels', 'avx1024'])

@@ -14,6 +14,8 @@ Example::
     python tools/analysis/benchmark_msda.py --device cpu --threads 1 --timer cpu  # shared machine
     python tools/analysis/benchmark_msda.py --device cuda --dtypes float16 --peak-gbps 3350
     python tools/analysis/benchmark_msda.py --device cpu --mixed bfloat16  # + bf16-value rows
+    python tools/analysis/benchmark_msda.py --device cpu --threads 1 --timer cpu --skip-reference \
+        --shapes encoder --cpu-levels all --vs-copy   # each CPU ISA level, GB/s vs memcpy
 
 Prints, per ``--dtypes`` entry, a markdown table of median milliseconds for the forward (no
 grad) and forward+backward, the speed-up of the native op over the reference and, with
@@ -26,11 +28,23 @@ implementations of one shape and thread count are timed interleaved, run by run
 (``msda.csv``) and a bar chart of forward+backward times on a linear axis with each bar's
 speed-up over the reference written on it (``msda.png``); ``--out-png PATH`` writes only the
 chart (the older flag).
+
+CPU: ``--vs-copy`` measures the copy bandwidth of this machine (``Tensor.copy_`` of a 256 MiB
+buffer, ``--copy-mib``, bytes read + written / time, at the benchmark's thread count) and reports each row's
+achieved bandwidth (compulsory bytes / time) as a fraction of it. ``--cpu-levels all`` (or a list
+of ``default avx2 avx512``) times the native op at each instruction-set level of the CPU kernels,
+each in its own process (the level is fixed when ``mmdet_detrx._C`` loads:
+``MMDET_DETRX_CPU_CAPABILITY``), and prints a table of the levels with their speed-up over
+``default``.
 """
 import argparse
+import json
 import os
 import os.path as osp
+import subprocess
 import sys
+import tempfile
+import time
 
 import torch
 
@@ -63,6 +77,14 @@ def parse_args(argv=None):
     parser.add_argument('--skip-reference', action='store_true',
                         help='time only the native op (the reference is slow on CPU)')
     parser.add_argument('--out-png', help='save only the bar chart of forward+backward times here')
+    parser.add_argument('--vs-copy', action='store_true',
+                        help='CPU: measure the copy bandwidth and report GB/s as a fraction of it')
+    parser.add_argument('--copy-mib', type=int, default=256,
+                        help='--vs-copy: size of the copied buffer in MiB (default 256)')
+    parser.add_argument('--cpu-levels', nargs='+', metavar='LEVEL',
+                        help='CPU: time the native op at these ISA levels (default avx2 avx512, '
+                        'or all), each in its own process')
+    parser.add_argument('--rows-json', help=argparse.SUPPRESS)  # --cpu-levels' child processes
     args = parser.parse_args(argv)
     try:
         device_type = torch.device(args.device).type
@@ -72,7 +94,84 @@ def parse_args(argv=None):
         parser.error(f'--device must be cpu or cuda[:N], got {args.device!r}')
     if args.batch < 1:
         parser.error(f'--batch must be at least 1, got {args.batch}')
+    if (args.vs_copy or args.cpu_levels) and device_type != 'cpu':
+        parser.error('--vs-copy and --cpu-levels apply to --device cpu')
+    if args.vs_copy and args.peak_gbps:
+        parser.error('--vs-copy measures the bandwidth to compare with: drop --peak-gbps')
     return args
+
+
+def measure_copy_gbps(threads=None, megabytes=256, repeats=5):
+    """This machine's copy bandwidth in GB/s (bytes read + written per second, best of
+    ``repeats``): the bound of a memory-bound op on the CPU."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch
+    best = float('inf')
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def cpu_levels(requested):
+    """The ISA levels to time: ``all`` = every level this CPU supports."""
+    supported = list(torch.ops.detrx.cpu_capabilities())
+    levels = supported if requested == ['all'] else list(dict.fromkeys(requested))
+    missing = [level for level in levels if level not in supported]
+    if missing:
+        raise SystemExit(f'--cpu-levels: {missing} not supported here; this CPU supports '
+                         f'{supported}')
+    return levels
+
+
+def _child_argv(argv, rows_json):
+    """argv for one level's process: the same benchmark of the native op alone."""
+    skip = {'--cpu-levels', '--out-dir', '--out-png', '--mixed'}
+    child, dropping = [], False
+    for arg in argv:
+        if arg.startswith('--'):
+            dropping = arg.split('=')[0] in skip
+            if dropping:
+                continue
+        elif dropping:
+            continue
+        child.append(arg)
+    return child + ['--skip-reference', '--rows-json', rows_json]
+
+
+def benchmark_cpu_levels(args, argv):
+    """Run the native op at each level in a subprocess; print and return one row per level."""
+    levels = cpu_levels(args.cpu_levels)
+    rows = []
+    for level in levels:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows_json = osp.join(tmp, 'rows.json')
+            env = dict(os.environ, MMDET_DETRX_CPU_CAPABILITY=level)
+            subprocess.run([sys.executable, '-m', 'mmdet_detrx.tools.analysis.benchmark_msda',
+                            *_child_argv(argv, rows_json)], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            with open(rows_json) as f:
+                rows += [dict(row, level=level) for row in json.load(f)]
+    baseline = {(r['dtype'], r['shape'], r['threads']): r for r in rows
+                if r['level'] == levels[0]}
+    for row in rows:
+        base = baseline[(row['dtype'], row['shape'], row['threads'])]
+        row['vs_first'] = (f'{base["forward_ms"] / row["forward_ms"]:.2f}x fwd, '
+                           f'{base["fwd_bwd_ms"] / row["fwd_bwd_ms"]:.2f}x fwd+bwd')
+    columns = [Column('dtype', align='left'), Column('shape', align='left'), Column('threads'),
+               Column('level', align='left'), Column('forward_ms', 'forward ms', '{:.2f}'),
+               Column('fwd_bwd_ms', 'fwd+bwd ms', '{:.2f}'),
+               Column('vs_first', f'speed-up vs {levels[0]}')]
+    columns += [Column(key, label) for key, label in (('fwd_gbps', 'fwd GB/s'),
+                                                      ('fwd_bwd_gbps', 'fwd+bwd GB/s'))
+                if any(key in r for r in rows)]
+    print(f'\n# MSDA native op per CPU ISA level: {machine_line("cpu")}')
+    print(markdown_table(rows, columns), flush=True)
+    return rows
 
 
 def make_inputs(levels, queries, batch, dtype, device, heads=8, channels=32, points=4):
@@ -174,9 +273,10 @@ def benchmark_dtype(args, dtype_name, shape_names, threads, impls):
                Column('impl', align='left'), Column('forward_ms', 'forward ms', '{:.2f}'),
                Column('fwd_bwd_ms', 'fwd+bwd ms', '{:.2f}'),
                Column('speed_up', 'fwd+bwd speed-up')]
+    reference = 'copy' if args.vs_copy else 'peak'
     if args.peak_gbps:
-        columns += [Column('fwd_gbps', 'fwd GB/s (% peak)'),
-                    Column('fwd_bwd_gbps', 'fwd+bwd GB/s (% peak)')]
+        columns += [Column('fwd_gbps', f'fwd GB/s (% {reference})'),
+                    Column('fwd_bwd_gbps', f'fwd+bwd GB/s (% {reference})')]
     rows = []
     for shape_name in shape_names:
         levels, queries = SHAPES[shape_name]
@@ -233,11 +333,24 @@ def main(argv=None):
     if args.skip_reference:
         impls.pop('pytorch')
 
+    if args.vs_copy:
+        args.peak_gbps = measure_copy_gbps(threads[0], args.copy_mib)
+        print(f'copy bandwidth: {args.peak_gbps:.1f} GB/s (Tensor.copy_ of {args.copy_mib} MiB, '
+              f'read + written, {threads[0]} thread(s))')
+    if args.cpu_levels:
+        level_rows = benchmark_cpu_levels(args, list(sys.argv[1:] if argv is None else argv))
+        if args.skip_reference and not args.mixed:
+            return level_rows  # the level table is the whole answer
+
     rows, tables = [], []
     for dtype_name in dict.fromkeys(args.dtypes):
         dtype_rows, columns = benchmark_dtype(args, dtype_name, shape_names, threads, impls)
         rows += dtype_rows
         tables.append(markdown_table(dtype_rows, columns))
+    if args.rows_json:
+        with open(args.rows_json, 'w') as f:
+            json.dump(rows, f)
+        return rows
     if device_type == 'cpu':
         print('\nmmcv: not timed (mmcv 2.1 MultiScaleDeformableAttention has no CPU kernel)')
     elif 'mmcv' not in impls:

@@ -1,0 +1,4 @@
+// The CPU kernels of multi-scale deformable attention for the DEFAULT level (setup.py compiles
+// ops/cpu/isa/*_DEFAULT.cpp with that level's flags; see ops/cpu/cpu_capability.h).
+#define CPU_CAPABILITY DEFAULT
+#include "cpu/ms_deform_attn_kernel_impl.h"
