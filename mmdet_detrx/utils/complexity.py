@@ -29,7 +29,9 @@ Who uses them:
   ``ActivationAnalyzer``'s. ACT layers are traced as their exact operations; our ``get_flops.py``
   and ``act_tradeoff.py`` replace them by :func:`act_flops`.
 * torch's ``FlopCounterMode`` (``benchmark_detectors.py``) through :func:`flop_counter_mode`,
-  whose ``custom_mapping`` holds the same formulas (FlopCounterMode counts 2 FLOPs per MAC).
+  whose ``custom_mapping`` holds the same formulas (FlopCounterMode counts 2 FLOPs per MAC; the
+  CPU SDPA backward with torch's own formula for its GPU SDPA kernels; the deformable op's
+  backward is not counted).
 
 Convention (mmengine / mmdet): one multiply-accumulate = one FLOP.
 """
@@ -134,7 +136,14 @@ def _flop_counter_formulas() -> dict:
     def sdpa(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
         return 2 * sdpa_macs(query_shape, key_shape, value_shape)
 
-    formulas = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}
+    def sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                      **kwargs) -> int:  # torch's formula for its GPU kernels' backward
+        from torch.utils.flop_counter import sdpa_backward_flop_count
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    aten = torch.ops.aten
+    formulas = {aten._scaled_dot_product_flash_attention_for_cpu: sdpa,
+                aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward}
     from mmdet_detrx.ops import native_available
     if native_available():
         formulas[torch.ops.detrx.ms_deform_attn_forward] = ms_deform_attn
@@ -142,7 +151,8 @@ def _flop_counter_formulas() -> dict:
 
 
 def flop_counter_mode(**kwargs):
-    """torch's ``FlopCounterMode(**kwargs)`` that also counts our deformable attention op and
-    CPU scaled dot-product attention with the formulas above."""
+    """torch's ``FlopCounterMode(**kwargs)`` that also counts our deformable attention op
+    (forward) and CPU scaled dot-product attention (forward with the formula above, backward
+    with torch's formula for its GPU kernels)."""
     from torch.utils.flop_counter import FlopCounterMode
     return FlopCounterMode(custom_mapping=_flop_counter_formulas(), **kwargs)

@@ -127,6 +127,13 @@ def test_benchmark_detectors_flop_counter_counts_sdpa_and_msda():
     module = SdpaAndMsda()
     flops, encoder = benchmark_detectors.count_flops_and_capture(lambda: module(*inputs), module)
     assert flops == 2 * sum(expected_macs().values()) and encoder is None
+    # Training: the CPU SDPA backward with torch's formula (2.5x the forward for d_qk = d_v).
+    from mmdet_detrx.utils.complexity import flop_counter_mode
+    q, k, v = (torch.randn(B, HEADS, 11, C, requires_grad=True) for _ in range(3))
+    with flop_counter_mode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+    forward = 2 * B * HEADS * 11 * 11 * 2 * C
+    assert counter.get_total_flops() == forward + forward * 5 // 2
 
 
 def test_act_flops_are_counted_from_the_record():
