@@ -1,8 +1,11 @@
-"""tools/demo.py (``make demo``) end to end on a 16-image dataset: trains, tests, reports mAP."""
+"""tools/demo.py (``make demo``) end to end on a 16-image dataset: trains, tests, reports mAP,
+draws its detections."""
 import os
 import os.path as osp
 import subprocess
 import sys
+
+import cv2
 
 from _helpers import REPO_ROOT
 from _helpers.synthetic_shapes import tiny_run_options
@@ -19,3 +22,9 @@ def test_demo_trains_tests_and_prints_the_map(tmp_path):
     assert osp.isfile(osp.join(work_dir, 'iter_2.pth'))
     assert 'Demo finished: checkpoint' in proc.stdout and 'val bbox mAP = ' in proc.stdout
     assert osp.isfile(osp.join(tmp_path, 'shapes', 'annotations', 'val.json'))
+    # It ends with pictures of its detections on the val images (4 here), paths printed.
+    drawn = proc.stdout.split('next to the ground truth (left) on 4 val images:')[1].split()
+    assert drawn == [osp.join(work_dir, 'detections', f'{i:06d}.png') for i in range(4)]
+    for i, path in enumerate(drawn):  # ground truth | detections, each enlarged 3x
+        height, width = cv2.imread(osp.join(tmp_path, 'shapes', 'val', f'{i:06d}.png')).shape[:2]
+        assert cv2.imread(path).shape == (3 * height, 2 * 3 * width, 3)
