@@ -29,6 +29,7 @@ from mmengine.registry import init_default_scope
 import mmdet_detrx  # noqa: F401
 from mmdet_detrx.datasets import CocoFolderError, generate_synthetic_shapes
 from mmdet_detrx.models.class_dependent import class_dependent_keys
+from mmdet_detrx.stacks import installed_stack
 
 R18_BASE = osp.join(REPO_CONFIGS, 'coco_folder', 'deformable-detrx_r18_1xb8-1000i_coco-folder.py')
 LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -198,7 +199,10 @@ def test_inference_snippets(recipe, fine_tuned):
         'except Exception as error:', "    print('BROKEN:', error)",
     ])
     out = _check(_run(['-c', script], cwd=str(tmp)))
-    assert 'WITHOUT IMPORT: UnpicklingError' in out
+    # OpenMMLab's mmengine 0.10.7 cannot read its own checkpoints under torch >= 2.6; OneDL's
+    # reads them with its own allow-list (and falls back to a full pickle: docs/tools.md).
+    onedl = installed_stack()['mmengine'][0][0] == 'onedl'
+    assert ('NO ERROR WITHOUT IMPORT' if onedl else 'WITHOUT IMPORT: UnpicklingError') in out
     assert "WEIGHTS ONLY: ['bboxes', 'labels', 'scores']" in out
     assert f'BROKEN: failed to load image: {broken}' in out
     outputs = tmp / 'outputs'
