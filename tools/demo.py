@@ -30,7 +30,8 @@ def parse_args(argv=None):
 
 def draw_detections(config, checkpoint, cfg_options, out_dir, num_images, score_thr, scale=3):
     """Draw ground truth | detections (score >= ``score_thr``) of ``checkpoint`` on the first
-    ``num_images`` images of the config's test set, ``scale`` times enlarged; return the paths."""
+    ``num_images`` images of the config's test set, ``scale`` times enlarged; return
+    ``(path, summary)`` per image (object and detection counts, best score)."""
     import cv2
     import torch
     from mmdet.apis import inference_detector, init_detector
@@ -70,7 +71,10 @@ def draw_detections(config, checkpoint, cfg_options, out_dir, num_images, score_
         out_file = osp.join(out_dir, osp.basename(info['img_path']))
         visualizer.add_datasample(osp.basename(out_file), big, sample, draw_gt=True,
                                   draw_pred=True, pred_score_thr=score_thr, out_file=out_file)
-        paths.append(out_file)
+        kept = pred.scores >= score_thr
+        best = f', best {pred.scores.max():.2f}' if len(pred.scores) else ''
+        paths.append((out_file, f'{len(gt)} objects, {int(kept.sum())} detections >= '
+                      f'{score_thr}{best}'))
     return paths
 
 
@@ -106,8 +110,8 @@ def main(argv=None):
             os.chdir(cwd)
         print(f'Detections (score >= {args.score_thr}, right) next to the ground truth (left) '
               f'on {len(paths)} val images:')
-        for path in paths:
-            print(f'  {path}')
+        for path, summary in paths:
+            print(f'  {path}  ({summary})')
 
 
 if __name__ == '__main__':

@@ -2,6 +2,7 @@
 draws its detections."""
 import os
 import os.path as osp
+import re
 import subprocess
 import sys
 
@@ -23,7 +24,9 @@ def test_demo_trains_tests_and_prints_the_map(tmp_path):
     assert 'Demo finished: checkpoint' in proc.stdout and 'val bbox mAP = ' in proc.stdout
     assert osp.isfile(osp.join(tmp_path, 'shapes', 'annotations', 'val.json'))
     # It ends with pictures of its detections on the val images (4 here), paths printed.
-    drawn = proc.stdout.split('next to the ground truth (left) on 4 val images:')[1].split()
+    lines = proc.stdout.split('next to the ground truth (left) on 4 val images:')[1].splitlines()
+    drawn = [line.split()[0] for line in lines if line.strip()]
+    assert all(re.search(r'\(\d+ objects, \d+ detections >= 0.3', line) for line in lines[1:])
     assert drawn == [osp.join(work_dir, 'detections', f'{i:06d}.png') for i in range(4)]
     for i, path in enumerate(drawn):  # ground truth | detections, each enlarged 3x
         height, width = cv2.imread(osp.join(tmp_path, 'shapes', 'val', f'{i:06d}.png')).shape[:2]
