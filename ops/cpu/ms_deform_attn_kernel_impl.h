@@ -109,7 +109,8 @@ inline void corner_dots_and_scatter(const acc_t* __restrict grad_out,
       gv3[c + j] += aw3 * g;
     }
   }
-  for (; c < C; ++c) {
+  // The remaining C % kLanes channels (none for the compiled-in kC = 32: no dead loop).
+  for (; (kC == 0 || kC % kLanes != 0) && c < C; ++c) {
     const acc_t g = grad_out[c];
     d0[0] += g * static_cast<acc_t>(v0[c]);
     d1[0] += g * static_cast<acc_t>(v1[c]);
