@@ -1014,8 +1014,8 @@ def _wrap_init_model(init_model: Callable) -> Callable:
         # BaseInferencer(model=None, weights=ckpt) builds the model from the checkpoint's config
         # text with Config.fromstring, which runs it: read it as data instead.
         if not cfg and weights is not None and not trusted_checkpoints():
-            from mmengine.config import ConfigDict
-            cfg = ConfigDict(_config_from_checkpoint(weights))
+            # In place, as mmengine does: BaseInferencer.__init__ keeps using this object.
+            cfg.update(_config_from_checkpoint(weights))
         return init_model(self, cfg, weights, device)
 
     init_model_from_literal_config._detrx_literal_config = True
