@@ -194,7 +194,17 @@ def build_model_from_config(config_path: str):
 
 
 def check_strict_load(model, state_dict) -> None:
-    """Load ``state_dict`` into ``model`` strictly; a mismatch names the keys."""
+    """Load ``state_dict`` into ``model`` strictly; a mismatch names the keys.
+
+    The load runs first, so the model's own load hooks apply: on OneDL's mmdetection, DINOX widens
+    mmdet 3.3's ``decoder.ref_point_head`` input weight (models/detectors/dino_ref_point_head.py),
+    which keeps converted DINO checkpoints in the layout both stacks load.
+    """
+    try:
+        model.load_state_dict(state_dict, strict=True)
+        return
+    except RuntimeError:
+        pass  # name the keys below
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -210,7 +220,7 @@ def check_strict_load(model, state_dict) -> None:
     if problems:
         raise ConversionError('the converted weights do not load strictly into the model the '
                               'config builds: ' + ' | '.join(problems))
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True)  # what else torch refuses, in its words
 
 
 # ------------------------------------------------------------------------------------- naming
