@@ -274,7 +274,8 @@ def torch_info(venv_python):
 def source_digest(arch, torch_version, nvcc_version):
     digest = hashlib.sha256()
     files = [osp.join(ROOT, 'setup.py')] + sorted(
-        p for pattern in ('ops/*.h', 'ops/*.cpp', 'ops/cpu/*', 'ops/cuda/*.cu', 'ops/cuda/*.cuh')
+        p for pattern in ('ops/*.h', 'ops/*.cpp', 'ops/*.def', 'ops/cpu/*.h', 'ops/cpu/*.cpp',
+                          'ops/cpu/isa/*.cpp', 'ops/cuda/*.cu', 'ops/cuda/*.cuh')
         for p in glob.glob(osp.join(ROOT, pattern)))
     for path in files:
         digest.update(osp.relpath(path, ROOT).encode() + b'\0')
