@@ -84,7 +84,7 @@ $(STAMP_DEPS): $(PY) Makefile
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps "torchvision==0.16.2" "timm==1.0.31"
 	touch $(STAMP_DEPS)
 
-$(STAMP_PKG): $(STAMP_DEPS) setup.py pyproject.toml build_tools/detrx_backend.py build_tools/cuda_arch.py $(wildcard ops/*.h ops/*.cpp ops/*/*.cpp ops/*/*.h ops/cuda/*.cu ops/cuda/*.cuh)
+$(STAMP_PKG): $(STAMP_DEPS) setup.py pyproject.toml build_tools/detrx_backend.py build_tools/cuda_arch.py $(wildcard ops/*.h ops/*.cpp ops/*/*.cpp ops/*/*.h ops/cpu/isa/*.cpp ops/cuda/*.cu ops/cuda/*.cuh mmdet_detrx/ops/*.def)
 	MAX_JOBS=$(NPROC) $(PIP) install -c $(CONSTRAINTS) --no-build-isolation --no-deps -e .
 	$(PY) -c "import mmdet_detrx.ops as o; assert o.native_available(), 'native extension failed to load'"
 	touch $(STAMP_PKG)
