@@ -311,19 +311,6 @@ def backbone_rules(kind: str, prefix: str = 'model.backbone.model.') -> list:
     ]
 
 
-def add_batch_counters(state_dict: Dict[str, torch.Tensor], notes: List[str]) -> None:
-    """mmdet's BatchNorm has ``num_batches_tracked``; HF's frozen BatchNorm has none."""
-    added = 0
-    for key in [k for k in state_dict if k.startswith('backbone.') and k.endswith('.running_var')]:
-        counter = key[:-len('running_var')] + 'num_batches_tracked'
-        if counter not in state_dict:
-            state_dict[counter] = torch.tensor(0, dtype=torch.long)
-            added += 1
-    if added:
-        notes.append(f'added backbone.*.num_batches_tracked = 0 ({added} BatchNorm layers; HF '
-                     'freezes BatchNorm and stores no counter; unused in eval/frozen BN)')
-
-
 # ------------------------------------------------------------------------- classes, pixels
 def class_names(config: dict, num_classes: int, notes: List[str]) -> List[str]:
     id2label = config.get('id2label') or {}

@@ -222,7 +222,8 @@ def resnet_spec(state_dict: Dict[str, torch.Tensor], out_channels: Sequence[int]
 
 
 def add_batch_counters(state_dict: Dict[str, torch.Tensor], notes: List[str]) -> None:
-    """mmdet's BatchNorm has ``num_batches_tracked``; frozen BatchNorm stores none."""
+    """mmdet's BatchNorm has ``num_batches_tracked``; frozen BatchNorm (HF's, the original
+    repositories') stores none."""
     added = 0
     for key in [k for k in state_dict if k.startswith('backbone.') and k.endswith('.running_var')]:
         counter = key[:-len('running_var')] + 'num_batches_tracked'

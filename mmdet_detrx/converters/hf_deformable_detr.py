@@ -30,8 +30,9 @@ from typing import List
 
 import torch
 
-from ._hf_common import (add_batch_counters, backbone_rules, backbone_spec,
-                         class_names, normalisation, read_hf_model, require_option)
+from ._hf_common import (backbone_rules, backbone_spec, class_names, normalisation,
+                         read_hf_model, require_option)
+from ._original_common import add_batch_counters
 from ._registry import ConversionError, Converted, Source, apply_key_rules, register_layout
 from .hf_detr import _HFLayout, pack_qkv
 

@@ -32,8 +32,9 @@ from typing import Dict, List
 
 import torch
 
-from ._hf_common import (add_batch_counters, backbone_rules, backbone_spec, class_names,
-                         hf_model_type, normalisation, read_hf_model, require_option)
+from ._hf_common import (backbone_rules, backbone_spec, class_names, hf_model_type,
+                         normalisation, read_hf_model, require_option)
+from ._original_common import add_batch_counters
 from ._registry import (ConversionError, Converted, Layout, LayoutMatch, Source,
                         apply_key_rules, match_key_patterns, register_layout,
                         register_source_check)
