@@ -12,6 +12,11 @@ state-dict keys (regular expressions, matched in full) whose first dimension cou
 * ``DINOHead``: its ``cls_branches.N`` (the encoder's included) and the denoising queries' label
   embedding, ``dn_query_generator.label_embedding`` (``num_classes`` rows).
 
+An auxiliary dense head trained beside the DETR head (``aux_head`` of
+:class:`~mmdet_detrx.models.detectors.DINOXAux`) adds its own rows, relative to ``aux_head.``:
+
+* ``AnchorFreeHead`` (FCOS and its relatives): ``conv_cls`` (``num_classes`` output channels).
+
 A head type is looked up along its class hierarchy (first row found wins), so a subclass of a
 supported head is supported. :func:`find_class_change` decides whether a checkpoint differs from
 a model by exactly that set, consistently in one class count.
@@ -23,7 +28,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ['CLASS_DEPENDENT_PARAMS', 'ClassChange', 'class_dependent_keys', 'find_class_change']
+__all__ = ['CLASS_DEPENDENT_PARAMS', 'AUX_HEAD_CLASS_DEPENDENT_PARAMS', 'ClassChange', 'class_dependent_keys', 'find_class_change']
 
 _CLS_BRANCHES = r'bbox_head\.cls_branches\.\d+\.(weight|bias)'
 
@@ -33,19 +38,34 @@ CLASS_DEPENDENT_PARAMS: Dict[str, Tuple[str, ...]] = {
     'DINOHead': (_CLS_BRANCHES, r'dn_query_generator\.label_embedding\.weight'),
 }
 
+# Auxiliary dense heads: patterns relative to the head's attribute (``AUX_HEADS``).
+AUX_HEAD_CLASS_DEPENDENT_PARAMS: Dict[str, Tuple[str, ...]] = {
+    'AnchorFreeHead': (r'conv_cls\.(weight|bias)', ),
+}
+AUX_HEADS = ('aux_head', )
 
-def _head_patterns(detector: nn.Module) -> Tuple[Optional[str], Tuple[str, ...]]:
-    head = getattr(detector, 'bbox_head', None)
+
+def _row(head: Optional[nn.Module], table: Dict[str, Tuple[str, ...]]) -> Tuple[str, ...]:
     for cls in type(head).__mro__ if head is not None else ():
-        if cls.__name__ in CLASS_DEPENDENT_PARAMS:
-            return cls.__name__, CLASS_DEPENDENT_PARAMS[cls.__name__]
-    return None, ()
+        if cls.__name__ in table:
+            return table[cls.__name__]
+    return ()
+
+
+def _head_patterns(detector: nn.Module) -> Tuple[str, ...]:
+    patterns = _row(getattr(detector, 'bbox_head', None), CLASS_DEPENDENT_PARAMS)
+    if not patterns:  # a DETR head we do not know: nothing is class-dependent
+        return ()
+    for name in AUX_HEADS:
+        aux = _row(getattr(detector, name, None), AUX_HEAD_CLASS_DEPENDENT_PARAMS)
+        patterns += tuple(re.escape(name + '.') + pattern for pattern in aux)
+    return patterns
 
 
 def class_dependent_keys(detector: nn.Module) -> List[str]:
     """The detector's state-dict keys whose first dimension counts classes (table above);
     empty for a head type the table does not know."""
-    _, patterns = _head_patterns(detector)
+    patterns = _head_patterns(detector)
     compiled = [re.compile(pattern) for pattern in patterns]
     return [key for key in detector.state_dict()
             if any(pattern.fullmatch(key) for pattern in compiled)]

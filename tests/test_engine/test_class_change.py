@@ -20,9 +20,11 @@ from mmengine.runner import BaseLoop
 import mmdet_detrx  # noqa: F401
 from mmdet_detrx.engine.hooks import checkpoint_match_hook
 from mmdet_detrx.engine.hooks.checkpoint_match_hook import CheckpointMismatchError
-from mmdet_detrx.models.class_dependent import CLASS_DEPENDENT_PARAMS, class_dependent_keys
+from mmdet_detrx.models.class_dependent import (AUX_HEAD_CLASS_DEPENDENT_PARAMS,
+                                                CLASS_DEPENDENT_PARAMS, class_dependent_keys)
 
 init_default_scope('mmdet')
+DEMO_CONFIG = 'dinox-aux_r18-w32_1xb8-1000i_synthetic-shapes.py'
 
 
 def _detr(num_classes):
@@ -42,6 +44,13 @@ def _conditional_detr(num_classes):
     cfg.backbone.init_cfg = None
     cfg.encoder.num_layers = cfg.decoder.num_layers = 1
     cfg.bbox_head.num_classes = num_classes
+    return cfg
+
+
+def _demo_dinox_aux(num_classes):
+    cfg = Config.fromfile(osp.join(REPO_CONFIGS, 'demo', DEMO_CONFIG)).model
+    cfg.encoder.num_layers = cfg.decoder.num_layers = 2
+    cfg.bbox_head.num_classes = cfg.aux_head.num_classes = num_classes
     return cfg
 
 
@@ -68,6 +77,9 @@ CASES = {  # name: (config maker, the class-dependent keys expected)
         _CLS),  # + the encoder's proposal branch
     'dino': (_deformable('dino/dinox-4scale_r50_8xb2-12e_coco.py'),
              _CLS + ['dn_query_generator.label_embedding.weight']),
+    'dinox-aux (demo)': (_demo_dinox_aux, _CLS + ['dn_query_generator.label_embedding.weight',
+                                                  'aux_head.conv_cls.weight',
+                                                  'aux_head.conv_cls.bias']),
 }
 
 
@@ -166,3 +178,4 @@ def test_any_other_mismatch_is_still_refused(monkeypatch):
 def test_table_rows_are_head_types_of_mmdet():
     from mmdet.models import dense_heads
     assert all(hasattr(dense_heads, name) for name in CLASS_DEPENDENT_PARAMS)
+    assert all(hasattr(dense_heads, name) for name in AUX_HEAD_CLASS_DEPENDENT_PARAMS)

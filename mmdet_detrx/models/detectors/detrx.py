@@ -33,7 +33,7 @@ from mmengine.config import ConfigDict
 from mmengine.registry import MODELS as MMENGINE_MODELS
 
 from .channels_last import ChannelsLastMixin
-from .dino_ref_point_head import adapt_ref_point_head
+from .dino_ref_point_head import adapt_ref_point_head, fit_ref_point_head
 
 __all__ = ['RegistryAttentionMixin', 'DETRX', 'ConditionalDETRX', 'DeformableDETRX', 'DINOX',
            'check_attention_types', 'install_attention_type_check']
@@ -143,11 +143,13 @@ class DINOX(RegistryAttentionMixin, ChannelsLastMixin, DINO):
     """mmdet's DINO whose attentions may be any registered type.
 
     On OneDL's mmdetection 3.5, whose DINO decoder encodes reference points more widely, it also
-    loads mmdet 3.3 checkpoints exactly (:mod:`.dino_ref_point_head`).
+    loads mmdet 3.3 checkpoints exactly; on mmdet 3.3 it also builds at widths other than 256
+    (:mod:`.dino_ref_point_head`).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        fit_ref_point_head(self.decoder)
         adapt_ref_point_head(self.decoder)
 
 

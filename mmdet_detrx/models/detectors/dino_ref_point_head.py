@@ -18,11 +18,17 @@ mmdet 3.3's did. :func:`adapt_ref_point_head` installs that as a load-state-dict
 first linear layer (torch's and mmengine's loaders both run it); where the shapes already agree
 (mmdet 3.3, or a checkpoint written on OneDL) it does nothing. The other direction (a OneDL
 checkpoint into mmdet 3.3) is not exact and is not done.
+
+mmdet 3.3 also builds ``ref_point_head`` wrong at any width but 256: it feeds the 512-wide encoding
+into ``MLP(2 * embed_dims, ...)``, so DINO at 128 dims fails on its first forward.
+:func:`fit_ref_point_head` gives the head the 512 inputs it is fed (the layout OneDL builds at 128
+dims); where the sizes agree it does nothing.
 """
 import torch
+from mmdet.models.layers.transformer.utils import MLP
 from torch import nn
 
-__all__ = ['adapt_ref_point_head', 'expand_ref_point_weight']
+__all__ = ['adapt_ref_point_head', 'expand_ref_point_weight', 'fit_ref_point_head']
 
 MMDET33_FEATS = 128  # coordinate_to_encoding's num_feats in mmdet 3.3's DinoTransformerDecoder
 _COORDS = 4  # cx, cy, w, h
@@ -41,6 +47,17 @@ def expand_ref_point_weight(weight: torch.Tensor, num_feats: int) -> torch.Tenso
     expanded = weight.new_zeros(weight.shape[0], _COORDS * num_feats)
     expanded[:, columns] = weight
     return expanded
+
+
+def fit_ref_point_head(decoder: nn.Module) -> None:
+    """Size mmdet 3.3's ``ref_point_head`` for the 4 * 128 inputs it is fed at any embed_dims."""
+    head = decoder.ref_point_head
+    first = head.layers[0]
+    embed_dims = decoder.embed_dims
+    mmdet33 = first.in_features == 2 * embed_dims  # OneDL: 4 * embed_dims
+    if mmdet33 and first.in_features != _COORDS * MMDET33_FEATS:
+        decoder.ref_point_head = MLP(_COORDS * MMDET33_FEATS, first.out_features,
+                                     head.layers[-1].out_features, head.num_layers)
 
 
 def adapt_ref_point_head(decoder: nn.Module) -> None:
