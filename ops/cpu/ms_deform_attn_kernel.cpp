@@ -26,6 +26,57 @@ at::Tensor widen_value(const at::Tensor& value) {
   return value.scalar_type() == at::kHalf ? value.to(at::kFloat) : value;
 }
 
+// Runs one direction's sampling kernel at the instruction-set level chosen when the library
+// loaded: kernels = {DEFAULT, AVX2, AVX512}, the levels not compiled in left null (never chosen).
+template <typename Args>
+void run_at_chosen_level(void (*const (&kernels)[3])(const Args&), const Args& args) {
+  switch (cpu::capability()) {
+    case cpu::Capability::kAvx512:
+      if (kernels[2] != nullptr) return kernels[2](args);
+      break;
+    case cpu::Capability::kAvx2:
+      if (kernels[1] != nullptr) return kernels[1](args);
+      break;
+    case cpu::Capability::kDefault:
+      break;
+  }
+  kernels[0](args);
+}
+
+#ifdef DETRX_CPU_AVX2
+#define DETRX_MSDA_AVX2_KERNEL(direction) &cpu::AVX2::ms_deform_attn_##direction
+#else
+#define DETRX_MSDA_AVX2_KERNEL(direction) nullptr
+#endif
+#ifdef DETRX_CPU_AVX512
+#define DETRX_MSDA_AVX512_KERNEL(direction) &cpu::AVX512::ms_deform_attn_##direction
+#else
+#define DETRX_MSDA_AVX512_KERNEL(direction) nullptr
+#endif
+
+// The CPU backward plans the points of a query with int32 pixel coordinates (so that the loop
+// over points vectorises): every level must fit. A level of 2^30 columns already needs 2^30
+// tokens per (batch, head).
+constexpr int64_t kMaxBackwardLevelSide = int64_t(1) << 30;
+
+void check_backward_level_sizes(const LevelTable& table) {
+  for (int64_t level = 0; level < table.size(); ++level) {
+    TORCH_CHECK_VALUE(table.height(level) <= kMaxBackwardLevelSide &&
+                          table.width(level) <= kMaxBackwardLevelSide,
+                      "ms_deform_attn_backward (CPU): spatial_shapes[", level, "] = (",
+                      table.height(level), ", ", table.width(level),
+                      ") is larger than the CPU backward supports (at most 2^30 rows and 2^30 "
+                      "columns per level)");
+  }
+}
+
+void (*const kForwardKernels[3])(const cpu::MsdaForwardArgs&) = {
+    &cpu::DEFAULT::ms_deform_attn_forward, DETRX_MSDA_AVX2_KERNEL(forward),
+    DETRX_MSDA_AVX512_KERNEL(forward)};
+void (*const kBackwardKernels[3])(const cpu::MsdaBackwardArgs&) = {
+    &cpu::DEFAULT::ms_deform_attn_backward, DETRX_MSDA_AVX2_KERNEL(backward),
+    DETRX_MSDA_AVX512_KERNEL(backward)};
+
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_locations,
@@ -50,20 +101,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                   value.scalar_type(),
                                   sampling_locations.scalar_type(),
                                   B, S, heads, C, Q, P};
-  switch (cpu::capability()) {
-#ifdef DETRX_CPU_AVX512
-    case cpu::Capability::kAvx512:
-      cpu::AVX512::ms_deform_attn_forward(args);
-      break;
-#endif
-#ifdef DETRX_CPU_AVX2
-    case cpu::Capability::kAvx2:
-      cpu::AVX2::ms_deform_attn_forward(args);
-      break;
-#endif
-    default:
-      cpu::DEFAULT::ms_deform_attn_forward(args);
-  }
+  run_at_chosen_level(kForwardKernels, args);
   return output;
 }
 
@@ -75,6 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                                   attention_weights, im2col_step);
   check_ms_deform_attn_grad_output(value, sampling_locations, grad_output);
+  check_backward_level_sizes(table);
   const int64_t B = value.size(0), S = value.size(1), heads = value.size(2), C = value.size(3);
   const int64_t Q = sampling_locations.size(1), P = sampling_locations.size(4);
 
@@ -107,20 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                                      value.scalar_type(),
                                      sampling_locations.scalar_type(),
                                      B, S, heads, C, Q, P};
-    switch (cpu::capability()) {
-#ifdef DETRX_CPU_AVX512
-      case cpu::Capability::kAvx512:
-        cpu::AVX512::ms_deform_attn_backward(args);
-        break;
-#endif
-#ifdef DETRX_CPU_AVX2
-      case cpu::Capability::kAvx2:
-        cpu::AVX2::ms_deform_attn_backward(args);
-        break;
-#endif
-      default:
-        cpu::DEFAULT::ms_deform_attn_backward(args);
-    }
+    run_at_chosen_level(kBackwardKernels, args);
   }
   if (grad_value.scalar_type() != value.scalar_type()) {
     grad_value = grad_value.to(value.scalar_type());

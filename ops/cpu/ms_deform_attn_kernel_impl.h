@@ -27,6 +27,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -55,6 +57,19 @@ int64_t grain_size(int64_t cost_per_item) {
   return std::max<int64_t>(1, kGrainCost / std::max<int64_t>(1, cost_per_item));
 }
 
+// a * b + c, fused where the instruction set has FMA. Written out where a loop over sampling
+// points computes it: left to the compiler's contraction, the vectorised body and the scalar
+// remainder of such a loop can round differently, and how many points go through each depends
+// on how the backward splits its work, i.e. on the thread count.
+template <typename T>
+inline T mul_add(T a, T b, T c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // acc[c] += sum_i w[i] * v_i[c]. Corners outside the map point at a row of zeros with w = 0, so
 // the loop has no branch and vectorises over channels.
 template <int kC, typename scalar_t, typename acc_t>
@@ -77,6 +92,40 @@ template <typename acc_t>
 inline acc_t sum_lanes(const acc_t (&d)[8]) {
   const acc_t s0 = d[0] + d[4], s1 = d[1] + d[5], s2 = d[2] + d[6], s3 = d[3] + d[7];
   return (s0 + s2) + (s1 + s3);
+}
+
+// dot[i] = sum_lanes(d_i) for the four corners at once: the same pairwise tree, each step one
+// operation on a vector of the four corners' partial sums (a transpose by shuffles) instead of
+// four scalar trees. Bitwise equal to sum_lanes.
+template <typename acc_t>
+inline void sum_lanes4(const acc_t (&d0)[8], const acc_t (&d1)[8], const acc_t (&d2)[8],
+                       const acc_t (&d3)[8], acc_t (&dot)[4]) {
+#if defined(__GNUC__) || defined(__clang__)
+  typedef acc_t vec4 __attribute__((vector_size(4 * sizeof(acc_t))));
+  // (s_0, s_1, s_2, s_3), s_k = d[k] + d[k + 4] (vectors stay local: passing one by value
+  // would depend on the ISA's ABI)
+  const acc_t* const partial[4] = {d0, d1, d2, d3};
+  vec4 s[4];
+  for (int i = 0; i < 4; ++i) {
+    vec4 high;
+    std::memcpy(&s[i], partial[i], sizeof(vec4));
+    std::memcpy(&high, partial[i] + 4, sizeof(vec4));
+    s[i] += high;
+  }
+  // (s_0 + s_2, s_1 + s_3) of corners 0 and 1, then of corners 2 and 3
+  const vec4 p01 = __builtin_shufflevector(s[0], s[1], 0, 1, 4, 5) +
+                   __builtin_shufflevector(s[0], s[1], 2, 3, 6, 7);
+  const vec4 p23 = __builtin_shufflevector(s[2], s[3], 0, 1, 4, 5) +
+                   __builtin_shufflevector(s[2], s[3], 2, 3, 6, 7);
+  const vec4 sums = __builtin_shufflevector(p01, p23, 0, 2, 4, 6) +
+                    __builtin_shufflevector(p01, p23, 1, 3, 5, 7);
+  std::memcpy(dot, &sums, sizeof(vec4));
+#else
+  dot[0] = sum_lanes(d0);
+  dot[1] = sum_lanes(d1);
+  dot[2] = sum_lanes(d2);
+  dot[3] = sum_lanes(d3);
+#endif
 }
 
 // One pass over the channels of a sampling point in the backward:
@@ -121,10 +170,7 @@ inline void corner_dots_and_scatter(const acc_t* __restrict grad_out,
     gv2[c] += aw2 * g;
     gv3[c] += aw3 * g;
   }
-  dot[0] = sum_lanes(d0);
-  dot[1] = sum_lanes(d1);
-  dot[2] = sum_lanes(d2);
-  dot[3] = sum_lanes(d3);
+  sum_lanes4(d0, d1, d2, d3, dot);
 }
 
 // Software prefetch of the first bytes of a row (the hardware prefetcher follows the rest).
@@ -188,49 +234,139 @@ inline void plan_gather(const coord_t* location, coord_t attention, const Level&
   }
 }
 
-// The backward's plan of one sampling point: the bilinear weights and their derivatives (0 for
-// corners off the map, as in bilinear_corners), the value rows read (a row of zeros off the map)
-// and the grad_value rows written (a scratch row off the map).
-template <typename value_type, typename acc_t>
-struct ScatterPlan {
-  bool inside;  // false: all four corners off the map, every gradient of the point is zero
-  acc_t attention;
-  acc_t weight[4], dweight_dx[4], dweight_dy[4];
-  const value_type* rows[4];
-  acc_t* grad_rows[4];
+// The backward runs on packed copies of one (batch, head) slice of value and grad_value (see
+// backward_kernel). In them, level l is a (H_l + 2) x (W_l + 2) grid of C-channel rows: the map
+// in the interior and a border of one row of zeros on every side. Every point with a corner on
+// the map (x in (-1, W), y in (-1, H)) then has all four corners inside the grid: corner i of
+// (x0, y0) is at grid row (y0 + 1 + i / 2) * (W + 2) + x0 + 1 + i % 2, with no per-corner test.
+// A corner off the map reads zeros and gets bilinear weight 0, as in bilinear_corners; its
+// grad_value contribution lands in the border, which is never copied back.
+
+// Per sampling point of a query (L_task * P of them, in the order of attention_weights), the
+// level's geometry, repeated per point so that the planning loop reads it without a gather.
+template <typename acc_t>
+struct PointGeometry {
+  std::vector<acc_t> width, height;            // W, H in the arithmetic type
+  std::vector<int32_t> width_int, height_int;  // W, H (< 2^30, checked by the caller)
+  std::vector<int64_t> grid_start, grid_width; // the level's PaddedLevel
 };
 
-template <typename value_type, typename acc_t, typename coord_t>
-inline void plan_scatter(const coord_t* location, coord_t attention, const Level& lv,
-                         acc_t width, acc_t height, const value_type* value_level,
-                         acc_t* grad_value_level, int64_t token_stride,
-                         const value_type* zero_row, acc_t* scratch, int64_t C,
-                         ScatterPlan<value_type, acc_t>& plan) {
-  const acc_t x = static_cast<acc_t>(location[0]) * width - acc_t(0.5);  // normalized_to_pixel
-  const acc_t y = static_cast<acc_t>(location[1]) * height - acc_t(0.5);
-  plan.inside = x > acc_t(-1) && y > acc_t(-1) && x < width && y < height;
-  if (!plan.inside) return;
-  plan.attention = static_cast<acc_t>(attention);
-  const int64_t x0 = msda::floor_to_int(x), y0 = msda::floor_to_int(y);
-  const acc_t lx = x - static_cast<acc_t>(x0), ly = y - static_cast<acc_t>(y0);
-  const acc_t hx = acc_t(1) - lx, hy = acc_t(1) - ly;
-  const acc_t weight[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
-  const acc_t dweight_dx[4] = {-hy, hy, -ly, ly};
-  const acc_t dweight_dy[4] = {-hx, -lx, hx, lx};
-  const bool x_in[2] = {x0 >= 0, x0 + 1 < lv.W}, y_in[2] = {y0 >= 0, y0 + 1 < lv.H};
-  for (int i = 0; i < 4; ++i) {
-    const int dx = i & 1, dy = i >> 1;
-    const bool in = x_in[dx] && y_in[dy];
-    const int64_t offset = ((y0 + dy) * lv.W + x0 + dx) * token_stride;
-    plan.weight[i] = in ? weight[i] : acc_t(0);
-    plan.dweight_dx[i] = in ? dweight_dx[i] : acc_t(0);
-    plan.dweight_dy[i] = in ? dweight_dy[i] : acc_t(0);
-    plan.rows[i] = in ? value_level + offset : zero_row;
-    plan.grad_rows[i] = in ? grad_value_level + offset : scratch + i * C;
-    if (in) {
-      prefetch_row(plan.rows[i], C);
-      prefetch_row(plan.grad_rows[i], C, /*for_write=*/true);
+// The backward's plan of a query's points in one task, one array per quantity, so that the
+// loops over points (plan_points, point_gradients) vectorise. weight: the bilinear weights
+// (0 for corners off the map), dweight_dx / _dy their derivatives, dot the dot products of
+// grad_output with the four corners' value rows.
+template <typename acc_t>
+struct ScatterPlans {
+  explicit ScatterPlans(int64_t n)
+      : inside(n), x0(n), y0(n), attention(n) {
+    for (int i = 0; i < 4; ++i) {
+      weight[i].resize(n);
+      dweight_dx[i].resize(n);
+      dweight_dy[i].resize(n);
+      dot[i].resize(n);
     }
+  }
+  std::vector<int32_t> inside;  // 0: all four corners off the map (or NaN), the point adds nothing
+  std::vector<int32_t> x0, y0;  // floor of the pixel coordinates (0 when !inside)
+  std::vector<acc_t> attention;
+  std::vector<acc_t> weight[4], dweight_dx[4], dweight_dy[4], dot[4];
+};
+
+// Pass 1 of the backward for one query: bilinear corners and weights of n points. Same
+// arithmetic as bilinear_corners (normalized_to_pixel, floor, hx = 1 - lx, ...), written
+// branch-free over points.
+template <typename acc_t, typename coord_t>
+inline void plan_points(int64_t n, const coord_t* __restrict location,
+                        const coord_t* __restrict attention, const PointGeometry<acc_t>& geometry,
+                        ScatterPlans<acc_t>& plan) {
+  const acc_t* __restrict width = geometry.width.data();
+  const acc_t* __restrict height = geometry.height.data();
+  const int32_t* __restrict width_int = geometry.width_int.data();
+  const int32_t* __restrict height_int = geometry.height_int.data();
+  int32_t* __restrict inside_out = plan.inside.data();
+  int32_t* __restrict x0_out = plan.x0.data();
+  int32_t* __restrict y0_out = plan.y0.data();
+  acc_t* __restrict attention_out = plan.attention.data();
+  acc_t* const w[4] = {plan.weight[0].data(), plan.weight[1].data(), plan.weight[2].data(),
+                       plan.weight[3].data()};
+  acc_t* const wx[4] = {plan.dweight_dx[0].data(), plan.dweight_dx[1].data(),
+                        plan.dweight_dx[2].data(), plan.dweight_dx[3].data()};
+  acc_t* const wy[4] = {plan.dweight_dy[0].data(), plan.dweight_dy[1].data(),
+                        plan.dweight_dy[2].data(), plan.dweight_dy[3].data()};
+  // omp simd: the iterations are independent and the arrays do not overlap (which the compiler
+  // cannot see through the pointers), so the loop vectorises without run-time alias checks.
+#pragma omp simd
+  for (int64_t s = 0; s < n; ++s) {
+    const acc_t W = width[s], H = height[s];
+    const acc_t x = mul_add(static_cast<acc_t>(location[2 * s]), W, acc_t(-0.5));
+    const acc_t y = mul_add(static_cast<acc_t>(location[2 * s + 1]), H, acc_t(-0.5));
+    // Written as !(outside) so that NaN coordinates count as outside; & rather than &&, and
+    // masks rather than branches below, so that the loop vectorises.
+    const bool inside = (x > acc_t(-1)) & (y > acc_t(-1)) & (x < W) & (y < H);
+    // Clamped to [-1, W] x [-1, H] (NaN to -1): unchanged inside, and the conversions to int
+    // stay defined for a point outside, whose weights are all zeroed below.
+    const acc_t x_above = x > acc_t(-1) ? x : acc_t(-1), y_above = y > acc_t(-1) ? y : acc_t(-1);
+    const acc_t xs = x_above < W ? x_above : W, ys = y_above < H ? y_above : H;
+    const int32_t xt = static_cast<int32_t>(xs), yt = static_cast<int32_t>(ys);  // truncated
+    const int32_t x0 = xt - (static_cast<acc_t>(xt) > xs);                      // floor
+    const int32_t y0 = yt - (static_cast<acc_t>(yt) > ys);
+    const acc_t lx = xs - static_cast<acc_t>(x0), ly = ys - static_cast<acc_t>(y0);
+    const acc_t hx = acc_t(1) - lx, hy = acc_t(1) - ly;
+    const bool x_lo = inside & (x0 >= 0), x_hi = inside & (x0 + 1 < width_int[s]);
+    const bool y_lo = y0 >= 0, y_hi = y0 + 1 < height_int[s];
+    // 1 for a corner on the map, else 0 (the weights are finite: multiplying is exact).
+    const acc_t in0 = y_lo & x_lo, in1 = y_lo & x_hi, in2 = y_hi & x_lo, in3 = y_hi & x_hi;
+    w[0][s] = hy * hx * in0;
+    w[1][s] = hy * lx * in1;
+    w[2][s] = ly * hx * in2;
+    w[3][s] = ly * lx * in3;
+    wx[0][s] = -hy * in0;
+    wx[1][s] = hy * in1;
+    wx[2][s] = -ly * in2;
+    wx[3][s] = ly * in3;
+    wy[0][s] = -hx * in0;
+    wy[1][s] = -lx * in1;
+    wy[2][s] = hx * in2;
+    wy[3][s] = lx * in3;
+    inside_out[s] = inside;
+    x0_out[s] = x0;
+    y0_out[s] = y0;
+    const acc_t a = static_cast<acc_t>(attention[s]);
+    attention_out[s] = inside ? a : acc_t(0);
+  }
+}
+
+// Pass 3 of the backward for one query: the location and attention gradients of n points from
+// the dot products of pass 2, branch-free over points.
+template <typename acc_t, typename coord_t>
+inline void point_gradients(int64_t n, const ScatterPlans<acc_t>& plan,
+                            const PointGeometry<acc_t>& geometry,
+                            coord_t* __restrict grad_location, coord_t* __restrict grad_attention) {
+  const acc_t* __restrict width = geometry.width.data();
+  const acc_t* __restrict height = geometry.height.data();
+  const acc_t* __restrict attention = plan.attention.data();
+  const acc_t* const w[4] = {plan.weight[0].data(), plan.weight[1].data(),
+                             plan.weight[2].data(), plan.weight[3].data()};
+  const acc_t* const wx[4] = {plan.dweight_dx[0].data(), plan.dweight_dx[1].data(),
+                              plan.dweight_dx[2].data(), plan.dweight_dx[3].data()};
+  const acc_t* const wy[4] = {plan.dweight_dy[0].data(), plan.dweight_dy[1].data(),
+                              plan.dweight_dy[2].data(), plan.dweight_dy[3].data()};
+  const acc_t* const d[4] = {plan.dot[0].data(), plan.dot[1].data(), plan.dot[2].data(),
+                             plan.dot[3].data()};
+#pragma omp simd
+  for (int64_t s = 0; s < n; ++s) {
+    acc_t sampled = 0, dsampled_dx = 0, dsampled_dy = 0;
+    for (int i = 0; i < 4; ++i) {
+      sampled = mul_add(w[i][s], d[i][s], sampled);
+      dsampled_dx = mul_add(wx[i][s], d[i][s], dsampled_dx);
+      dsampled_dy = mul_add(wy[i][s], d[i][s], dsampled_dy);
+    }
+    // A point outside has zero weights, dot products and attention (see plan_points): its
+    // gradients come out as 0 without a branch.
+    grad_attention[s] = static_cast<coord_t>(sampled);
+    // d x_pixel / d x_normalised = W and likewise H for y.
+    grad_location[2 * s] = static_cast<coord_t>(attention[s] * width[s] * dsampled_dx);
+    grad_location[2 * s + 1] = static_cast<coord_t>(attention[s] * height[s] * dsampled_dy);
   }
 }
 
@@ -291,7 +427,7 @@ template <int kC, typename scalar_t, typename coord_t>
 void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& levels,
                      const coord_t* sampling_locations, const coord_t* attention_weights,
                      const scalar_t* grad_output,
-                     at::opmath_type<coord_t>* grad_value,  // uninitialised, zeroed here
+                     at::opmath_type<coord_t>* grad_value,  // uninitialised, written here
                      coord_t* grad_sampling_locations, coord_t* grad_attention_weights,
                      int64_t B, int64_t S, int64_t heads, int64_t runtime_C, int64_t Q,
                      int64_t P) {
@@ -299,7 +435,6 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
   using acc_t = at::opmath_type<coord_t>;
   using value_type = value_t<scalar_t>;
   const int64_t L = static_cast<int64_t>(levels.size());
-  const int64_t token_stride = heads * C;
   // A task owns grad_value[batch, tokens of its levels, head, :]. It covers all levels when the
   // (batch, head) pairs alone spread evenly over the threads (grad_output rows are then read
   // once), else a single level: per-level tasks all cost Q * P samples, so L times more of them
@@ -311,30 +446,70 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
   const int64_t levels_per_task = L / level_groups;
   const int64_t samples = levels_per_task * P;  // sampling points of one query in a task
   const int64_t cost = Q * samples * (8 * C + 64);
-  std::vector<acc_t> widths(L), heights(L);  // the level sizes in the arithmetic type
-  for (int64_t level = 0; level < L; ++level) {
-    widths[level] = static_cast<acc_t>(levels[level].W);
-    heights[level] = static_cast<acc_t>(levels[level].H);
+
+  // Where each level lies in a task's packed buffers (in grid rows, from the task's first
+  // level), and the largest buffer a task needs.
+  std::vector<int64_t> grid_start(L);
+  int64_t max_task_rows = 0;
+  for (int64_t group = 0; group < level_groups; ++group) {
+    int64_t rows = 0;
+    for (int64_t level = group * levels_per_task; level < (group + 1) * levels_per_task;
+         ++level) {
+      grid_start[level] = rows;
+      rows += (levels[level].H + 2) * (levels[level].W + 2);
+    }
+    max_task_rows = std::max(max_task_rows, rows);
   }
 
   at::parallel_for(0, B * heads * level_groups, grain_size(cost), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> grad_out(C);
-    std::vector<acc_t> scratch(4 * C);  // value-gradient sink of out-of-map corners
-    const std::vector<value_type> zero_row(C, value_type(0));
-    std::vector<ScatterPlan<value_type, acc_t>> plans(samples);
+    ScatterPlans<acc_t> plans(samples);
+    PointGeometry<acc_t> geometry;
+    // The task's slice of value and of grad_value, packed: (grid rows, C), see PointGeometry.
+    // In value and grad_value the rows of one head are heads * C elements apart (1 KiB for 8
+    // heads of 32 float channels): they fall into 1 / heads of the cache sets and spread over
+    // heads times more pages. Packed, the rows around the queries' sampling points share the
+    // caches evenly; and the border makes the corners' addresses branch-free. Packing and
+    // unpacking are sequential passes over the slice.
+    std::vector<value_type> value_packed(max_task_rows * C);
+    std::vector<acc_t> grad_packed(max_task_rows * C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t batch = task / (heads * level_groups);
       const int64_t head = (task / level_groups) % heads;
       const int64_t level_begin = (task % level_groups) * levels_per_task;
-      // Zero the owned grad_value rows here rather than up front: the memset runs in parallel
-      // and the pages are first touched by the thread that accumulates into them.
-      for (int64_t level = level_begin; level < level_begin + levels_per_task; ++level) {
+      const int64_t level_end = level_begin + levels_per_task;
+
+      geometry = PointGeometry<acc_t>{};
+      for (int64_t level = level_begin; level < level_end; ++level) {
         const Level& lv = levels[level];
-        for (int64_t token = lv.start; token < lv.start + lv.H * lv.W; ++token) {
-          acc_t* row = grad_value + msda::value_index(batch, token, head, 0, S, heads, C);
-          std::fill(row, row + C, acc_t(0));
+        for (int64_t point = 0; point < P; ++point) {
+          geometry.width.push_back(static_cast<acc_t>(lv.W));
+          geometry.height.push_back(static_cast<acc_t>(lv.H));
+          geometry.width_int.push_back(static_cast<int32_t>(lv.W));
+          geometry.height_int.push_back(static_cast<int32_t>(lv.H));
+          geometry.grid_start.push_back(grid_start[level]);
+          geometry.grid_width.push_back(lv.W + 2);
+        }
+        // Pack the level: a border of zero rows around the map's rows.
+        value_type* grid = value_packed.data() + grid_start[level] * C;
+        const int64_t grid_width = lv.W + 2;
+        std::fill(grid, grid + grid_width * C, value_type(0));
+        std::fill(grid + (lv.H + 1) * grid_width * C, grid + (lv.H + 2) * grid_width * C,
+                  value_type(0));
+        for (int64_t y = 0; y < lv.H; ++y) {
+          value_type* grid_row = grid + (y + 1) * grid_width * C;
+          std::fill(grid_row, grid_row + C, value_type(0));
+          std::fill(grid_row + (lv.W + 1) * C, grid_row + (lv.W + 2) * C, value_type(0));
+          for (int64_t x = 0; x < lv.W; ++x) {
+            const value_type* row =
+                value + msda::value_index(batch, lv.start + y * lv.W + x, head, 0, S, heads, C);
+            std::copy(row, row + C, grid_row + (x + 1) * C);
+          }
         }
       }
+      const int64_t task_rows = grid_start[level_end - 1] +
+                                (levels[level_end - 1].H + 2) * (levels[level_end - 1].W + 2);
+      std::fill(grad_packed.begin(), grad_packed.begin() + task_rows * C, acc_t(0));
 
       for (int64_t query = 0; query < Q; ++query) {
         const scalar_t* g = grad_output + (batch * Q + query) * heads * C + head * C;
@@ -348,48 +523,46 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
           prefetch_row(attention_weights + attn_ahead, samples);
           prefetch_row(sampling_locations + 2 * attn_ahead, 2 * samples);
         }
-        // Pass 1: corners of this query's points in the task's levels, the value rows
-        // prefetched for reading and the grad_value rows for writing.
-        for (int64_t sample = 0; sample < samples; ++sample) {
-          const int64_t level = level_begin + sample / P;
-          const Level& lv = levels[level];
-          const int64_t level_offset = msda::value_index(batch, lv.start, head, 0, S, heads, C);
-          plan_scatter(sampling_locations + 2 * (attn_begin + sample),
-                       attention_weights[attn_begin + sample], lv, widths[level],
-                       heights[level], value + level_offset, grad_value + level_offset,
-                       token_stride, zero_row.data(), scratch.data(), C, plans[sample]);
-        }
+        // Pass 1: corners and bilinear weights of this query's points in the task's levels.
+        plan_points(samples, sampling_locations + 2 * attn_begin, attention_weights + attn_begin,
+                    geometry, plans);
         for (int64_t c = 0; c < C; ++c) grad_out[c] = static_cast<acc_t>(g[c]);
-        // Pass 2: the four dot products with grad_out, the grad_value scatter, and the
-        // location / attention gradients of each point.
+        // Pass 2: per point, the four dot products with grad_out and the grad_value scatter.
         for (int64_t sample = 0; sample < samples; ++sample) {
-          const int64_t attn_idx = attn_begin + sample;
-          const ScatterPlan<value_type, acc_t>& plan = plans[sample];
-          if (!plan.inside) {
-            grad_attention_weights[attn_idx] = coord_t(0);
-            grad_sampling_locations[2 * attn_idx] = coord_t(0);
-            grad_sampling_locations[2 * attn_idx + 1] = coord_t(0);
+          if (!plans.inside[sample]) {
+            for (int i = 0; i < 4; ++i) plans.dot[i][sample] = acc_t(0);
             continue;
           }
-          const int64_t level = level_begin + sample / P;
-          acc_t aw[4];
-          for (int i = 0; i < 4; ++i) aw[i] = plan.attention * plan.weight[i];
+          const int64_t grid_width = geometry.grid_width[sample];
+          const int64_t row = geometry.grid_start[sample] +
+                              (static_cast<int64_t>(plans.y0[sample]) + 1) * grid_width +
+                              plans.x0[sample] + 1;
+          const value_type* v = value_packed.data() + row * C;
+          acc_t* gv = grad_packed.data() + row * C;
+          const acc_t a = plans.attention[sample];
+          const acc_t aw[4] = {a * plans.weight[0][sample], a * plans.weight[1][sample],
+                               a * plans.weight[2][sample], a * plans.weight[3][sample]};
           acc_t dot[4];
-          corner_dots_and_scatter<kC>(grad_out.data(), plan.rows[0], plan.rows[1], plan.rows[2],
-                                      plan.rows[3], plan.grad_rows[0], plan.grad_rows[1],
-                                      plan.grad_rows[2], plan.grad_rows[3], aw, C, dot);
-          acc_t sampled = 0, dsampled_dx = 0, dsampled_dy = 0;
-          for (int i = 0; i < 4; ++i) {
-            sampled += plan.weight[i] * dot[i];
-            dsampled_dx += plan.dweight_dx[i] * dot[i];
-            dsampled_dy += plan.dweight_dy[i] * dot[i];
+          corner_dots_and_scatter<kC>(grad_out.data(), v, v + C, v + grid_width * C,
+                                      v + (grid_width + 1) * C, gv, gv + C, gv + grid_width * C,
+                                      gv + (grid_width + 1) * C, aw, C, dot);
+          for (int i = 0; i < 4; ++i) plans.dot[i][sample] = dot[i];
+        }
+        // Pass 3: the location and attention gradients of the points.
+        point_gradients(samples, plans, geometry, grad_sampling_locations + 2 * attn_begin,
+                        grad_attention_weights + attn_begin);
+      }
+      // Unpack: every grad_value row of the task is written here, and only here.
+      for (int64_t level = level_begin; level < level_end; ++level) {
+        const Level& lv = levels[level];
+        const acc_t* grid = grad_packed.data() + grid_start[level] * C;
+        for (int64_t y = 0; y < lv.H; ++y) {
+          for (int64_t x = 0; x < lv.W; ++x) {
+            const acc_t* row = grid + ((y + 1) * (lv.W + 2) + x + 1) * C;
+            std::copy(row, row + C,
+                      grad_value +
+                          msda::value_index(batch, lv.start + y * lv.W + x, head, 0, S, heads, C));
           }
-          grad_attention_weights[attn_idx] = static_cast<coord_t>(sampled);
-          // d x_pixel / d x_normalised = W and likewise H for y.
-          grad_sampling_locations[2 * attn_idx] =
-              static_cast<coord_t>(plan.attention * widths[level] * dsampled_dx);
-          grad_sampling_locations[2 * attn_idx + 1] =
-              static_cast<coord_t>(plan.attention * heights[level] * dsampled_dy);
         }
       }
     }

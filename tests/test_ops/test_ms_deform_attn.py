@@ -659,6 +659,19 @@ def test_bad_im2col_step_and_grad_output():
         torch.ops.detrx.ms_deform_attn_backward(*inputs, torch.zeros(2, 5, 15), 64)
 
 
+def test_cpu_backward_refuses_levels_wider_than_2_to_the_30():
+    """The CPU backward plans the points in int32 pixel coordinates: a level wider than 2^30
+    (2^30 tokens per (batch, head)) is refused naming spatial_shapes before any memory is read.
+    value is expanded from one element, so the test allocates nothing large."""
+    side = 2 ** 30 + 1
+    value = torch.zeros(1, 1, 1, 1).expand(1, side, 1, 1)
+    locations, weights = torch.full((1, 2, 1, 1, 1, 2), 0.5), torch.ones(1, 2, 1, 1, 1)
+    with pytest.raises(ValueError, match=r'spatial_shapes\[0\] = \(1, 1073741825\)'):
+        torch.ops.detrx.ms_deform_attn_backward(value, torch.tensor([[1, side]]),
+                                                torch.tensor([0]), locations, weights,
+                                                torch.zeros(1, 2, 1), 64)
+
+
 NAMES = ('value', 'spatial_shapes', 'level_start_index', 'sampling_locations',
          'attention_weights', 'grad_output')
 
