@@ -247,8 +247,8 @@ inline void plan_gather(const coord_t* location, coord_t attention, const Level&
 template <typename acc_t>
 struct PointGeometry {
   std::vector<acc_t> width, height;            // W, H in the arithmetic type
-  std::vector<int32_t> width_int, height_int;  // W, H (< 2^30, checked by the caller)
-  std::vector<int64_t> grid_start, grid_width; // the level's PaddedLevel
+  std::vector<int32_t> width_int, height_int;  // W, H (<= 2^30, checked by the caller)
+  std::vector<int64_t> grid_start, grid_width;  // the level's grid: first row, W + 2
 };
 
 // The backward's plan of a query's points in one task, one array per quantity, so that the
@@ -267,7 +267,7 @@ struct ScatterPlans {
     }
   }
   std::vector<int32_t> inside;  // 0: all four corners off the map (or NaN), the point adds nothing
-  std::vector<int32_t> x0, y0;  // floor of the pixel coordinates (0 when !inside)
+  std::vector<int32_t> x0, y0;  // floor of the (clamped) pixel coordinates
   std::vector<acc_t> attention;
   std::vector<acc_t> weight[4], dweight_dx[4], dweight_dy[4], dot[4];
 };
@@ -423,6 +423,38 @@ void forward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& le
   });
 }
 
+// A task's packed grids (described above PointGeometry): grid row r holds value's C channels, then
+// grad_value's, so that the two rows of a corner are adjacent. In two separate buffers, a
+// corner's value row and its grad_value row would be a multiple of 4 KiB apart, and the loads
+// of a point's value rows could wait on the stores to the same page offsets in grad_value by
+// the points before (4K aliasing); adjacent, they also share pages.
+template <typename value_type, typename acc_t>
+class PackedGrid {
+ public:
+  PackedGrid(int64_t rows, int64_t C)
+      : grad_offset_(round_up(C * static_cast<int64_t>(sizeof(value_type)), sizeof(acc_t))),
+        stride_(grad_offset_ + C * static_cast<int64_t>(sizeof(acc_t))),
+        bytes_(rows * stride_) {}
+  // Zeroes the first `rows` rows (value and grad_value).
+  void zero(int64_t rows) { std::fill(bytes_.begin(), bytes_.begin() + rows * stride_, 0); }
+  value_type* value(int64_t row) {
+    return reinterpret_cast<value_type*>(bytes_.data() + row * stride_);
+  }
+  acc_t* grad(int64_t row) {
+    return reinterpret_cast<acc_t*>(bytes_.data() + row * stride_ + grad_offset_);
+  }
+
+ private:
+  static int64_t round_up(int64_t n, int64_t multiple) {
+    return (n + multiple - 1) / multiple * multiple;
+  }
+  const int64_t grad_offset_, stride_;
+  // Storage in which the value_type and acc_t objects are created as they are written, each
+  // suitably aligned: operator new aligns to alignof(std::max_align_t), and the row stride and
+  // grad_offset_ are multiples of sizeof(acc_t), itself a multiple of sizeof(value_type).
+  std::vector<unsigned char> bytes_;
+};
+
 template <int kC, typename scalar_t, typename coord_t>
 void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& levels,
                      const coord_t* sampling_locations, const coord_t* attention_weights,
@@ -465,14 +497,13 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
     std::vector<acc_t> grad_out(C);
     ScatterPlans<acc_t> plans(samples);
     PointGeometry<acc_t> geometry;
-    // The task's slice of value and of grad_value, packed: (grid rows, C), see PointGeometry.
-    // In value and grad_value the rows of one head are heads * C elements apart (1 KiB for 8
-    // heads of 32 float channels): they fall into 1 / heads of the cache sets and spread over
-    // heads times more pages. Packed, the rows around the queries' sampling points share the
-    // caches evenly; and the border makes the corners' addresses branch-free. Packing and
-    // unpacking are sequential passes over the slice.
-    std::vector<value_type> value_packed(max_task_rows * C);
-    std::vector<acc_t> grad_packed(max_task_rows * C);
+    // The task's slice of value and of grad_value, packed into grids (see PointGeometry). In
+    // value and grad_value the rows of one head are heads * C elements apart (1 KiB for 8 heads
+    // of 32 float channels): they fall into 1 / heads of the cache sets and spread over heads
+    // times more pages. Packed, the rows around the queries' sampling points share the caches
+    // evenly; and the border makes the corners' addresses branch-free. Packing and unpacking
+    // are sequential passes over the slice.
+    PackedGrid<value_type, acc_t> packed(max_task_rows, C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t batch = task / (heads * level_groups);
       const int64_t head = (task / level_groups) % heads;
@@ -490,26 +521,22 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
           geometry.grid_start.push_back(grid_start[level]);
           geometry.grid_width.push_back(lv.W + 2);
         }
-        // Pack the level: a border of zero rows around the map's rows.
-        value_type* grid = value_packed.data() + grid_start[level] * C;
-        const int64_t grid_width = lv.W + 2;
-        std::fill(grid, grid + grid_width * C, value_type(0));
-        std::fill(grid + (lv.H + 1) * grid_width * C, grid + (lv.H + 2) * grid_width * C,
-                  value_type(0));
+      }
+      // Pack: zeroes (the border, and grad_value), then the map's value rows inside the border.
+      const int64_t task_rows = grid_start[level_end - 1] +
+                                (levels[level_end - 1].H + 2) * (levels[level_end - 1].W + 2);
+      packed.zero(task_rows);
+      for (int64_t level = level_begin; level < level_end; ++level) {
+        const Level& lv = levels[level];
         for (int64_t y = 0; y < lv.H; ++y) {
-          value_type* grid_row = grid + (y + 1) * grid_width * C;
-          std::fill(grid_row, grid_row + C, value_type(0));
-          std::fill(grid_row + (lv.W + 1) * C, grid_row + (lv.W + 2) * C, value_type(0));
           for (int64_t x = 0; x < lv.W; ++x) {
             const value_type* row =
                 value + msda::value_index(batch, lv.start + y * lv.W + x, head, 0, S, heads, C);
-            std::copy(row, row + C, grid_row + (x + 1) * C);
+            std::copy(row, row + C,
+                      packed.value(grid_start[level] + (y + 1) * (lv.W + 2) + x + 1));
           }
         }
       }
-      const int64_t task_rows = grid_start[level_end - 1] +
-                                (levels[level_end - 1].H + 2) * (levels[level_end - 1].W + 2);
-      std::fill(grad_packed.begin(), grad_packed.begin() + task_rows * C, acc_t(0));
 
       for (int64_t query = 0; query < Q; ++query) {
         const scalar_t* g = grad_output + (batch * Q + query) * heads * C + head * C;
@@ -537,15 +564,15 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
           const int64_t row = geometry.grid_start[sample] +
                               (static_cast<int64_t>(plans.y0[sample]) + 1) * grid_width +
                               plans.x0[sample] + 1;
-          const value_type* v = value_packed.data() + row * C;
-          acc_t* gv = grad_packed.data() + row * C;
+          const int64_t below = row + grid_width;  // corners 2 and 3
           const acc_t a = plans.attention[sample];
           const acc_t aw[4] = {a * plans.weight[0][sample], a * plans.weight[1][sample],
                                a * plans.weight[2][sample], a * plans.weight[3][sample]};
           acc_t dot[4];
-          corner_dots_and_scatter<kC>(grad_out.data(), v, v + C, v + grid_width * C,
-                                      v + (grid_width + 1) * C, gv, gv + C, gv + grid_width * C,
-                                      gv + (grid_width + 1) * C, aw, C, dot);
+          corner_dots_and_scatter<kC>(grad_out.data(), packed.value(row), packed.value(row + 1),
+                                      packed.value(below), packed.value(below + 1),
+                                      packed.grad(row), packed.grad(row + 1), packed.grad(below),
+                                      packed.grad(below + 1), aw, C, dot);
           for (int i = 0; i < 4; ++i) plans.dot[i][sample] = dot[i];
         }
         // Pass 3: the location and attention gradients of the points.
@@ -555,10 +582,9 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
       // Unpack: every grad_value row of the task is written here, and only here.
       for (int64_t level = level_begin; level < level_end; ++level) {
         const Level& lv = levels[level];
-        const acc_t* grid = grad_packed.data() + grid_start[level] * C;
         for (int64_t y = 0; y < lv.H; ++y) {
           for (int64_t x = 0; x < lv.W; ++x) {
-            const acc_t* row = grid + ((y + 1) * (lv.W + 2) + x + 1) * C;
+            const acc_t* row = packed.grad(grid_start[level] + (y + 1) * (lv.W + 2) + x + 1);
             std::copy(row, row + C,
                       grad_value +
                           msda::value_index(batch, lv.start + y * lv.W + x, head, 0, S, heads, C));
