@@ -1,6 +1,6 @@
 # mmdet-detrx: one-command install, demo and tests on a fresh machine.
 #   make install   create .venv with torch, mmcv (built from source), mmdet and this package
-#   make demo      install, then train + evaluate a small Deformable DETR (R18) on the embedded dataset (CPU)
+#   make demo      install, then train + evaluate a small DINO (R18, our MSDeformAttn) on the embedded dataset (CPU)
 #   make test      install, build the extension, run the test suite
 # Override TORCH_SPEC for another platform, e.g. `make install TORCH_SPEC="torch==2.4.1"`.
 # Two mmdet stacks (README, "Install notes"), same torch: STACK=openmmlab (OpenMMLab's last

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-DEFAULT_CONFIG = 'configs/demo/deformable-detrx_r18_1xb8-1000i_synthetic-shapes.py'
+DEFAULT_CONFIG = 'configs/demo/dinox-aux_r18-w32_1xb8-1000i_synthetic-shapes.py'
 
 
 def parse_args(argv=None):

@@ -3,10 +3,11 @@
 # Conditional DETR's conditional cross-attention converges several times faster than DETR's and
 # leaves the encoder -- the part ACT replaces -- exactly DETR's.
 #
-# The ResNet-18 starts from the checkpoint `make demo` writes (a Deformable DETR trained on the
-# same images) in place of the ImageNet weights DETRs start from, which cannot be downloaded here;
-# set backbone_checkpoint=None to start from scratch.
-backbone_checkpoint = 'work_dirs/demo/iter_1000.pth'
+# The ResNet-18 starts from a checkpoint of the Deformable DETR demo config (trained on the same
+# images; configs/conditional_detr/README.md has the command) in place of the ImageNet weights
+# DETRs start from, which cannot be downloaded here; set backbone_checkpoint=None to start from
+# scratch.
+backbone_checkpoint = 'work_dirs/demo_deformable/iter_1000.pth'
 
 _base_ = '../detr/detr_r18-dc5_1xb8-3000i_synthetic-shapes.py'
 
