@@ -99,7 +99,7 @@ inline acc_t sum_lanes(const acc_t (&d)[8]) {
 // four scalar trees. Bitwise equal to sum_lanes.
 template <typename acc_t>
 inline void sum_lanes4(const acc_t (&d0)[8], const acc_t (&d1)[8], const acc_t (&d2)[8],
-                       const acc_t (&d3)[8], acc_t (&dot)[4]) {
+                       const acc_t (&d3)[8], acc_t* dot) {
 #if defined(__GNUC__) || defined(__clang__)
   typedef acc_t vec4 __attribute__((vector_size(4 * sizeof(acc_t))));
   // (s_0, s_1, s_2, s_3), s_k = d[k] + d[k + 4] (vectors stay local: passing one by value
@@ -139,7 +139,7 @@ inline void corner_dots_and_scatter(const acc_t* __restrict grad_out,
                                     const scalar_t* __restrict v2, const scalar_t* __restrict v3,
                                     acc_t* __restrict gv0, acc_t* __restrict gv1,
                                     acc_t* __restrict gv2, acc_t* __restrict gv3,
-                                    const acc_t (&aw)[4], int64_t runtime_C, acc_t (&dot)[4]) {
+                                    const acc_t* aw, int64_t runtime_C, acc_t* dot) {
   const int64_t C = kC > 0 ? kC : runtime_C;
   constexpr int kLanes = 8;
   acc_t d0[kLanes] = {}, d1[kLanes] = {}, d2[kLanes] = {}, d3[kLanes] = {};
@@ -253,23 +253,27 @@ struct PointGeometry {
 
 // The backward's plan of a query's points in one task, one array per quantity, so that the
 // loops over points (plan_points, point_gradients) vectorise. weight: the bilinear weights
-// (0 for corners off the map), dweight_dx / _dy their derivatives, dot the dot products of
-// grad_output with the four corners' value rows.
+// (0 for corners off the map), dweight_dx / _dy their derivatives; corner_weight and dot, read
+// and written by the per-point pass 2, hold a point's 4 values side by side.
 template <typename acc_t>
 struct ScatterPlans {
   explicit ScatterPlans(int64_t n)
-      : inside(n), x0(n), y0(n), attention(n) {
+      : inside(n), x0(n), y0(n), row(n), attention(n), corner_weight(4 * n), dot(4 * n) {
     for (int i = 0; i < 4; ++i) {
       weight[i].resize(n);
       dweight_dx[i].resize(n);
       dweight_dy[i].resize(n);
-      dot[i].resize(n);
     }
   }
   std::vector<int32_t> inside;  // 0: all four corners off the map (or NaN), the point adds nothing
   std::vector<int32_t> x0, y0;  // floor of the (clamped) pixel coordinates
+  std::vector<int64_t> row;      // grid row of corner 0 (corner 1 is the next row, 2 and 3 the
+                                // two rows below them)
   std::vector<acc_t> attention;
-  std::vector<acc_t> weight[4], dweight_dx[4], dweight_dy[4], dot[4];
+  std::vector<acc_t> weight[4], dweight_dx[4], dweight_dy[4];
+  // What pass 2 reads and writes, point by point: 4 values per point.
+  std::vector<acc_t> corner_weight;  // attention x weight[i]
+  std::vector<acc_t> dot;            // <grad_output, value row of corner i>
 };
 
 // Pass 1 of the backward for one query: bilinear corners and weights of n points. Same
@@ -286,7 +290,11 @@ inline void plan_points(int64_t n, const coord_t* __restrict location,
   int32_t* __restrict inside_out = plan.inside.data();
   int32_t* __restrict x0_out = plan.x0.data();
   int32_t* __restrict y0_out = plan.y0.data();
+  int64_t* __restrict row_out = plan.row.data();
+  const int64_t* __restrict grid_start = geometry.grid_start.data();
+  const int64_t* __restrict grid_width = geometry.grid_width.data();
   acc_t* __restrict attention_out = plan.attention.data();
+  acc_t* __restrict corner_weight = plan.corner_weight.data();
   acc_t* const w[4] = {plan.weight[0].data(), plan.weight[1].data(), plan.weight[2].data(),
                        plan.weight[3].data()};
   acc_t* const wx[4] = {plan.dweight_dx[0].data(), plan.dweight_dx[1].data(),
@@ -331,8 +339,13 @@ inline void plan_points(int64_t n, const coord_t* __restrict location,
     inside_out[s] = inside;
     x0_out[s] = x0;
     y0_out[s] = y0;
+    row_out[s] = grid_start[s] + (static_cast<int64_t>(y0) + 1) * grid_width[s] + x0 + 1;
     const acc_t a = static_cast<acc_t>(attention[s]);
     attention_out[s] = inside ? a : acc_t(0);
+    corner_weight[4 * s] = a * w[0][s];
+    corner_weight[4 * s + 1] = a * w[1][s];
+    corner_weight[4 * s + 2] = a * w[2][s];
+    corner_weight[4 * s + 3] = a * w[3][s];
   }
 }
 
@@ -351,15 +364,14 @@ inline void point_gradients(int64_t n, const ScatterPlans<acc_t>& plan,
                               plan.dweight_dx[2].data(), plan.dweight_dx[3].data()};
   const acc_t* const wy[4] = {plan.dweight_dy[0].data(), plan.dweight_dy[1].data(),
                               plan.dweight_dy[2].data(), plan.dweight_dy[3].data()};
-  const acc_t* const d[4] = {plan.dot[0].data(), plan.dot[1].data(), plan.dot[2].data(),
-                             plan.dot[3].data()};
+  const acc_t* const dot = plan.dot.data();
 #pragma omp simd
   for (int64_t s = 0; s < n; ++s) {
     acc_t sampled = 0, dsampled_dx = 0, dsampled_dy = 0;
     for (int i = 0; i < 4; ++i) {
-      sampled = mul_add(w[i][s], d[i][s], sampled);
-      dsampled_dx = mul_add(wx[i][s], d[i][s], dsampled_dx);
-      dsampled_dy = mul_add(wy[i][s], d[i][s], dsampled_dy);
+      sampled = mul_add(w[i][s], dot[4 * s + i], sampled);
+      dsampled_dx = mul_add(wx[i][s], dot[4 * s + i], dsampled_dx);
+      dsampled_dy = mul_add(wy[i][s], dot[4 * s + i], dsampled_dy);
     }
     // A point outside has zero weights, dot products and attention (see plan_points): its
     // gradients come out as 0 without a branch.
@@ -556,24 +568,18 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
         for (int64_t c = 0; c < C; ++c) grad_out[c] = static_cast<acc_t>(g[c]);
         // Pass 2: per point, the four dot products with grad_out and the grad_value scatter.
         for (int64_t sample = 0; sample < samples; ++sample) {
+          acc_t* const dot = plans.dot.data() + 4 * sample;
           if (!plans.inside[sample]) {
-            for (int i = 0; i < 4; ++i) plans.dot[i][sample] = acc_t(0);
+            std::fill(dot, dot + 4, acc_t(0));
             continue;
           }
-          const int64_t grid_width = geometry.grid_width[sample];
-          const int64_t row = geometry.grid_start[sample] +
-                              (static_cast<int64_t>(plans.y0[sample]) + 1) * grid_width +
-                              plans.x0[sample] + 1;
-          const int64_t below = row + grid_width;  // corners 2 and 3
-          const acc_t a = plans.attention[sample];
-          const acc_t aw[4] = {a * plans.weight[0][sample], a * plans.weight[1][sample],
-                               a * plans.weight[2][sample], a * plans.weight[3][sample]};
-          acc_t dot[4];
+          const int64_t row = plans.row[sample];
+          const int64_t below = row + geometry.grid_width[sample];  // corners 2 and 3
           corner_dots_and_scatter<kC>(grad_out.data(), packed.value(row), packed.value(row + 1),
                                       packed.value(below), packed.value(below + 1),
                                       packed.grad(row), packed.grad(row + 1), packed.grad(below),
-                                      packed.grad(below + 1), aw, C, dot);
-          for (int i = 0; i < 4; ++i) plans.dot[i][sample] = dot[i];
+                                      packed.grad(below + 1),
+                                      plans.corner_weight.data() + 4 * sample, C, dot);
         }
         // Pass 3: the location and attention gradients of the points.
         point_gradients(samples, plans, geometry, grad_sampling_locations + 2 * attn_begin,
