@@ -98,19 +98,14 @@ std::string supported_names() {
   return names;
 }
 
-// The level the kernels run at when none is forced: AVX2 where the CPU has it, even where it
-// also has AVX-512 (which runs only when forced). Measured on the one AVX-512 CPU at hand (AMD
-// EPYC, Zen 4), the AVX512 kernels are about as fast as AVX2's in the forward and slower in the
-// backward, fwd+bwd 5-10% slower at Deformable DETR's encoder shape (docs/benchmarks.md, "MSDA
-// CPU kernels per instruction set"): with 32 channels a value row is two 512-bit vectors, the
-// kernels' 8-lane partial sums stay 256-bit, and Zen 4 executes 512-bit operations as two
-// 256-bit halves. A fixed rule rather than a timing at load time, so that the level (and with
-// it the last bits of the results) does not depend on the machine's load.
+// The level the kernels run at when none is forced: the best one this CPU and build support.
+// Measured on the one AVX-512 CPU at hand (AMD EPYC, Zen 4; docs/benchmarks.md, "MSDA CPU
+// kernels per instruction set"): since the backward works on packed grids, AVX512 is as fast as
+// AVX2 in the forward and faster in the backward (before, its backward was the slower one). A
+// fixed rule rather than a timing at load time, so that the level (and with it the last bits
+// of the results) does not depend on the machine's load.
 Capability automatic_level(const std::vector<Capability>& levels) {
-  for (const Capability level : levels) {
-    if (level == Capability::kAvx2) return level;
-  }
-  return levels.back();  // lowest first: without AVX2, the best one (DEFAULT on x86-64)
+  return levels.back();  // lowest first
 }
 
 Choice choose() {

@@ -1,7 +1,7 @@
 // The CPU instruction-set level the CPU kernels run at, chosen once when the library loads (like
-// ATen's ATEN_CPU_CAPABILITY): AVX2 where this CPU and OS support it (AVX512 only when forced:
-// measured no faster, see automatic_level in cpu_capability.cpp), else DEFAULT; or the one
-// named by MMDET_DETRX_CPU_CAPABILITY=default|avx2|avx512.
+// ATen's ATEN_CPU_CAPABILITY): the best level this CPU and OS support among those compiled in
+// (measured the fastest, see automatic_level in cpu_capability.cpp), or the one named by
+// MMDET_DETRX_CPU_CAPABILITY=default|avx2|avx512.
 //
 // Levels and the flags setup.py compiles ops/cpu/isa/*_<LEVEL>.cpp with (x86-64 only; other
 // architectures build DEFAULT alone):

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.skipif(not native_available(), reason='mmdet_detrx._C i
 ENV = 'MMDET_DETRX_CPU_CAPABILITY'
 HERE = osp.dirname(osp.abspath(__file__))
 SUPPORTED = list(torch.ops.detrx.cpu_capabilities()) if native_available() else []
-# The level chosen when none is forced (ops/cpu/cpu_capability.cpp, automatic_level): AVX2 where
-# supported, AVX-512 only when forced (measured no faster, docs/msda.md "CPU kernel").
-AUTOMATIC = 'avx2' if 'avx2' in SUPPORTED else 'default'
+# The level chosen when none is forced (ops/cpu/cpu_capability.cpp, automatic_level): the best
+# one supported (measured the fastest, docs/msda.md "CPU kernel").
+AUTOMATIC = SUPPORTED[-1] if SUPPORTED else None
 # Documented tolerance between levels (docs/msda.md "CPU kernel"): FMA contraction and wider
 # vectors change the last bits; relative to max(max |expected|, 1).
 LEVEL_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3,
@@ -44,7 +44,7 @@ REPORT = ('import json, torch, mmdet_detrx.ops\n'
           'list(torch.ops.detrx.cpu_capabilities())]))\n')
 
 
-def test_default_is_avx2_where_supported_and_avx512_only_when_forced():
+def test_default_is_the_best_level_this_cpu_supports():
     if os.environ.get(ENV):  # this process was started with a forced level
         proc = run_python(REPORT)
         assert proc.returncode == 0, proc.stderr
@@ -52,11 +52,13 @@ def test_default_is_avx2_where_supported_and_avx512_only_when_forced():
     else:
         chosen, supported = torch.ops.detrx.cpu_capability(), SUPPORTED
     assert supported[0] == 'default' and supported == SUPPORTED
-    assert chosen == AUTOMATIC and chosen != 'avx512'
-    # Without AVX2 (hidden by the test hook) the baseline runs.
-    proc = run_python(REPORT, extra_env={'MMDET_DETRX_TESTING_CPU_LACKS': 'avx2,avx512'})
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == ['default', ['default']]
+    assert chosen == AUTOMATIC == supported[-1]
+    # With the best levels hidden by the test hook, the best one left runs.
+    for hidden in ('avx512', 'avx2,avx512'):
+        proc = run_python(REPORT, extra_env={'MMDET_DETRX_TESTING_CPU_LACKS': hidden})
+        assert proc.returncode == 0, proc.stderr
+        left = [level for level in SUPPORTED if level not in hidden.split(',')]
+        assert json.loads(proc.stdout) == [left[-1], left]
 
 
 def test_unknown_level_is_refused_naming_the_supported_ones():
