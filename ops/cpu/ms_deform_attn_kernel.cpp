@@ -4,7 +4,6 @@
 // library loaded (cpu_capability.h; the kernels themselves are ms_deform_attn_kernel_impl.h,
 // compiled once per level). im2col_step (mmcv's signature) is validated and otherwise ignored,
 // here as in the CUDA kernel.
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -117,7 +116,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const int64_t B = value.size(0), S = value.size(1), heads = value.size(2), C = value.size(3);
   const int64_t Q = sampling_locations.size(1), P = sampling_locations.size(4);
 
-  const auto acc_dtype = at::toOpMathType(sampling_locations.scalar_type());
   // Without sampling points or without channels (C = 0: value is empty) every gradient is zero.
   const bool has_work = attention_weights.numel() > 0 && value.numel() > 0;
   // Otherwise the kernel writes every element, zeroing grad_value itself (every row belongs to
@@ -126,7 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     return has_work ? at::empty(like.sizes(), like.options().dtype(dtype))
                     : at::zeros(like.sizes(), like.options().dtype(dtype));
   };
-  at::Tensor grad_value = make(value, acc_dtype);
+  // grad_value is accumulated in the arithmetic type and rounded to value's dtype once, by
+  // the kernel.
+  at::Tensor grad_value = make(value, value.scalar_type());
   at::Tensor grad_sampling_locations =
       make(sampling_locations, sampling_locations.scalar_type());
   at::Tensor grad_attention_weights = make(attention_weights, attention_weights.scalar_type());
@@ -147,9 +147,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                                      sampling_locations.scalar_type(),
                                      B, S, heads, C, Q, P};
     run_at_chosen_level(kBackwardKernels, args);
-  }
-  if (grad_value.scalar_type() != value.scalar_type()) {
-    grad_value = grad_value.to(value.scalar_type());
   }
   return {grad_value, grad_sampling_locations, grad_attention_weights};
 }

@@ -30,7 +30,7 @@ struct MsdaBackwardArgs {
   const void* sampling_locations;
   const void* attention_weights;
   const void* grad_output;        // (B, Q, heads * C), value's dtype
-  void* grad_value;               // (B, S, heads, C), opmath of the coordinate dtype; zeroed here
+  void* grad_value;               // (B, S, heads, C), value's dtype; every element written
   void* grad_sampling_locations;  // coordinate dtype
   void* grad_attention_weights;   // coordinate dtype
   at::ScalarType value_dtype, coordinate_dtype;

@@ -17,8 +17,8 @@
 // thread count (at a given ISA level; levels differ in the last bits: FMA contraction).
 // Dtypes follow ms_deform_attn_dtypes.def: scalar_t is value's (and the output's) c10 type,
 // coord_t that of sampling_locations / attention_weights. Arithmetic runs in
-// acc_t = at::opmath_type<coord_t>; grad_value is accumulated in an acc_t buffer (rounded to
-// value's dtype by the caller).
+// acc_t = at::opmath_type<coord_t>; grad_value is accumulated in acc_t and rounded to value's
+// dtype once, when written.
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY (DEFAULT, AVX2, AVX512) before including this file"
 #endif
@@ -471,7 +471,7 @@ template <int kC, typename scalar_t, typename coord_t>
 void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& levels,
                      const coord_t* sampling_locations, const coord_t* attention_weights,
                      const scalar_t* grad_output,
-                     at::opmath_type<coord_t>* grad_value,  // uninitialised, written here
+                     scalar_t* grad_value,  // uninitialised, written here
                      coord_t* grad_sampling_locations, coord_t* grad_attention_weights,
                      int64_t B, int64_t S, int64_t heads, int64_t runtime_C, int64_t Q,
                      int64_t P) {
@@ -515,7 +515,9 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
     // times more pages. Packed, the rows around the queries' sampling points share the caches
     // evenly; and the border makes the corners' addresses branch-free. Packing and unpacking
     // are sequential passes over the slice.
-    PackedGrid<value_type, acc_t> packed(max_task_rows, C);
+    // value is packed widened to the arithmetic type (each row is read many times, converted
+    // once here), grad_value rounded to value's dtype once, when unpacked.
+    PackedGrid<acc_t, acc_t> packed(max_task_rows, C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t batch = task / (heads * level_groups);
       const int64_t head = (task / level_groups) % heads;
@@ -544,8 +546,8 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
           for (int64_t x = 0; x < lv.W; ++x) {
             const value_type* row =
                 value + msda::value_index(batch, lv.start + y * lv.W + x, head, 0, S, heads, C);
-            std::copy(row, row + C,
-                      packed.value(grid_start[level] + (y + 1) * (lv.W + 2) + x + 1));
+            acc_t* grid_row = packed.value(grid_start[level] + (y + 1) * (lv.W + 2) + x + 1);
+            for (int64_t c = 0; c < C; ++c) grid_row[c] = static_cast<acc_t>(row[c]);
           }
         }
       }
@@ -591,9 +593,9 @@ void backward_kernel(const value_t<scalar_t>* value, const std::vector<Level>& l
         for (int64_t y = 0; y < lv.H; ++y) {
           for (int64_t x = 0; x < lv.W; ++x) {
             const acc_t* row = packed.grad(grid_start[level] + (y + 1) * (lv.W + 2) + x + 1);
-            std::copy(row, row + C,
-                      grad_value +
-                          msda::value_index(batch, lv.start + y * lv.W + x, head, 0, S, heads, C));
+            scalar_t* out =
+                grad_value + msda::value_index(batch, lv.start + y * lv.W + x, head, 0, S, heads, C);
+            for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(row[c]);
           }
         }
       }
@@ -635,7 +637,7 @@ void ms_deform_attn_backward(const MsdaBackwardArgs& a) {
             static_cast<const coord_t*>(a.sampling_locations),
             static_cast<const coord_t*>(a.attention_weights),
             static_cast<const scalar_t*>(a.grad_output),
-            static_cast<at::opmath_type<coord_t>*>(a.grad_value),
+            static_cast<scalar_t*>(a.grad_value),
             static_cast<coord_t*>(a.grad_sampling_locations),
             static_cast<coord_t*>(a.grad_attention_weights), a.B, a.S, a.heads, a.C, a.Q, a.P);
       });
