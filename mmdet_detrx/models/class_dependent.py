@@ -28,7 +28,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ['CLASS_DEPENDENT_PARAMS', 'AUX_HEAD_CLASS_DEPENDENT_PARAMS', 'ClassChange', 'class_dependent_keys', 'find_class_change']
+__all__ = ['CLASS_DEPENDENT_PARAMS', 'AUX_HEAD_CLASS_DEPENDENT_PARAMS', 'ClassChange',
+           'class_dependent_keys', 'find_class_change']
 
 _CLS_BRANCHES = r'bbox_head\.cls_branches\.\d+\.(weight|bias)'
 

@@ -48,6 +48,15 @@ def shrink_deformable_detr(model_cfg, num_layers: int, num_queries: int):
     return model_cfg
 
 
+def build_detector(cfg, seed: int = 0):
+    """``MODELS.build(cfg)`` with its weights initialised from ``seed``."""
+    from mmdet.registry import MODELS
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg)
+    model.init_weights()
+    return model
+
+
 def demo_batch(model, image_shapes, num_items, num_classes, training=True, seed=1):
     """``(inputs, data_samples)`` of mmdet's random demo images through ``model``'s
     data preprocessor (which pads the batch, so masks are exercised)."""

@@ -10,7 +10,7 @@ import os.path as osp
 import pytest
 import torch
 from _helpers import REPO_CONFIGS
-from _helpers.detectors import demo_batch
+from _helpers.detectors import build_detector, demo_batch
 from mmdet.registry import MODELS
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
@@ -29,15 +29,8 @@ def _cfg(num_layers=1):
     return cfg
 
 
-def _build(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = MODELS.build(cfg)
-    model.init_weights()
-    return model
-
-
 def test_aux_losses_join_dinos_and_reach_backbone_and_encoder():
-    model = _build(_cfg())
+    model = build_detector(_cfg())
     model.train()
     inputs, samples = demo_batch(model, [(3, 96, 128), (3, 80, 112)], num_items=[3, 2], num_classes=3)
     losses = model.loss(inputs, samples)
@@ -55,7 +48,7 @@ def test_aux_losses_join_dinos_and_reach_backbone_and_encoder():
 
 def test_inference_is_dinox_exactly():
     """Same weights without the auxiliary head in DINOX: identical predictions."""
-    model = _build(_cfg())
+    model = build_detector(_cfg())
     cfg = _cfg()
     cfg.type = 'DINOX'
     cfg.pop('aux_head')
@@ -98,7 +91,7 @@ def test_dinox_builds_its_reference_point_head_for_the_encoding_it_is_fed(embed_
         cfg.pop('embed_dims')
         cfg.positional_encoding.num_feats = embed_dims // 2
         cfg.bbox_head.embed_dims = embed_dims
-    model = _build(cfg)
+    model = build_detector(cfg)
     first = model.decoder.ref_point_head.layers[0]
     assert first.in_features in (4 * 128, 4 * embed_dims)  # mmdet 3.3's / OneDL's encoding
     assert first.out_features == embed_dims

@@ -8,7 +8,7 @@ import os.path as osp
 import pytest
 import torch
 from _helpers import REPO_CONFIGS
-from _helpers.detectors import demo_batch
+from _helpers.detectors import build_detector, demo_batch
 from _helpers.detectors import tiny_detr_cfg as _tiny_detr_cfg
 from mmcv.cnn.bricks.transformer import MultiheadAttention
 from mmdet.registry import MODELS
@@ -30,13 +30,6 @@ def tiny_detr_cfg(model_type='MTKDDETR', act=True, num_queries=10, **extra):
     return cfg
 
 
-def build(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = MODELS.build(cfg)
-    model.init_weights()
-    return model
-
-
 def batch(model, training=True):
     return demo_batch(model, [(3, 128, 96), (3, 96, 160)], num_items=[3, 2], num_classes=3,
                       training=training)
@@ -44,7 +37,7 @@ def batch(model, training=True):
 
 @pytest.fixture(scope='module')
 def model():
-    return build(tiny_detr_cfg())
+    return build_detector(tiny_detr_cfg())
 
 
 def test_loss_keys_and_weights(model):
@@ -81,7 +74,7 @@ def test_kd_vanishes_in_the_single_query_cluster_limit():
     """Real ACT with buckets so narrow that each query is its own cluster: exact attention."""
     cfg = tiny_detr_cfg()
     cfg.encoder.layer_cfg.self_attn_cfg.bucket_width = 1e-6
-    model = build(cfg)
+    model = build_detector(cfg)
     inputs, samples = batch(model)
     losses = model.loss(inputs, samples)
     assert losses['loss_kd'].item() < 1e-9 and losses['d0.loss_kd'].item() < 1e-9
@@ -151,10 +144,10 @@ def test_predict_branches(model):
 
 
 def test_strict_load_of_plain_detr_checkpoint(tmp_path):
-    detr = build(tiny_detr_cfg('DETR', act=False), seed=3).eval()
+    detr = build_detector(tiny_detr_cfg('DETR', act=False), seed=3).eval()
     path = str(tmp_path / 'detr.pth')
     torch.save({'state_dict': detr.state_dict(), 'meta': {}}, path)
-    mtkd = build(tiny_detr_cfg(test_branch='full'), seed=4).eval()
+    mtkd = build_detector(tiny_detr_cfg(test_branch='full'), seed=4).eval()
     load_checkpoint(mtkd, path, map_location='cpu', strict=True)
     inputs, samples = batch(detr, training=False)
     with torch.no_grad():
@@ -232,10 +225,10 @@ def tiny_conditional_detr_cfg(model_type, act=True):
 def test_mtkd_around_conditional_detr(tmp_path):
     """MTKDMixin is generic: a plain mmdet ConditionalDETR checkpoint loads strictly into
     MTKDConditionalDETR, whose full branch reproduces it and whose loss has both branches."""
-    plain = build(tiny_conditional_detr_cfg('ConditionalDETR', act=False), seed=5).eval()
+    plain = build_detector(tiny_conditional_detr_cfg('ConditionalDETR', act=False), seed=5).eval()
     path = str(tmp_path / 'conditional_detr.pth')
     torch.save({'state_dict': plain.state_dict(), 'meta': {}}, path)
-    mtkd = build(tiny_conditional_detr_cfg('MTKDConditionalDETR'), seed=6)
+    mtkd = build_detector(tiny_conditional_detr_cfg('MTKDConditionalDETR'), seed=6)
     load_checkpoint(mtkd, path, map_location='cpu', strict=True)
     inputs, samples = batch(plain, training=False)
     mtkd.eval()
