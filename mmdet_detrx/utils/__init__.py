@@ -3,6 +3,7 @@ from .atomic_checkpoint import (AtomicLocalBackend, atomic_write, checkpoint_pro
 from .cfg_options import check_cfg_option_keys, merge_cfg_options, rebase_data_root
 from .file_mode import current_umask
 from .image_files import IMAGE_EXTENSIONS, list_images, output_names
+from .malloc_tuning import MALLOC_ENV, tune_malloc
 from .safe_checkpoint import (TRUSTED_CHECKPOINTS_ENV, CorruptCheckpointError,
                               UnsafeCheckpointError, load_checkpoint_file,
                               mmengine_checkpoint_globals, patch_mmengine_checkpoint_loading,
@@ -16,5 +17,6 @@ __all__ = [
     'restricted_load', 'load_checkpoint_file',
     'mmengine_checkpoint_globals', 'trusted_checkpoints', 'AtomicLocalBackend', 'atomic_write',
     'checkpoint_problem', 'find_resumable_checkpoint', 'use_atomic_checkpoints',
-    'check_cfg_option_keys', 'merge_cfg_options', 'rebase_data_root', 'current_umask'
+    'check_cfg_option_keys', 'merge_cfg_options', 'rebase_data_root', 'current_umask',
+    'MALLOC_ENV', 'tune_malloc'
 ]

@@ -6,7 +6,8 @@
 * :func:`load_tool_config`: the config with those flags applied (``--cfg-options`` through
   :func:`~mmdet_detrx.utils.merge_cfg_options`) and the work dir mmdet's tools default to.
 * :func:`require_checkpoint_match`: ``CheckpointMatchHook`` unless ``--allow-partial-load``.
-* :func:`tool_runner`: the config's runner, inside the CPU process-group set-up and teardown.
+* :func:`tool_runner`: the config's runner, inside the CPU process-group set-up and teardown,
+  with glibc's malloc tuned for tensor-sized blocks (:mod:`~mmdet_detrx.utils.malloc_tuning`).
 """
 import argparse
 import contextlib
@@ -19,6 +20,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from .cfg_options import merge_cfg_options
+from .malloc_tuning import tune_malloc
 from .safe_checkpoint import TRUSTED_CHECKPOINTS_ENV
 from .setup_env import distributed_teardown, setup_cpu_distributed
 
@@ -78,7 +80,11 @@ def require_checkpoint_match(cfg: Config, allow_partial_load: bool) -> None:
 @contextlib.contextmanager
 def tool_runner(cfg: Config, launcher: str) -> Iterator[Runner]:
     """The runner of ``cfg`` (``runner_type`` if it names one), built after the gloo group a CPU
-    ``--launcher pytorch`` needs; the process group is torn down on leaving."""
+    ``--launcher pytorch`` needs, with glibc's malloc tuned (:func:`tune_malloc`, logged); the
+    process group is torn down on leaving."""
+    _, malloc_line = tune_malloc()
     with distributed_teardown():
         setup_cpu_distributed(cfg, launcher)
-        yield Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+        runner.logger.info(malloc_line)
+        yield runner

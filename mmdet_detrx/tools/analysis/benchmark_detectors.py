@@ -66,6 +66,11 @@ Measured per case:
 * encoder check (fp32 inference, DETR pairs): relative L2 difference of ours' encoder output to
   stock's on the first run (0 up to rounding for MSDA; ACT's approximation error for ACT).
 
+Both models of a pair run in one process with glibc's malloc tuned as our train/test tools
+tune it (:func:`mmdet_detrx.utils.tune_malloc`: large freed blocks are reused, not unmapped and
+faulted in again; the header says whether it applied). ``MMDET_DETRX_MALLOC=default`` in the
+environment times both with glibc's defaults instead.
+
 Memory safety: before a pair's cases run at the requested shape, each model runs once per mode at
 three smaller shapes (the largest 1/4 of the pixels and at most 400x667, the smallest 1/16 of
 that or the model's minimum input) and the peak growth is extrapolated with a constant + linear
@@ -100,6 +105,7 @@ import numpy as np
 import torch
 
 from mmdet_detrx.config_path import get_config_path
+from mmdet_detrx.utils.malloc_tuning import tune_malloc
 from mmdet_detrx.tools.common import (Column, PeakMemory, add_common_args, add_shape_arg,
                                       bar_chart, machine_line, markdown_table,
                                       memory_available_bytes, panel_grid, time_call,
@@ -865,6 +871,8 @@ def main(argv=None):
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
+    _, malloc_line = tune_malloc()  # as our train/test tools run; MMDET_DETRX_MALLOC=default
+    log(malloc_line)
     peaks_by_threads = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -885,7 +893,8 @@ def main(argv=None):
                   f'{p["gemm_gflops_bfloat16"]:.0f} GFLOP/s bf16; memory copy '
                   f'{p["copy_gbps"]:.1f} GB/s' for t, p in peaks_by_threads.items()]
     header = '\n'.join([
-        f'Machine: {machine}.', 'Measured limits:', *peak_lines, '',
+        f'Machine: {machine}.', f'{malloc_line[0].upper()}{malloc_line[1:]}.',
+        'Measured limits:', *peak_lines, '',
         f'Input {args.shape[0]}x{args.shape[1]}; median of {args.repeats} after '
         f'{max(1, args.warmup)} warm-up; same weights; stages: share of one profiled step; '
         'peak mem: resident-set growth during a run.', ''])
