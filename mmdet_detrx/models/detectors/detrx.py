@@ -18,7 +18,8 @@ hook every model build passes; :func:`install_attention_type_check`, called by t
 ``__init__``) and raises a ``TypeError`` that names the ``...X`` detector to use.
 
 The ``...X`` detectors also take ``conv_memory_format`` (:class:`ChannelsLastMixin`): on CPU
-their backbone and neck run channels-last by default.
+their backbone and neck run channels-last by default; and ``fold_frozen_bn``
+(:class:`FoldFrozenBNMixin`): their backbone's eval-mode BatchNorms fold into the convolutions.
 """
 import copy
 import functools
@@ -34,6 +35,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 
 from .channels_last import ChannelsLastMixin
 from .dino_ref_point_head import adapt_ref_point_head, fit_ref_point_head
+from .fold_frozen_bn import FoldFrozenBNMixin
 
 __all__ = ['RegistryAttentionMixin', 'DETRX', 'ConditionalDETRX', 'DeformableDETRX', 'DINOX',
            'check_attention_types', 'install_attention_type_check']
@@ -120,12 +122,13 @@ class RegistryAttentionMixin:
 
 
 @MODELS.register_module()
-class DETRX(RegistryAttentionMixin, ChannelsLastMixin, DETR):
+class DETRX(RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin, DETR):
     """mmdet's DETR whose encoder/decoder attentions may be any registered type (e.g. ACT)."""
 
 
 @MODELS.register_module()
-class ConditionalDETRX(RegistryAttentionMixin, ChannelsLastMixin, ConditionalDETR):
+class ConditionalDETRX(RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin,
+                       ConditionalDETR):
     """mmdet's Conditional DETR whose attentions may be any registered type (e.g. ACT).
 
     Its encoder is DETR's (exact multi-head self-attention), so ACT drops in exactly as for DETR;
@@ -134,12 +137,13 @@ class ConditionalDETRX(RegistryAttentionMixin, ChannelsLastMixin, ConditionalDET
 
 
 @MODELS.register_module()
-class DeformableDETRX(RegistryAttentionMixin, ChannelsLastMixin, DeformableDETR):
+class DeformableDETRX(RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin,
+                      DeformableDETR):
     """mmdet's Deformable DETR whose attentions may be any registered type."""
 
 
 @MODELS.register_module()
-class DINOX(RegistryAttentionMixin, ChannelsLastMixin, DINO):
+class DINOX(RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin, DINO):
     """mmdet's DINO whose attentions may be any registered type.
 
     On OneDL's mmdetection 3.5, whose DINO decoder encodes reference points more widely, it also

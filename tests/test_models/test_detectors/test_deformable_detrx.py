@@ -35,11 +35,13 @@ NUM_LAYERS = 2
 def _small_model_cfg(path):
     cfg = shrink_deformable_detr(Config.fromfile(path).model, NUM_LAYERS, num_queries=30)
     if 'X' in cfg.type:
-        # mmdet's NCHW convolutions, so that the backbones agree bitwise and these comparisons
-        # isolate the attention op: channels-last convolutions round differently (~1e-6), which
-        # can flip the near-tied top-k proposals and Hungarian matches of random-init models.
-        # The layout itself is tested in test_channels_last.py.
+        # mmdet's NCHW convolutions and separate BN passes, so that the backbones agree bitwise
+        # and these comparisons isolate the attention op: channels-last convolutions and folded
+        # BNs round differently (~1e-6), which can flip the near-tied top-k proposals and
+        # Hungarian matches of random-init models. The layout and the folding are tested in
+        # test_channels_last.py and test_fold_frozen_bn.py.
         cfg.conv_memory_format = 'contiguous'
+        cfg.fold_frozen_bn = False
     if 'dn_cfg' in cfg:
         cfg.dn_cfg.group_cfg.num_dn_queries = 20
     return cfg
