@@ -8,12 +8,16 @@ drops ~20 MiB token tensors and ~90 MiB FFN activations in every layer, so each 
 in ~1.6 GB of zeroed pages again: ~410 000 minor page faults and ~0.5 s of the ~3 s of
 Deformable DETR R50 on a 2-core AMD EPYC VM (docs/benchmarks.md).
 
-:func:`tune_malloc` raises the three limits with ``mallopt`` (mmap threshold 1 GiB, trim
-threshold 2 GiB, top pad 64 MiB), the process-wide setting that ``MALLOC_MMAP_THRESHOLD_`` and
-friends make from the environment, so freed blocks are reused from the heap: the page faults
-drop to ~0 after the first iteration. The process keeps the memory it has used at its peak
-instead of returning it between iterations, as PyTorch's CUDA caching allocator does on GPUs;
-the peak itself is unchanged (measured in the same benchmark).
+:func:`tune_malloc` sets three limits with ``mallopt`` (mmap threshold 1 GiB, no trimming, top
+pad 64 MiB), the process-wide setting that ``MALLOC_MMAP_THRESHOLD_`` and friends make from the
+environment, so freed blocks are reused from the heap: the page faults drop to ~0 after the
+first iterations. Trimming is off, not just raised: ``mallopt`` takes an ``int``, so a trim
+threshold stops at 2 GiB, and a train step frees more than that after its backward (Deformable
+DETR R50, batch 1: a ~5 GiB peak), which was then trimmed and faulted in again on every step.
+
+The process keeps the memory it has used at its peak instead of returning it between
+iterations, as PyTorch's CUDA caching allocator does on GPUs; the peak itself is unchanged
+(measured in the same benchmark).
 
 Our ``train``/``test`` tools call it at start-up (:func:`~mmdet_detrx.utils.tool_cli.tool_runner`),
 as do the benchmark tools; your own scripts can call ``mmdet_detrx.utils.tune_malloc()``. It
@@ -38,7 +42,7 @@ _MALLOC_CHOICES = ('tuned', 'default')
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 MALLOC_SETTINGS = (  # (name, mallopt parameter, value)
     ('mmap_threshold', _M_MMAP_THRESHOLD, 1 << 30),
-    ('trim_threshold', _M_TRIM_THRESHOLD, (1 << 31) - 1),
+    ('trim_threshold', _M_TRIM_THRESHOLD, -1),  # never trim: a train step's peak is > 2 GiB
     ('top_pad', _M_TOP_PAD, 64 << 20),
 )
 _GLIBC_MALLOC_ENV = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_TOP_PAD_',
@@ -91,5 +95,6 @@ def tune_malloc() -> Tuple[bool, str]:
     if refused:
         return False, f'malloc: glibc refused {", ".join(refused)}'
     _applied = True
-    settings = ', '.join(f'{name} {value >> 20} MiB' for name, _, value in MALLOC_SETTINGS)
+    settings = ', '.join(f'{name} {value >> 20} MiB' if value >= 0 else f'{name} off'
+                         for name, _, value in MALLOC_SETTINGS)
     return True, f'malloc: glibc tuned for reuse of large blocks ({settings})'

@@ -53,11 +53,12 @@ Measured per case:
   op's forward, CPU scaled dot-product attention; the deformable op's backward is not
   counted), reported as achieved GFLOP/s and as a percentage of this machine's measured GEMM
   peak in that dtype;
-* peak memory: the growth of the process's resident set during a timed run over the resident
-  set just before it (Linux: ``malloc_trim`` frees retained heap, then the kernel's high-water
-  mark ``VmHWM`` is reset through ``/proc/self/clear_refs`` and read afterwards), maximum over
-  the timed runs: activations, workspaces, autocast weight copies and (train) gradients; weights
-  and optimizer state present before the run are excluded;
+* peak memory: the growth of the process's resident set during one more run after the timed
+  ones over the resident set just before it (Linux: ``malloc_trim`` frees retained heap, then
+  the kernel's high-water mark ``VmHWM`` is reset through ``/proc/self/clear_refs`` and read
+  afterwards): activations, workspaces, autocast weight copies and (train) gradients; weights
+  and optimizer state present before the run are excluded. Not measured in the timed runs:
+  the trim would make them fault the heap in again;
 * stages: one extra run under ``torch.profiler`` with ``record_function`` ranges opened by
   wrappers around the model's submodules (backbone, neck, encoder, decoder, head incl. its
   post-processing/losses, attention modules; the train step also ``backward`` and
@@ -93,6 +94,7 @@ the stock fp32 model of its group). Example (the full matrix, for an idle machin
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import math
 import os
@@ -250,15 +252,39 @@ def extrapolate_peak(probes, pixels):
 
 
 # --------------------------------------------------------------------------------------- roofline
+def _onednn_linear(a, b):
+    """``a @ b`` as oneDNN's linear with a prepacked weight (what ``pack_linear`` runs), or None
+    where this torch lacks the op or refuses the dtype."""
+    mkldnn = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, '_linear_pointwise')):
+        return None
+    try:
+        packed = mkldnn._reorder_linear_weight(b.t().contiguous(), a.shape[0])
+        call = functools.partial(mkldnn._linear_pointwise, a, packed, None, 'none', [], '')
+        call()
+    except RuntimeError:
+        return None
+    return call
+
+
 def machine_peaks(threads, repeats=5):
-    """Measured GEMM GFLOP/s (fp32, bf16) and copy bandwidth GB/s at the current thread count."""
+    """Measured GEMM GFLOP/s (fp32, bf16) and copy bandwidth GB/s at the current thread count.
+
+    The GEMM figure is the faster of two 2048^3 products: ``torch.mm`` (the BLAS that
+    ``nn.Linear`` calls) and oneDNN's linear with a prepacked weight (``pack_linear``'s path);
+    ``gemm_source_<dtype>`` says which."""
     n = 2048
     peaks = {}
     for name, dtype in (('float32', torch.float32), ('bfloat16', torch.bfloat16)):
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         out = torch.empty(n, n, dtype=dtype)
-        best = time_call(lambda: torch.mm(a, b, out=out), repeats=repeats, warmup=1).min
-        peaks[f'gemm_gflops_{name}'] = 2 * n**3 / best / 1e9
+        candidates = {'torch.mm': lambda: torch.mm(a, b, out=out),
+                      'oneDNN linear': _onednn_linear(a, b)}
+        rates = {source: 2 * n**3 / time_call(call, repeats=repeats, warmup=1).min / 1e9
+                 for source, call in candidates.items() if call is not None}
+        source = max(rates, key=rates.get)
+        peaks[f'gemm_gflops_{name}'] = rates[source]
+        peaks[f'gemm_source_{name}'] = source
     src = torch.ones(64 * 2**20)  # 256 MiB, far past the caches
     dst = torch.empty_like(src)
     best = time_call(lambda: dst.copy_(src), repeats=repeats, warmup=1).min
@@ -671,7 +697,7 @@ class Case:
     batch: int
     shape: Tuple[int, int]
     data: Dict[str, Any]
-    machine_peaks: Dict[str, float]  # measured GEMM GFLOP/s and copy GB/s at these threads
+    machine_peaks: Dict[str, Any]  # measured GEMM GFLOP/s and copy GB/s at these threads
     weights: str  # how our variant got the stock weights (build_pair's report)
     repeats: int
     warmup: int
@@ -752,11 +778,15 @@ def run_case(case: Case, log) -> List[Dict[str, Any]]:
                                         case.data)
         flops[variant.role], encoders[variant.role] = count_flops_and_capture(
             steps[variant.role], variant.model)
+    timings = time_calls(steps, repeats=case.repeats, warmup=max(0, case.warmup - 1))
+    # Memory in one more run each, not in the timed ones: measuring starts with malloc_trim,
+    # which hands the heap back, so a timed run would fault it all in again (tune_malloc).
     meters = {variant.role: PeakMemory() for variant in case.variants}
-    timings = time_calls(
-        steps, repeats=case.repeats, warmup=max(0, case.warmup - 1),
-        setup=(lambda role: meters[role].start()) if case.measure_memory else None,
-        teardown=(lambda role, _: meters[role].stop()) if case.measure_memory else None)
+    if case.measure_memory:
+        for role, step in steps.items():
+            meters[role].start()
+            step()
+            meters[role].stop()
     shares = {}
     if case.profile:
         for variant in case.variants:
@@ -889,15 +919,16 @@ def main(argv=None):
         rows += run_pair(args, name, PAIRS[name], peaks_by_threads, log)
     add_ratios(rows)
 
-    peak_lines = [f'- {t} threads: GEMM (2048^3) {p["gemm_gflops_float32"]:.0f} GFLOP/s fp32, '
-                  f'{p["gemm_gflops_bfloat16"]:.0f} GFLOP/s bf16; memory copy '
+    peak_lines = [f'- {t} threads: GEMM (2048^3) {p["gemm_gflops_float32"]:.0f} GFLOP/s fp32 '
+                  f'({p["gemm_source_float32"]}), {p["gemm_gflops_bfloat16"]:.0f} GFLOP/s bf16 '
+                  f'({p["gemm_source_bfloat16"]}); memory copy '
                   f'{p["copy_gbps"]:.1f} GB/s' for t, p in peaks_by_threads.items()]
     header = '\n'.join([
         f'Machine: {machine}.', f'{malloc_line[0].upper()}{malloc_line[1:]}.',
         'Measured limits:', *peak_lines, '',
         f'Input {args.shape[0]}x{args.shape[1]}; median of {args.repeats} after '
         f'{max(1, args.warmup)} warm-up; same weights; stages: share of one profiled step; '
-        'peak mem: resident-set growth during a run.', ''])
+        'peak mem: resident-set growth during one more run.', ''])
     table = markdown_table(rows, COLUMNS)
     print(header + '\n' + table)
     if args.out_dir:
