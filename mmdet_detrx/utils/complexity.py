@@ -1,6 +1,6 @@
 """FLOP formulas of the operations mmengine and torch cannot count, in one place.
 
-Three operations, each with one formula on shapes (or, for ACT, on what a forward found):
+Four operations, each with one formula on shapes (or, for ACT, on what a forward found):
 
 * ``detrx::ms_deform_attn_forward`` (our deformable attention op): for every output channel of
   every (batch, query, head, level, point) the op bilinearly interpolates 4 corners (4 MACs, as
@@ -14,6 +14,10 @@ Three operations, each with one formula on shapes (or, for ACT, on what a forwar
 * scaled dot-product attention (``aten::scaled_dot_product_attention``, no mmengine handle; on
   CPU ``aten::_scaled_dot_product_flash_attention_for_cpu``, which torch's ``FlopCounterMode``
   does not count): ``q k^T`` and ``softmax(.) v``, ``MACs = prod(batch) * N * S * (d_qk + d_v)``.
+* oneDNN's linear (``mkldnn::_linear_pointwise``, what our packed linear layers run in CPU
+  float32 inference, :mod:`mmdet_detrx.models.detectors.packed_linear`): ``aten::addmm``'s
+  count, ``MACs = rows * in_features * out_features``, the bias not counted. Only
+  ``FlopCounterMode`` needs it: under a ``torch.jit`` trace the layers run ``aten::linear``.
 * ACT (:class:`~mmdet_detrx.models.layers.AdaptiveClusteringAttention`), whose cost depends on
   the clusters the data formed: :func:`act_flops` of a forward's record
   (:class:`~mmdet_detrx.models.layers.ACTForward`).
@@ -29,9 +33,9 @@ Who uses them:
   ``ActivationAnalyzer``'s. ACT layers are traced as their exact operations; our ``get_flops.py``
   and ``act_tradeoff.py`` replace them by :func:`act_flops`.
 * torch's ``FlopCounterMode`` (``benchmark_detectors.py``) through :func:`flop_counter_mode`,
-  whose ``custom_mapping`` holds the same formulas (FlopCounterMode counts 2 FLOPs per MAC; the
-  CPU SDPA backward with torch's own formula for its GPU SDPA kernels; the deformable op's
-  backward is not counted).
+  whose ``custom_mapping`` holds the same formulas and oneDNN's linear (FlopCounterMode counts
+  2 FLOPs per MAC; the CPU SDPA backward with torch's own formula for its GPU SDPA kernels; the
+  deformable op's backward is not counted; oneDNN's linear has none).
 
 Convention (mmengine / mmdet): one multiply-accumulate = one FLOP.
 """
@@ -136,6 +140,10 @@ def _flop_counter_formulas() -> dict:
     def sdpa(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
         return 2 * sdpa_macs(query_shape, key_shape, value_shape)
 
+    def onednn_linear(input_shape, *args, out_shape, **kwargs) -> int:
+        # (..., in_features) -> (..., out_features): 2 x rows x in x out, as aten::addmm.
+        return 2 * _product(out_shape) * input_shape[-1]
+
     def sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args,
                       **kwargs) -> int:  # torch's formula for its GPU kernels' backward
         from torch.utils.flop_counter import sdpa_backward_flop_count
@@ -144,6 +152,8 @@ def _flop_counter_formulas() -> dict:
     aten = torch.ops.aten
     formulas = {aten._scaled_dot_product_flash_attention_for_cpu: sdpa,
                 aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward}
+    if hasattr(torch.ops.mkldnn, '_linear_pointwise'):
+        formulas[torch.ops.mkldnn._linear_pointwise] = onednn_linear
     from mmdet_detrx.ops import native_available
     if native_available():
         formulas[torch.ops.detrx.ms_deform_attn_forward] = ms_deform_attn
@@ -152,7 +162,7 @@ def _flop_counter_formulas() -> dict:
 
 def flop_counter_mode(**kwargs):
     """torch's ``FlopCounterMode(**kwargs)`` that also counts our deformable attention op
-    (forward) and CPU scaled dot-product attention (forward with the formula above, backward
-    with torch's formula for its GPU kernels)."""
+    (forward), CPU scaled dot-product attention (forward with the formula above, backward
+    with torch's formula for its GPU kernels) and oneDNN's linear (our packed linear layers)."""
     from torch.utils.flop_counter import FlopCounterMode
     return FlopCounterMode(custom_mapping=_flop_counter_formulas(), **kwargs)

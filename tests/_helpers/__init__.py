@@ -21,3 +21,17 @@ def load_tool(path: str, name: str = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Wrap ``owner.<name>`` (e.g. ``torch.nn.functional, 'batch_norm'``) for the test; the
+    returned list grows by one at each call."""
+    calls = []
+    function = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls

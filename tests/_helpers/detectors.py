@@ -10,6 +10,8 @@ import torch
 from mmdet.testing import demo_mm_inputs
 from mmengine.config import Config
 
+from . import REPO_CONFIGS
+
 MMDET_CONFIGS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
 TINY_DETR_DIMS = 32
 
@@ -48,6 +50,15 @@ def shrink_deformable_detr(model_cfg, num_layers: int, num_queries: int):
     return model_cfg
 
 
+def tiny_deformable_detrx_cfg(**kwargs):
+    """Our Deformable DETR config's model shrunk to one layer and 10 queries, updated with
+    ``kwargs`` (e.g. ``fold_frozen_bn=False``)."""
+    path = osp.join(REPO_CONFIGS, 'deformable_detr/deformable-detrx_r50_16xb2-50e_coco.py')
+    cfg = shrink_deformable_detr(Config.fromfile(path).model, num_layers=1, num_queries=10)
+    cfg.update(kwargs)
+    return cfg
+
+
 def build_detector(cfg, seed: int = 0):
     """``MODELS.build(cfg)`` with its weights initialised from ``seed``."""
     from mmdet.registry import MODELS
@@ -65,3 +76,14 @@ def demo_batch(model, image_shapes, num_items, num_classes, training=True, seed=
                           num_items=num_items, num_classes=num_classes)
     data = model.data_preprocessor(data, training)
     return data['inputs'], data['data_samples']
+
+
+def assert_same_predictions(actual, expected):
+    """Two ``predict`` results (lists of ``DetDataSample``) equal up to float rounding: scores
+    within 1e-4, boxes (pixels) within 1e-3, labels exactly."""
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a.pred_instances.scores, e.pred_instances.scores,
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.pred_instances.bboxes, e.pred_instances.bboxes,
+                                   rtol=1e-4, atol=1e-3)
+        assert torch.equal(a.pred_instances.labels, e.pred_instances.labels)

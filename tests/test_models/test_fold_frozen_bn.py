@@ -8,15 +8,14 @@ grows through ~50 layers; measured at most ~1e-6 of the feature scale, asserted 
 """
 import copy
 import io
-import os.path as osp
 
 import pytest
 import torch
 import torch.nn as nn
-from _helpers import REPO_CONFIGS
-from _helpers.detectors import build_detector, demo_batch, shrink_deformable_detr
+from _helpers import count_calls
+from _helpers.detectors import (assert_same_predictions, build_detector, demo_batch,
+                                tiny_deformable_detrx_cfg)
 from mmdet.models.backbones import ResNet
-from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 from mmdet_detrx.models.backbones import BoTNet
@@ -68,15 +67,7 @@ def _assert_close(actual, expected):
 @pytest.fixture
 def batch_norm_calls(monkeypatch):
     """The number of ``F.batch_norm`` calls (every BN forward) so far."""
-    calls = []
-    batch_norm = torch.nn.functional.batch_norm
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return batch_norm(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, 'batch_norm', counting)
-    return calls
+    return count_calls(monkeypatch, torch.nn.functional, 'batch_norm')
 
 
 @pytest.mark.parametrize('depth', [18, 50])
@@ -268,16 +259,9 @@ def test_other_convolutions_are_skipped():
     assert type(model.layer1[0].bn1) is nn.BatchNorm2d
 
 
-def _deformable_detrx_cfg(**kwargs):
-    path = osp.join(REPO_CONFIGS, 'deformable_detr/deformable-detrx_r50_16xb2-50e_coco.py')
-    cfg = shrink_deformable_detr(Config.fromfile(path).model, num_layers=1, num_queries=10)
-    cfg.update(kwargs)
-    return cfg
-
-
 def test_deformable_detrx_predicts_the_same_folded(batch_norm_calls):
-    folded = build_detector(_deformable_detrx_cfg())
-    unfolded = build_detector(_deformable_detrx_cfg(fold_frozen_bn=False))
+    folded = build_detector(tiny_deformable_detrx_cfg())
+    unfolded = build_detector(tiny_deformable_detrx_cfg(fold_frozen_bn=False))
     assert folded.fold_frozen_bn and not unfolded.fold_frozen_bn
     _randomize_bns(unfolded)
     folded.load_state_dict(unfolded.state_dict(), strict=True)
@@ -291,14 +275,9 @@ def test_deformable_detrx_predicts_the_same_folded(batch_norm_calls):
         num_calls = len(batch_norm_calls)
         actual = folded.predict(inputs, copy.deepcopy(samples))
     assert num_calls == NUM_BNS[18] and len(batch_norm_calls) == num_calls
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a.pred_instances.scores, e.pred_instances.scores,
-                                   rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(a.pred_instances.bboxes, e.pred_instances.bboxes,
-                                   rtol=1e-4, atol=1e-3)
-        assert torch.equal(a.pred_instances.labels, e.pred_instances.labels)
+    assert_same_predictions(actual, expected)
 
 
 def test_rejects_a_non_bool_fold_frozen_bn():
     with pytest.raises(TypeError, match='fold_frozen_bn'):
-        build_detector(_deformable_detrx_cfg(fold_frozen_bn='yes'))
+        build_detector(tiny_deformable_detrx_cfg(fold_frozen_bn='yes'))

@@ -166,3 +166,23 @@ def test_act_flops_are_counted_from_the_record():
     assert meter.flops == pytest.approx(float(act_flops(clustered, 32).sum())
                                         + float(act_flops(exact, 32).sum()))
     assert meter.images == 4 and meter.cluster_count == 2 * heads
+
+
+def test_flop_counter_counts_packed_linear_as_nn_linear():
+    """Our packed linear layers run ``mkldnn::_linear_pointwise`` in inference, which torch's
+    FlopCounterMode lacks: counted as ``aten::addmm`` counts nn.Linear (2 x rows x in x out)."""
+    import copy
+
+    from mmdet_detrx.models.detectors import pack_linears, packed_linear
+    from mmdet_detrx.utils.complexity import flop_counter_mode
+    plain = torch.nn.Linear(32, 24)
+    packed = copy.deepcopy(plain)
+    pack_linears(packed)
+    x = torch.randn(2, packed_linear.MIN_ROWS, 32)  # 3-D: rows are all but the last dim
+    counts = []
+    for layer in (plain, packed):
+        with torch.no_grad(), flop_counter_mode(display=False) as counter:
+            layer(x)
+        counts.append(counter.get_flop_counts()['Global'])
+    assert list(counts[1]) == [torch.ops.mkldnn._linear_pointwise]  # oneDNN ran
+    assert sum(counts[1].values()) == sum(counts[0].values()) == 2 * x.numel() * 24

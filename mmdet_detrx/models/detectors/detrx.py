@@ -19,7 +19,9 @@ hook every model build passes; :func:`install_attention_type_check`, called by t
 
 The ``...X`` detectors also take ``conv_memory_format`` (:class:`ChannelsLastMixin`): on CPU
 their backbone and neck run channels-last by default; and ``fold_frozen_bn``
-(:class:`FoldFrozenBNMixin`): their backbone's eval-mode BatchNorms fold into the convolutions.
+(:class:`FoldFrozenBNMixin`): their backbone's eval-mode BatchNorms fold into the convolutions;
+and ``pack_linear`` (:class:`PackLinearMixin`): their linear layers run CPU float32 inference on
+oneDNN with prepacked weights.
 """
 import copy
 import functools
@@ -36,6 +38,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from .channels_last import ChannelsLastMixin
 from .dino_ref_point_head import adapt_ref_point_head, fit_ref_point_head
 from .fold_frozen_bn import FoldFrozenBNMixin
+from .packed_linear import PackLinearMixin, pack_linears
 
 __all__ = ['RegistryAttentionMixin', 'DETRX', 'ConditionalDETRX', 'DeformableDETRX', 'DINOX',
            'check_attention_types', 'install_attention_type_check']
@@ -122,13 +125,14 @@ class RegistryAttentionMixin:
 
 
 @MODELS.register_module()
-class DETRX(RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin, DETR):
+class DETRX(PackLinearMixin, RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin,
+            DETR):
     """mmdet's DETR whose encoder/decoder attentions may be any registered type (e.g. ACT)."""
 
 
 @MODELS.register_module()
-class ConditionalDETRX(RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin,
-                       ConditionalDETR):
+class ConditionalDETRX(PackLinearMixin, RegistryAttentionMixin, ChannelsLastMixin,
+                       FoldFrozenBNMixin, ConditionalDETR):
     """mmdet's Conditional DETR whose attentions may be any registered type (e.g. ACT).
 
     Its encoder is DETR's (exact multi-head self-attention), so ACT drops in exactly as for DETR;
@@ -137,13 +141,14 @@ class ConditionalDETRX(RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMi
 
 
 @MODELS.register_module()
-class DeformableDETRX(RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin,
-                      DeformableDETR):
+class DeformableDETRX(PackLinearMixin, RegistryAttentionMixin, ChannelsLastMixin,
+                      FoldFrozenBNMixin, DeformableDETR):
     """mmdet's Deformable DETR whose attentions may be any registered type."""
 
 
 @MODELS.register_module()
-class DINOX(RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin, DINO):
+class DINOX(PackLinearMixin, RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin,
+            DINO):
     """mmdet's DINO whose attentions may be any registered type.
 
     On OneDL's mmdetection 3.5, whose DINO decoder encodes reference points more widely, it also
@@ -155,6 +160,8 @@ class DINOX(RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin, DINO):
         super().__init__(*args, **kwargs)
         fit_ref_point_head(self.decoder)
         adapt_ref_point_head(self.decoder)
+        if self.pack_linear:  # fit_ref_point_head may have built a new MLP
+            pack_linears(self.decoder.ref_point_head)
 
 
 # mmdet's plain detector -> ours with registry-built attentions.

@@ -31,6 +31,7 @@ unfolded (its hooks see the raw convolution output), as does a BN with forward p
 parent at every call, so a BN replaced after folding (mmengine's ``convert_sync_batchnorm`` /
 ``revert_sync_batchnorm``) just runs unfolded.
 """
+import functools
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -39,6 +40,8 @@ from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmengine.utils.dl_utils.parrots_wrapper import SyncBatchNorm as MMEngineSyncBatchNorm
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+
+from .param_cache import cached_derived, without_derived_caches
 
 __all__ = ['FoldedBNConv2d', 'FoldFrozenBNMixin', 'fold_frozen_batch_norms']
 
@@ -97,27 +100,17 @@ class FoldedBNConv2d(nn.Conv2d, _ConvNd):
 
     def _folded_parameters(self, bn: _BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
         sources = (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        present = [t for t in sources if t is not None]
-        if torch.jit.is_tracing() or (torch.is_grad_enabled()
-                                      and any(t.requires_grad for t in present)):
+        if torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in sources)):
             return _folded_weight_and_bias(self.weight, self.bias, bn)
-        if any(t.is_inference() for t in present):  # no version counter to key a cache on
-            with torch.no_grad():
-                return _folded_weight_and_bias(self.weight, self.bias, bn)
-        key = (bn.eps, ) + tuple(
-            None if t is None else (id(t), t.data_ptr(), t._version, t.device, t.dtype)
-            for t in sources)
-        cached = self.__dict__.get('_folded_cache')
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, ) + _folded_weight_and_bias(self.weight, self.bias, bn)
-            self.__dict__['_folded_cache'] = cached
-        return cached[1], cached[2]
+        return cached_derived(
+            self, '_folded_cache', sources,
+            functools.partial(_folded_weight_and_bias, self.weight, self.bias, bn),
+            extra=(bn.eps, ))
 
     def __getstate__(self):
-        state = super().__getstate__()
-        state.pop('_folded_cache', None)  # derived tensors: not worth pickling or deep-copying
-        return state
+        # Derived tensors: not worth pickling or deep-copying.
+        return without_derived_caches(super().__getstate__())
 
 
 class _SkipsFoldedInput:
