@@ -159,6 +159,13 @@ def test_cache_follows_parameter_changes():
         for model in (unfolded, folded):
             model.load_state_dict(other.state_dict())
         _assert_close(folded(x), unfolded(x))
+        # A write through .data (EMAHook's swap) bumps no version; the eval() that mmengine's
+        # loops call after the swap drops the folded weights.
+        for model in (unfolded, folded):
+            model.layer1[0].bn1.running_var.data.mul_(3)
+            model.layer1[0].conv1.weight.data.mul_(-1)
+        folded.eval()
+        _assert_close(folded(x), unfolded(x))
         folded.double()
         unfolded.double()
         actual = folded(x.double())

@@ -9,12 +9,14 @@ reused by a replacement, e.g. after ``.double()`` then ``.float()``) with the sa
 counter, offset, shape, stride, dtype and device: an in-place write through the tensor
 (``load_state_dict`` copies in place) bumps its version, ``.to()`` gives it new storage.
 
-Not seen: writes through ``param.data``, whose version counter is separate (mmengine's
-``EMAHook`` swaps weights that way; an optimizer step between two validations bumps the
-versions, so its validations see the weights they ran with).
+Not seen by the key: writes through ``param.data``, whose version counter is separate.
+mmengine's ``EMAHook`` swaps the EMA weights in that way before a validation or test, and its
+loops call ``model.eval()`` after that hook: :class:`DerivedCacheOwner` drops a module's caches
+whenever its mode is set (``train()`` / ``eval()``), so each loop starts from the weights it runs
+with. A ``.data`` write with no mode change in between is still not seen.
 
 The cache lives in the module's ``__dict__``, not registered: state dicts are unchanged, and
-:func:`without_derived_caches` leaves it out of pickles and deep copies.
+:class:`DerivedCacheOwner` leaves it out of pickles and deep copies.
 """
 import weakref
 from typing import Callable, Iterable, Optional, TypeVar
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ['cached_derived', 'without_derived_caches']
+__all__ = ['cached_derived', 'DerivedCacheOwner']
 
 Derived = TypeVar('Derived')
 
@@ -72,7 +74,17 @@ def cached_derived(module: nn.Module, attr: str, sources: Iterable[Optional[torc
     return cache.value
 
 
-def without_derived_caches(state: dict) -> dict:
-    """A module's ``__getstate__`` dict without its :func:`cached_derived` entries."""
-    return {name: value for name, value in state.items()
-            if not isinstance(value, _DerivedCache)}
+class DerivedCacheOwner:
+    """First base of a module class that uses :func:`cached_derived`: setting its mode
+    (``train()`` / ``eval()``) drops its caches, and pickles and deep copies leave them out
+    (derived tensors, some in oneDNN's opaque layout)."""
+
+    def train(self, mode: bool = True):
+        for name in [name for name, value in self.__dict__.items()
+                     if isinstance(value, _DerivedCache)]:
+            del self.__dict__[name]
+        return super().train(mode)
+
+    def __getstate__(self):
+        return {name: value for name, value in super().__getstate__().items()
+                if not isinstance(value, _DerivedCache)}
