@@ -5,8 +5,9 @@ keeps no cache. glibc serves blocks above its mmap threshold (128 KiB, raised at
 most 32 MiB) with a fresh ``mmap`` and gives them back with ``munmap`` on free, and trims the
 heap top above 128 KiB (or twice the raised threshold). A DETR encoder at 800x1333 makes and
 drops ~20 MiB token tensors and ~90 MiB FFN activations in every layer, so each inference faults
-in ~1.6 GB of zeroed pages again: ~410 000 minor page faults and ~0.5 s of the ~3 s of
-Deformable DETR R50 on a 2-core AMD EPYC VM (docs/benchmarks.md).
+in ~1.6 GB of zeroed pages again: ~410 000 minor page faults per image for our Deformable DETR
+R50. Tuned, one inference took 2.41 s instead of 2.69 s, and mmdet's stock model 5.48 s instead
+of 7.68 s (2 threads, 2-core AMD EPYC VM, docs/benchmarks.md).
 
 :func:`tune_malloc` sets three limits with ``mallopt`` (mmap threshold 1 GiB, no trimming, top
 pad 64 MiB), the process-wide setting that ``MALLOC_MMAP_THRESHOLD_`` and friends make from the
@@ -16,8 +17,11 @@ threshold stops at 2 GiB, and a train step frees more than that after its backwa
 DETR R50, batch 1: a ~5 GiB peak), which was then trimmed and faulted in again on every step.
 
 The process keeps the memory it has used at its peak instead of returning it between
-iterations, as PyTorch's CUDA caching allocator does on GPUs; the peak itself is unchanged
-(measured in the same benchmark).
+iterations, as PyTorch's CUDA caching allocator does on GPUs, and the peak grows somewhat: a
+block freed inside the heap fits a later request of another size less well than a fresh
+mapping does. Measured resident-set growth of one inference at 800x1333 (benchmark_detectors,
+2026-12-06): ours 478 -> 546 MiB (Deformable DETR) and 550 -> 556 MiB (DINO), mmdet's stock
+models 1478 -> 2069 and 1459 -> 2057 MiB.
 
 Our ``train``/``test`` tools call it at start-up (:func:`~mmdet_detrx.utils.tool_cli.tool_runner`),
 as do the benchmark tools; your own scripts can call ``mmdet_detrx.utils.tune_malloc()``. It
