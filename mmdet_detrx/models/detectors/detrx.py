@@ -21,7 +21,8 @@ The ``...X`` detectors also take ``conv_memory_format`` (:class:`ChannelsLastMix
 their backbone and neck run channels-last by default; and ``fold_frozen_bn``
 (:class:`FoldFrozenBNMixin`): their backbone's eval-mode BatchNorms fold into the convolutions;
 and ``pack_linear`` (:class:`PackLinearMixin`): their linear layers run CPU float32 inference on
-oneDNN with prepacked weights.
+oneDNN with prepacked weights; and ``native_dropout`` (:class:`NativeDropoutMixin`): their
+dropouts run the native hashed-mask dropout in CPU training.
 """
 import copy
 import functools
@@ -38,6 +39,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from .channels_last import ChannelsLastMixin
 from .dino_ref_point_head import adapt_ref_point_head, fit_ref_point_head
 from .fold_frozen_bn import FoldFrozenBNMixin
+from .native_dropout import NativeDropoutMixin
 from .packed_linear import PackLinearMixin, pack_linears
 
 __all__ = ['RegistryAttentionMixin', 'DETRX', 'ConditionalDETRX', 'DeformableDETRX', 'DINOX',
@@ -125,14 +127,14 @@ class RegistryAttentionMixin:
 
 
 @MODELS.register_module()
-class DETRX(PackLinearMixin, RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin,
-            DETR):
+class DETRX(NativeDropoutMixin, PackLinearMixin, RegistryAttentionMixin, ChannelsLastMixin,
+            FoldFrozenBNMixin, DETR):
     """mmdet's DETR whose encoder/decoder attentions may be any registered type (e.g. ACT)."""
 
 
 @MODELS.register_module()
-class ConditionalDETRX(PackLinearMixin, RegistryAttentionMixin, ChannelsLastMixin,
-                       FoldFrozenBNMixin, ConditionalDETR):
+class ConditionalDETRX(NativeDropoutMixin, PackLinearMixin, RegistryAttentionMixin,
+                       ChannelsLastMixin, FoldFrozenBNMixin, ConditionalDETR):
     """mmdet's Conditional DETR whose attentions may be any registered type (e.g. ACT).
 
     Its encoder is DETR's (exact multi-head self-attention), so ACT drops in exactly as for DETR;
@@ -141,14 +143,14 @@ class ConditionalDETRX(PackLinearMixin, RegistryAttentionMixin, ChannelsLastMixi
 
 
 @MODELS.register_module()
-class DeformableDETRX(PackLinearMixin, RegistryAttentionMixin, ChannelsLastMixin,
-                      FoldFrozenBNMixin, DeformableDETR):
+class DeformableDETRX(NativeDropoutMixin, PackLinearMixin, RegistryAttentionMixin,
+                      ChannelsLastMixin, FoldFrozenBNMixin, DeformableDETR):
     """mmdet's Deformable DETR whose attentions may be any registered type."""
 
 
 @MODELS.register_module()
-class DINOX(PackLinearMixin, RegistryAttentionMixin, ChannelsLastMixin, FoldFrozenBNMixin,
-            DINO):
+class DINOX(NativeDropoutMixin, PackLinearMixin, RegistryAttentionMixin, ChannelsLastMixin,
+            FoldFrozenBNMixin, DINO):
     """mmdet's DINO whose attentions may be any registered type.
 
     On OneDL's mmdetection 3.5, whose DINO decoder encodes reference points more widely, it also
