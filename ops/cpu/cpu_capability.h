@@ -34,5 +34,36 @@ std::vector<Capability> supported_capabilities();
 // Empty, or why MMDET_DETRX_CPU_CAPABILITY could not be honoured (the module init raises it).
 const std::string& capability_error();
 
+// Runs a kernel at the level chosen when the library loaded. kernels = {DEFAULT, AVX2, AVX512},
+// the levels not compiled in left null (never chosen): write DETRX_CPU_LEVEL_KERNELS(name) for a
+// kernel `void name(const Args&)` declared in namespaces cpu::DEFAULT, cpu::AVX2, cpu::AVX512.
+template <typename Args>
+void run_at_chosen_level(void (*const (&kernels)[3])(const Args&), const Args& args) {
+  switch (capability()) {
+    case Capability::kAvx512:
+      if (kernels[2] != nullptr) return kernels[2](args);
+      break;
+    case Capability::kAvx2:
+      if (kernels[1] != nullptr) return kernels[1](args);
+      break;
+    case Capability::kDefault:
+      break;
+  }
+  kernels[0](args);
+}
+
 }  // namespace cpu
 }  // namespace detrx
+
+#ifdef DETRX_CPU_AVX2
+#define DETRX_CPU_AVX2_KERNEL(name) &::detrx::cpu::AVX2::name
+#else
+#define DETRX_CPU_AVX2_KERNEL(name) nullptr
+#endif
+#ifdef DETRX_CPU_AVX512
+#define DETRX_CPU_AVX512_KERNEL(name) &::detrx::cpu::AVX512::name
+#else
+#define DETRX_CPU_AVX512_KERNEL(name) nullptr
+#endif
+#define DETRX_CPU_LEVEL_KERNELS(name) \
+  { &::detrx::cpu::DEFAULT::name, DETRX_CPU_AVX2_KERNEL(name), DETRX_CPU_AVX512_KERNEL(name) }

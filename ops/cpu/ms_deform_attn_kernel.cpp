@@ -25,34 +25,6 @@ at::Tensor widen_value(const at::Tensor& value) {
   return value.scalar_type() == at::kHalf ? value.to(at::kFloat) : value;
 }
 
-// Runs one direction's sampling kernel at the instruction-set level chosen when the library
-// loaded: kernels = {DEFAULT, AVX2, AVX512}, the levels not compiled in left null (never chosen).
-template <typename Args>
-void run_at_chosen_level(void (*const (&kernels)[3])(const Args&), const Args& args) {
-  switch (cpu::capability()) {
-    case cpu::Capability::kAvx512:
-      if (kernels[2] != nullptr) return kernels[2](args);
-      break;
-    case cpu::Capability::kAvx2:
-      if (kernels[1] != nullptr) return kernels[1](args);
-      break;
-    case cpu::Capability::kDefault:
-      break;
-  }
-  kernels[0](args);
-}
-
-#ifdef DETRX_CPU_AVX2
-#define DETRX_MSDA_AVX2_KERNEL(direction) &cpu::AVX2::ms_deform_attn_##direction
-#else
-#define DETRX_MSDA_AVX2_KERNEL(direction) nullptr
-#endif
-#ifdef DETRX_CPU_AVX512
-#define DETRX_MSDA_AVX512_KERNEL(direction) &cpu::AVX512::ms_deform_attn_##direction
-#else
-#define DETRX_MSDA_AVX512_KERNEL(direction) nullptr
-#endif
-
 // The CPU backward plans the points of a query with int32 pixel coordinates (so that the loop
 // over points vectorises): every level must fit. A level of 2^30 columns already needs 2^30
 // tokens per (batch, head).
@@ -69,12 +41,10 @@ void check_backward_level_sizes(const LevelTable& table) {
   }
 }
 
-void (*const kForwardKernels[3])(const cpu::MsdaForwardArgs&) = {
-    &cpu::DEFAULT::ms_deform_attn_forward, DETRX_MSDA_AVX2_KERNEL(forward),
-    DETRX_MSDA_AVX512_KERNEL(forward)};
-void (*const kBackwardKernels[3])(const cpu::MsdaBackwardArgs&) = {
-    &cpu::DEFAULT::ms_deform_attn_backward, DETRX_MSDA_AVX2_KERNEL(backward),
-    DETRX_MSDA_AVX512_KERNEL(backward)};
+void (*const kForwardKernels[3])(const cpu::MsdaForwardArgs&) =
+    DETRX_CPU_LEVEL_KERNELS(ms_deform_attn_forward);
+void (*const kBackwardKernels[3])(const cpu::MsdaBackwardArgs&) =
+    DETRX_CPU_LEVEL_KERNELS(ms_deform_attn_backward);
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index,
@@ -100,7 +70,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                   value.scalar_type(),
                                   sampling_locations.scalar_type(),
                                   B, S, heads, C, Q, P};
-  run_at_chosen_level(kForwardKernels, args);
+  cpu::run_at_chosen_level(kForwardKernels, args);
   return output;
 }
 
@@ -146,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                                      value.scalar_type(),
                                      sampling_locations.scalar_type(),
                                      B, S, heads, C, Q, P};
-    run_at_chosen_level(kBackwardKernels, args);
+    cpu::run_at_chosen_level(kBackwardKernels, args);
   }
   return {grad_value, grad_sampling_locations, grad_attention_weights};
 }

@@ -80,25 +80,51 @@ def test_no_grad_output_is_oneDNN_and_equals_linear(shape, bias, onednn_calls):
     assert len(onednn_calls) == 3
 
 
-def test_training_is_nn_linear_bitwise(onednn_calls):
-    plain, packed = _pair()
-    x = _input(2 * ROWS, 32)
-    outputs = [layer(x) for layer in (plain, packed)]
-    assert torch.equal(outputs[1], outputs[0])
+@pytest.mark.parametrize('bias', [True, False], ids=['bias', 'no_bias'])
+@pytest.mark.parametrize('shape', [(2 * ROWS, 32), (2, ROWS, 32)], ids=['2d', '3d'])
+def test_training_runs_oneDNN_with_nn_linears_gradients(shape, bias, onednn_calls):
+    """The forward is oneDNN's (close to nn.Linear's); the backward runs addmm's GEMMs in its
+    layouts, so for the same upstream gradient every gradient is nn.Linear's, bit for bit."""
+    plain, packed = _pair(bias=bias)
+    inputs = [_input(*shape).requires_grad_(True) for _ in range(2)]
+    outputs = [layer(x) for layer, x in zip((plain, packed), inputs)]
+    assert len(onednn_calls) == 1 and outputs[1].grad_fn is not None
+    _assert_linear_close(outputs[1], inputs[1], plain)
+    upstream = torch.linspace(-1, 1, outputs[0].numel()).reshape(outputs[0].shape)
     for out in outputs:
-        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        (out * upstream).sum().backward()
+    assert torch.equal(inputs[1].grad, inputs[0].grad)
     assert torch.equal(packed.weight.grad, plain.weight.grad)
-    assert torch.equal(packed.bias.grad, plain.bias.grad)
-    # An input that requires grad (parameters frozen) needs autograd too.
+    if bias:
+        assert torch.equal(packed.bias.grad, plain.bias.grad)
+    # Frozen parameters and an input that requires grad; and only the parameters.
     packed.requires_grad_(False)
-    x.requires_grad_(True)
+    x = _input(*shape).requires_grad_(True)
     packed(x).sum().backward()
-    assert x.grad is not None and not onednn_calls
+    assert x.grad is not None and len(onednn_calls) == 2
+    packed.requires_grad_(True)
+    packed.zero_grad()
+    packed(_input(*shape)).sum().backward()
+    assert packed.weight.grad.abs().sum() > 0 and len(onednn_calls) == 3
 
 
-def test_batched_training_output_is_not_a_view():
-    """An in-place ReLU after the layer (mmcv's FFN) costs no ``CopySlices`` rebuild of the
-    output in the backward; values and gradients stay nn.Linear's, bit for bit."""
+def test_training_output_takes_an_in_place_relu_and_double_backward():
+    plain, packed = _pair()
+    x = _input(2, ROWS, 32).requires_grad_(True)
+    out = packed(x)
+    assert out._base is None
+    relu = torch.relu_(out)
+    assert type(relu.grad_fn).__name__ == 'ReluBackward0'
+    (grad_x, ) = torch.autograd.grad(relu.pow(2).sum(), x, create_graph=True)
+    grad_x.sum().backward()  # the backward's GEMMs are differentiable
+    assert packed.weight.grad is not None and packed.weight.grad.abs().sum() > 0
+
+
+def test_batched_plain_training_output_is_not_a_view(monkeypatch):
+    """nn.Linear's path (here: too few rows for oneDNN): an in-place ReLU after the layer
+    (mmcv's FFN) costs no ``CopySlices`` rebuild of the output in the backward; values and
+    gradients stay nn.Linear's, bit for bit."""
+    monkeypatch.setattr(packed_linear, 'MIN_ROWS', 4 * ROWS)
     plain, packed = _pair()
     x = _input(2, ROWS, 32)
     outputs = [layer(x) for layer in (plain, packed)]
@@ -143,6 +169,25 @@ def test_other_cases_run_nn_linear(case, onednn_calls, pack_calls):
             actual, expected = packed(x), plain(x)
     assert not onednn_calls and not pack_calls  # not even tried (and failed)
     assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize('case', ['forward_ad', 'torch_func'])
+def test_forward_ad_and_torch_func_run_nn_linear(case, onednn_calls):
+    """Their formulas (jvp, vmap) are nn.Linear's; the training path defines a backward only."""
+    plain, packed = _pair()
+    x = _input(ROWS, 32)
+    tangent = torch.ones_like(x)
+    results = []
+    for layer in (plain, packed):
+        if case == 'forward_ad':
+            with torch.autograd.forward_ad.dual_level():
+                out = layer(torch.autograd.forward_ad.make_dual(x, tangent))
+                results.append(torch.autograd.forward_ad.unpack_dual(out).tangent)
+        else:
+            results.append(torch.func.grad(lambda w: torch.func.functional_call(
+                layer, {'weight': w, 'bias': layer.bias}, (x, )).sum())(layer.weight))
+    assert not onednn_calls
+    assert torch.equal(results[1], results[0])
 
 
 def test_cache_follows_weight_changes(pack_calls):

@@ -114,7 +114,15 @@ for threads in (1, 2):
     runs.append([[torch.ops.detrx.ms_deform_attn_forward(*args, 64),
                   *torch.ops.detrx.ms_deform_attn_backward(*args, go, 64)]
                  for args, go in cases])
-torch.save({'level': level, 'runs': runs}, sys.argv[1])
+# detrx::dropout (its kernel is compiled per level too): every dtype, an odd length that ends
+# in a partial block, at 1 and 2 threads.
+x = torch.randn(3 * 16384 * 2 + 1001, generator=g, dtype=torch.float64)
+dropouts = []
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    dropouts.append([torch.ops.detrx.dropout(x.to(dtype), 0.3, 12345)
+                     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)])
+torch.save({'level': level, 'runs': runs, 'dropout': dropouts}, sys.argv[1])
 '''
 
 
@@ -129,13 +137,13 @@ def level_outputs(tmp_path_factory):
                               text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr
         saved = torch.load(path)
-        results[level] = (saved['level'], saved['runs'])
+        results[level] = (saved['level'], saved['runs'], saved['dropout'])
     return results
 
 
 @pytest.mark.parametrize('level', SUPPORTED)
 def test_each_level_can_be_forced_and_is_deterministic(level, level_outputs):
-    reported, (one_thread, two_threads) = level_outputs[level]
+    reported, (one_thread, two_threads), _ = level_outputs[level]
     assert reported == level
     # Backward (and forward) bitwise reproducible, whatever the thread count.
     assert all(torch.equal(x, y) for r1, r2 in zip(one_thread, two_threads)
@@ -153,6 +161,17 @@ def test_levels_agree_with_the_baseline_within_tolerance(level, level_outputs):
             tol = LEVEL_TOLERANCE[e.dtype] * scale
             torch.testing.assert_close(a.double(), e.double(), atol=tol, rtol=0,
                                        msg=lambda m, n=name, c=case: f'case {c} {n}: {m}')
+
+
+@pytest.mark.parametrize('level', SUPPORTED)
+def test_dropout_is_bitwise_the_same_at_every_level_and_thread_count(level, level_outputs):
+    # The mask is a hash of (seed, index) and a kept value one multiply rounded once: no level
+    # or thread count may change a bit.
+    expected = level_outputs['default'][2][0]
+    for run in level_outputs[level][2]:
+        assert all(torch.equal(a, e) for a, e in zip(run, expected, strict=True))
+    assert all((out != 0).float().mean().item() == pytest.approx(0.7, abs=0.01)
+               for out in expected)
 
 
 # The op tests, rerun in a subprocess at the levels other than the automatic one (this process

@@ -63,9 +63,38 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from mmcv.cnn import Linear as MMCVLinear
 
 from .param_cache import DerivedCacheOwner, cached_derived
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """``F.linear(input, weight, bias)`` whose forward is oneDNN's on ``packed`` (``weight``
+    reordered) and whose backward is the two GEMMs and the sum that ``addmm``'s backward runs
+    for a linear layer, in the same layouts: gradients bitwise ``nn.Linear``'s."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, packed):
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        output = torch.ops.mkldnn._linear_pointwise(
+            input.reshape(-1, input.shape[-1]), packed, bias, 'none', [], '')
+        # Not a view (oneDNN returns one for a batched input): see PackedLinear._plain_forward.
+        return torch.ops.aten._unsafe_view(output, (*input.shape[:-1], output.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_2d.mm(weight).view(input.shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_2d.t().mm(input.reshape(-1, input.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0)
+        return grad_input, grad_weight, grad_bias, None
 
 __all__ = ['PackedLinear', 'PackLinearMixin', 'pack_linears']
 
@@ -95,7 +124,9 @@ class PackedLinear(DerivedCacheOwner, nn.Linear):
         try:
             packed = cached_derived(
                 self, '_packed_weight', (self.weight, ),
-                functools.partial(torch.ops.mkldnn._reorder_linear_weight, self.weight))
+                functools.partial(torch.ops.mkldnn._reorder_linear_weight, self.weight.detach()))
+            if self._needs_autograd(input):
+                return _OneDNNLinearFunction.apply(input, self.weight, self.bias, packed)
             return torch.ops.mkldnn._linear_pointwise(input, packed, self.bias, 'none', [], '')
         except RuntimeError as error:
             self.__dict__['_onednn_failed'] = True
@@ -103,6 +134,11 @@ class PackedLinear(DerivedCacheOwner, nn.Linear):
                           f'{self.out_features} linear layer ({error}); it runs nn.Linear from '
                           'now on')
             return self._plain_forward(input)
+
+    def _needs_autograd(self, input: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (
+            input.requires_grad or self.weight.requires_grad
+            or (self.bias is not None and self.bias.requires_grad))
 
     def _plain_forward(self, input: torch.Tensor) -> torch.Tensor:
         """``nn.Linear``'s forward, whose output for a batched (>2-d) input is not a view.
@@ -132,8 +168,10 @@ class PackedLinear(DerivedCacheOwner, nn.Linear):
                 or weight.device.type != 'cpu' or not input.is_contiguous()
                 or any(t.dtype != torch.float32 for t in (input, weight, bias) if t is not None)):
             return False
-        if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
+        # Forward-mode AD and torch.func transforms need formulas the autograd function below
+        # does not define.
+        if self._needs_autograd(input) and (forward_ad._current_level >= 0
+                                            or torch._C._are_functorch_transforms_active()):
             return False
         # A wrong input width goes to nn.Linear, which raises its usual error.
         return not (self.in_features == 0 or input.dim() == 0
