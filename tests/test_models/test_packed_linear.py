@@ -53,6 +53,13 @@ def _input(*shape, seed=1):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def _transposed(layer):
+    """A bias-free layer computing ``x @ layer.weight`` (the input's gradient of ``layer``)."""
+    transposed = nn.Linear(layer.out_features, layer.in_features, bias=False)
+    transposed.weight.data = layer.weight.detach().t().contiguous()
+    return transposed
+
+
 def _assert_linear_close(actual, x, layer):
     expected = F.linear(x, layer.weight, layer.bias)
     bound = x.abs() @ layer.weight.abs().t()
@@ -83,8 +90,9 @@ def test_no_grad_output_is_oneDNN_and_equals_linear(shape, bias, onednn_calls):
 @pytest.mark.parametrize('bias', [True, False], ids=['bias', 'no_bias'])
 @pytest.mark.parametrize('shape', [(2 * ROWS, 32), (2, ROWS, 32)], ids=['2d', '3d'])
 def test_training_runs_oneDNN_with_nn_linears_gradients(shape, bias, onednn_calls):
-    """The forward is oneDNN's (close to nn.Linear's); the backward runs addmm's GEMMs in its
-    layouts, so for the same upstream gradient every gradient is nn.Linear's, bit for bit."""
+    """The forward and the input's gradient are oneDNN's (close to nn.Linear's); the weight's
+    and bias's gradients are addmm's GEMM and sum in its layouts, so for the same upstream
+    gradient they are nn.Linear's, bit for bit."""
     plain, packed = _pair(bias=bias)
     inputs = [_input(*shape).requires_grad_(True) for _ in range(2)]
     outputs = [layer(x) for layer, x in zip((plain, packed), inputs)]
@@ -93,7 +101,8 @@ def test_training_runs_oneDNN_with_nn_linears_gradients(shape, bias, onednn_call
     upstream = torch.linspace(-1, 1, outputs[0].numel()).reshape(outputs[0].shape)
     for out in outputs:
         (out * upstream).sum().backward()
-    assert torch.equal(inputs[1].grad, inputs[0].grad)
+    assert len(onednn_calls) == 2  # the input's gradient: upstream @ weight
+    _assert_linear_close(inputs[1].grad, upstream, _transposed(plain))
     assert torch.equal(packed.weight.grad, plain.weight.grad)
     if bias:
         assert torch.equal(packed.bias.grad, plain.bias.grad)
@@ -101,11 +110,28 @@ def test_training_runs_oneDNN_with_nn_linears_gradients(shape, bias, onednn_call
     packed.requires_grad_(False)
     x = _input(*shape).requires_grad_(True)
     packed(x).sum().backward()
-    assert x.grad is not None and len(onednn_calls) == 2
+    assert x.grad is not None and len(onednn_calls) == 4
     packed.requires_grad_(True)
     packed.zero_grad()
     packed(_input(*shape)).sum().backward()
-    assert packed.weight.grad.abs().sum() > 0 and len(onednn_calls) == 3
+    assert packed.weight.grad.abs().sum() > 0 and len(onednn_calls) == 5
+
+
+def test_training_gradients_follow_weight_changes(pack_calls):
+    """The packed ``weight.t()`` of the input's gradient is repacked after an optimizer step."""
+    plain, packed = _pair()
+    optimizers = [torch.optim.SGD(layer.parameters(), lr=0.5) for layer in (plain, packed)]
+    upstream = torch.linspace(-1, 1, ROWS * 48).reshape(ROWS, 48)
+    for step in range(2):
+        inputs = [_input(ROWS, 32, seed=step).requires_grad_(True) for _ in range(2)]
+        expected = _transposed(plain)  # the weight before this step's update
+        for layer, x, optimizer in zip((plain, packed), inputs, optimizers):
+            optimizer.zero_grad()
+            (layer(x) * upstream).sum().backward()
+            optimizer.step()
+        _assert_linear_close(inputs[1].grad, upstream, expected)
+        assert len(pack_calls) == 2 * (step + 1)  # weight and weight.t(), once per step
+    torch.testing.assert_close(packed.weight, plain.weight, rtol=0, atol=1e-6)
 
 
 def test_training_output_takes_an_in_place_relu_and_double_backward():
