@@ -292,6 +292,25 @@ def test_a_failing_op_warns_once_and_runs_nn_linear(monkeypatch):
     assert len(caught) == 1 and 'mkldnn._linear_pointwise' in str(caught[0].message)
 
 
+def test_a_failing_op_in_the_backward_warns_and_computes_the_gradient(monkeypatch):
+    plain, packed = _pair()
+    inputs = [_input(ROWS, 32).requires_grad_(True) for _ in range(2)]
+    outputs = [layer(x) for layer, x in zip((plain, packed), inputs)]
+
+    def failing(*args):
+        raise RuntimeError('could not create a primitive descriptor')
+
+    monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise', failing)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for out in outputs:
+            out.sum().backward()
+    assert len(caught) == 1 and 'mkldnn._linear_pointwise' in str(caught[0].message)
+    assert torch.equal(inputs[1].grad, inputs[0].grad)  # mm, as nn.Linear's backward
+    assert torch.equal(packed.weight.grad, plain.weight.grad)
+    assert torch.equal(packed(inputs[1]), plain(inputs[1]))  # nn.Linear from then on
+
+
 def test_a_wrong_input_width_raises_nn_linears_error(onednn_calls):
     _, packed = _pair()
     with torch.no_grad(), pytest.raises(RuntimeError, match='cannot be multiplied'):
