@@ -163,3 +163,19 @@ def test_other_cases_run_f_dropout(case, monkeypatch):
         torch.manual_seed(0)
         assert torch.equal(out, F.dropout(x, 0.5))
     assert not calls
+
+
+def test_activation_checkpointing_recomputes_the_same_mask():
+    # torch.utils.checkpoint restores the CPU generator before recomputing the forward, so the
+    # recomputed call draws the same seed, hence the same mask.
+    x = torch.randn(4096, requires_grad=True)
+    torch.manual_seed(0)
+    dropout(x, 0.5).sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    for use_reentrant in (False, True):
+        torch.manual_seed(0)
+        torch.utils.checkpoint.checkpoint(lambda t: dropout(t * 1.0, 0.5), x,
+                                          use_reentrant=use_reentrant).sum().backward()
+        assert torch.equal(x.grad, expected)
+        x.grad = None
