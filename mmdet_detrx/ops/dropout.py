@@ -27,6 +27,7 @@ Where the native op does not apply, :func:`dropout` is ``F.dropout``: other devi
 complex dtypes, ``inplace=True``, tracing and compiling (Inductor generates its own dropout),
 tensor subclasses, and a build without the extension.
 """
+import numbers
 from typing import Optional
 
 import torch
@@ -66,7 +67,7 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
         Tensor: contiguous, of ``input``'s shape and dtype (``input`` itself when not training
         or when ``p == 0``, as ``F.dropout`` does).
     """
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
         raise ValueError(f'dropout probability p must be in [0, 1], got {p!r}')
     if not _uses_native(input, inplace):
         return F.dropout(input, p, training, inplace)

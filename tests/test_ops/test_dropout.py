@@ -2,6 +2,7 @@
 ``mmdet_detrx.ops.dropout`` falls back to ``F.dropout``."""
 import math
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,18 @@ def test_a_bad_probability_is_refused_naming_p(p):
         op(torch.ones(3), p, 0)
     with pytest.raises(ValueError, match='p must be in'):
         dropout(torch.ones(3), p)
+
+
+def test_p_may_be_any_real_number_type():
+    x = torch.randn(1000)
+    torch.manual_seed(0)
+    expected = dropout(x, 0.25)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, numpy.float32(0.25)), expected)
+    with pytest.raises(ValueError, match='p must be in'):
+        dropout(x, True)
+    with pytest.raises(ValueError, match='p must be in'):
+        dropout(x, '0.5')
 
 
 def test_an_integer_input_is_refused():
